@@ -1,0 +1,46 @@
+"""datagrad: the exact core of self-consistent robustness (SCORE).
+
+Distances between categorical distributions, the data-posterior interface, closed-form toy
+distributions, self-consistent losses with the full data gradient, PGD / grid inner maximizers,
+and batch estimators of the standard, Madry and SCORE risks with the bounds of Theorem 1.
+No I/O lives here; everything else in the project builds on it.
+"""
+
+from .attacks import PGD, GridSearch, pgd, project, uniform_in_ball
+from .distances import DISTANCES, Distance, get_distance
+from .losses import madry_distance, self_consistent_distance, self_consistent_kl
+from .posteriors import DataPosterior, attach_log_posterior, check_num_classes
+from .risks import (
+    check_corollary1,
+    check_theorem1,
+    intrinsic_risk,
+    madry_risk,
+    score_risk,
+    standard_risk,
+)
+from .toys import GaussianMixture, seed_toy
+
+__all__ = [
+    "DISTANCES",
+    "PGD",
+    "DataPosterior",
+    "Distance",
+    "GaussianMixture",
+    "GridSearch",
+    "attach_log_posterior",
+    "check_corollary1",
+    "check_num_classes",
+    "check_theorem1",
+    "get_distance",
+    "intrinsic_risk",
+    "madry_distance",
+    "madry_risk",
+    "pgd",
+    "project",
+    "score_risk",
+    "seed_toy",
+    "self_consistent_distance",
+    "self_consistent_kl",
+    "standard_risk",
+    "uniform_in_ball",
+]

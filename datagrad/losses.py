@@ -1,0 +1,53 @@
+"""Self-consistent losses D(p_d(·|x) || p_θ(·|x)) with the full input gradient.
+
+For KL (FACTS §1), the input gradient is
+
+    ∇_x KL(p_d(·|x) || p_θ(·|x)) = Σ_y p_d(y|x) [ −∇_x log p_θ(y|x) + log(p_d(y|x)/p_θ(y|x)) · ∇_x log p_d(y|x) ]
+                                     └ model gradient ┘                              └ data gradient ┘
+
+and the parameter gradient is that of the soft-label cross-entropy −Σ_y p_d(y|x) log p_θ(y|x), since
+p_d does not depend on θ. Both come from autograd: log p_d enters through
+:func:`datagrad.posteriors.attach_log_posterior`, whose input gradient is the posterior's data gradient.
+The same holds for every distance in :mod:`datagrad.distances` (chain rule through p_d and p_θ).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor
+
+from .distances import Distance, get_distance
+from .posteriors import DataPosterior, attach_log_posterior, check_num_classes
+
+Model = Callable[[Tensor], Tensor]  # x [B, ...] -> logits [B, K]
+
+
+def self_consistent_distance(
+    model: Model, x: Tensor, posterior: DataPosterior, distance: str | Distance = "kl"
+) -> Tensor:
+    """Per-example D(p_d(·|x) || p_θ(·|x)): [B], differentiable in x (full gradient) and in θ."""
+    distance = get_distance(distance)
+    logits = model(x)
+    check_num_classes(logits, posterior)
+    log_p_data = attach_log_posterior(posterior, x).to(logits.dtype)
+    return distance(log_p_data, logits.log_softmax(dim=1))
+
+
+def self_consistent_kl(model: Model, x: Tensor, posterior: DataPosterior) -> Tensor:
+    """Per-example KL(p_d(·|x) || p_θ(·|x)): [B]; see the module docstring for both gradients."""
+    return self_consistent_distance(model, x, posterior, "kl")
+
+
+def madry_distance(
+    model: Model, x_adv: Tensor, log_p_clean: Tensor, distance: str | Distance = "kl"
+) -> Tensor:
+    """Per-example D(p_d(·|x) || p_θ(·|x')) with the clean posterior fixed: [B] (Madry's robust error)."""
+    distance = get_distance(distance)
+    logits = model(x_adv)
+    if logits.shape != log_p_clean.shape:
+        raise ValueError(
+            f"class-count mismatch: model returns logits {tuple(logits.shape)}, "
+            f"clean posterior has shape {tuple(log_p_clean.shape)}"
+        )
+    return distance(log_p_clean.detach().to(logits.dtype), logits.log_softmax(dim=1))
