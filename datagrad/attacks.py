@@ -24,6 +24,16 @@ def _check_ball(eps: float, norm: str) -> None:
         raise ValueError(f"eps must be >= 0, got {eps}")
 
 
+def _check_pgd(eps: float, step_size: float, steps: int, norm: str, clamp: tuple[float, float] | None) -> None:
+    _check_ball(eps, norm)
+    if steps < 0 or int(steps) != steps:
+        raise ValueError(f"steps must be a non-negative integer, got {steps}")
+    if not step_size >= 0:
+        raise ValueError(f"step_size must be >= 0, got {step_size}")
+    if clamp is not None and not clamp[0] < clamp[1]:
+        raise ValueError(f"clamp must be (low, high) with low < high, got {clamp}")
+
+
 def _per_example_norm(v: Tensor) -> Tensor:
     """ℓ2 norm of each example, shaped to broadcast against v: [B, 1, ..., 1]."""
     return v.flatten(1).norm(dim=1).view(-1, *([1] * (v.dim() - 1)))
@@ -71,13 +81,7 @@ def pgd(
     Starts at x + U(B(x)) when ``random_start`` else at x. With ``keep_best`` each example returns its
     highest-loss iterate (one extra forward pass for the final iterate) instead of the last one.
     """
-    _check_ball(eps, norm)
-    if steps < 0 or int(steps) != steps:
-        raise ValueError(f"steps must be a non-negative integer, got {steps}")
-    if not step_size >= 0:
-        raise ValueError(f"step_size must be >= 0, got {step_size}")
-    if clamp is not None and not clamp[0] < clamp[1]:
-        raise ValueError(f"clamp must be (low, high) with low < high, got {clamp}")
+    _check_pgd(eps, step_size, steps, norm, clamp)
 
     x = x.detach()
 
@@ -124,7 +128,7 @@ class PGD:
     keep_best: bool = True
 
     def __post_init__(self):
-        _check_ball(self.eps, self.norm)
+        _check_pgd(self.eps, self.step_size, self.steps, self.norm, self.clamp)
 
     def maximize(self, loss_fn: LossFn, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return pgd(
@@ -153,7 +157,8 @@ class GridSearch:
     def maximize(self, loss_fn: LossFn, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         if x[0].numel() != 1:
             raise ValueError(f"GridSearch works on 1-D inputs only, got example shape {tuple(x.shape[1:])}")
-        offsets = torch.linspace(-self.eps, self.eps, self.points, device=x.device, dtype=x.dtype)
+        offsets = torch.linspace(-self.eps, self.eps, self.points, dtype=torch.float64)
+        offsets = ((offsets - offsets.flip(0)) / 2).to(x)  # exactly symmetric: holds 0 when points is odd
         candidates = x.unsqueeze(0) + offsets.view(-1, *([1] * x.dim()))  # [P, B, ...]
         if self.clamp is not None:
             candidates = candidates.clamp(*self.clamp)

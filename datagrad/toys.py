@@ -72,7 +72,8 @@ class GaussianMixture:
         """log p_σ(x|y) for every class: [B, K]."""
         flat = self._flatten(x)  # [B, d]
         variances = self._variances(noise_std, flat)
-        sq_dist = torch.cdist(flat, self.means.to(flat)).pow(2)  # [B, K]
+        # The direct form: cdist's matrix-product shortcut loses precision in float32.
+        sq_dist = torch.cdist(flat, self.means.to(flat), compute_mode="donot_use_mm_for_euclid_dist").pow(2)  # [B, K]
         return -0.5 * self.dim * torch.log(2 * math.pi * variances) - sq_dist / (2 * variances)
 
     def _class_scores(self, flat: Tensor, noise_std: float) -> Tensor:
@@ -123,8 +124,8 @@ class GaussianMixture:
         dtype: torch.dtype = torch.float32,
     ) -> tuple[Tensor, Tensor]:
         """Draw n pairs (x [n, *event_shape], y [n]) from p_σ(x, y) on the generator's device (CPU default)."""
-        if n < 0:
-            raise ValueError(f"number of samples must be >= 0, got {n}")
+        if n < 1:
+            raise ValueError(f"number of samples must be >= 1, got {n}")
         device = generator.device if generator is not None else torch.device("cpu")
         y = torch.multinomial(self.priors.to(device), n, replacement=True, generator=generator)
         noise = torch.randn(n, self.dim, generator=generator, device=device, dtype=torch.float64)
