@@ -1,0 +1,430 @@
+"""Training objectives, selectable by name, all with one interface.
+
+    objective(model, attack_model, x, y, generator=None) -> ObjectiveOutput(loss, stats, logits_*, x_adv)
+
+* ``model`` makes the differentiable forward passes of the loss (possibly the DDP wrapper), in its current mode;
+* ``attack_model`` is the unwrapped module used for the inner maximization (FACTS §7: the DDP wrapper would
+  re-broadcast BN buffers at every attack step). It is attacked inside :func:`attack_mode`: parameters frozen
+  (no parameter graph, ``.grad`` untouched) and, by default, every module in eval mode (BN running statistics, as
+  in TRADES); ``attack_bn="batch"`` instead uses BN batch statistics without updating the running ones, as the
+  SCORE code for Table 4 does. Both modes and ``requires_grad`` flags are restored afterwards.
+* x: images [B, C, H, W] in [0, 1]; y: labels [B] (int). p_θ = softmax(model(·)); every parameter stays in the
+  graph of ``loss`` (FACTS §7), ``stats`` holds detached scalar tensors (no host sync). Log-probabilities and
+  losses are computed in float32 or wider, also under bf16/fp16 autocast.
+
+Losses (batch means; D(p || q) from :mod:`datagrad.distances`, on log-probabilities; ỹ = smoothed one-hot, mass
+1 − s on y and s/(K−1) on every other class, as in the SCORE code):
+
+    standard      CE(p_θ(x), ỹ)
+    pgd-at        CE(p_θ(x'), ỹ),                      x' = PGD max CE(p_θ(x'), y)
+    trades-kl     CE(p_θ(x), ỹ) + β·KL(p_θ(x) || p_θ(x')),  x' = PGD max KL(sg p_θ(x) || p_θ(x'))
+    trades-se     Σ_k (p_θ(x)_k − ỹ_k)² + β·Σ_k (p_θ(x')_k − p_θ(x)_k)²,  x' = PGD max Σ_k (p_θ(x')_k − sg p_θ(x)_k)²
+    pgd-at-se     Σ_k (p_θ(x')_k − ỹ_k)²,              x' = PGD max Σ_k (p_θ(x')_k − y_k)²  (one-hot y)
+    direct-score  D(sg p_d(·|x') || p_θ(·|x')) [+ w·clean],  x' = PGD max D(p_d(·|x') || p_θ(·|x')) (full gradient)
+
+(sg = stop-gradient; p_θ(x) in an attack is computed once, in attack mode.) In the TRADES losses gradients flow
+through both p_θ(x) and p_θ(x') (FACTS §3). Every attack starts uniformly in the ε-ball (the SCORE code does this
+for TRADES-KL too; original TRADES starts at x + 0.001·N(0, I)), clamps to [0, 1] and returns its last iterate.
+
+Clipping (the SCORE code without generated data, ``--clip_loss c``): τ(c) = c²·K/(K−1), the SE between the
+prediction (1 − c on y, c/(K−1) elsewhere) and one-hot y. Per example, before the batch mean:
+pgd-at-se: relu(SE(p_θ(x'), ỹ) − τ); trades-se with ``clip_scope="total"`` (their default):
+relu(SE_clean + β·SE_robust − τ); with ``clip_scope="robust"`` (their ``--not_clip_clean``):
+SE_clean + β·relu(SE_robust − τ). c = 0.4 for PGD-AT-SE and 0.3 for TRADES-SE there; c = 0 (no clip) in Table 4.
+
+Direct SCORE: ``posterior_provider(x, y)`` returns this batch's data posterior (a ``GaussianMixture`` itself, or a
+score-net trajectory anchored at (x, y)). Calls on it, in order: ``log_posterior(x)`` once if the clean term is
+``"score"``; per PGD step ``grad_log_posterior(x_t)`` then ``log_posterior(x_t)`` (through
+``datagrad.attach_log_posterior``); finally ``log_posterior(x')`` at the last iterate, without gradient. No
+``keep_best``: a trajectory posterior integrates along the path actually taken. For KL the outer loss has the
+θ-gradient of the soft-label cross-entropy −Σ_k p_d(k|x') log p_θ(k|x') (they differ by the constant entropy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from datagrad import PGD, DataPosterior, Distance, check_num_classes, get_distance, self_consistent_distance
+
+PosteriorProvider = Callable[[Tensor, Tensor], DataPosterior]  # (x [B, ...], y [B]) -> p_d for this batch
+OBJECTIVES = ("standard", "pgd-at", "trades-kl", "trades-se", "pgd-at-se", "direct-score")
+DEFAULT_BETA = {"trades-kl": 6.0, "trades-se": 4.0}
+BN_MODES = ("eval", "batch")
+CLIP_SCOPES = ("total", "robust")
+CLEAN_LOSSES = ("ce", "score")
+
+KL = get_distance("kl")
+SE = get_distance("se")
+
+
+@dataclass
+class ObjectiveOutput:
+    loss: Tensor  # scalar, differentiable in every parameter
+    stats: dict[str, Tensor]  # detached scalars
+    logits_clean: Tensor | None = None  # [B, K]
+    logits_adv: Tensor | None = None  # [B, K]
+    x_adv: Tensor | None = None  # [B, C, H, W], detached
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Small pieces shared by the objectives
+
+
+@contextmanager
+def attack_mode(model: nn.Module, bn_mode: str = "eval") -> Iterator[nn.Module]:
+    """Freeze parameters and set the BN mode for an inner maximization; restore everything on exit.
+
+    ``"eval"``: all modules in eval mode (BN uses running statistics). ``"batch"``: all modules in train mode
+    with BN ``track_running_stats`` off, so BN normalises with batch statistics and leaves running ones untouched.
+    """
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"unknown attack BN mode {bn_mode!r}; valid: {', '.join(BN_MODES)}")
+    training = {module: module.training for module in model.modules()}
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    batch_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    tracking = [m.track_running_stats for m in batch_norms]
+    try:
+        for p in requires_grad:
+            p.requires_grad_(False)
+        model.train(bn_mode == "batch")
+        if bn_mode == "batch":
+            for m in batch_norms:
+                m.track_running_stats = False
+        yield model
+    finally:
+        for module, mode in training.items():
+            module.training = mode
+        for p, flag in requires_grad.items():
+            p.requires_grad_(flag)
+        for m, flag in zip(batch_norms, tracking, strict=True):
+            m.track_running_stats = flag
+
+
+def smoothed_targets(y: Tensor, num_classes: int, smoothing: float = 0.0, dtype=torch.float32) -> Tensor:
+    """ỹ [B, K]: 1 − s on the label, s/(K−1) on every other class (s = 0 gives one-hot)."""
+    targets = torch.full((y.shape[0], num_classes), smoothing / (num_classes - 1), device=y.device, dtype=dtype)
+    return targets.scatter_(1, y[:, None], 1.0 - smoothing)
+
+
+def _loss_dtype(logits: Tensor) -> torch.dtype:
+    """float32 or wider: losses never run in a low-precision autocast dtype (bf16/fp16 logits)."""
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
+def log_probs(logits: Tensor) -> Tensor:
+    """log softmax(logits) over classes, [B, K], in float32 or wider."""
+    return logits.log_softmax(dim=1, dtype=_loss_dtype(logits))
+
+
+def _targets_for(logits: Tensor, y: Tensor, smoothing: float = 0.0) -> Tensor:
+    return smoothed_targets(y, logits.shape[1], smoothing, _loss_dtype(logits))
+
+
+def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-example −Σ_k t_k log softmax(logits)_k: [B]."""
+    return -(targets * log_probs(logits)).sum(dim=1)
+
+
+def squared_error_to(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-example Σ_k (softmax(logits)_k − t_k)²: [B]."""
+    return SE(targets.log(), log_probs(logits))
+
+
+def se_clip_threshold(c: float, num_classes: int) -> float:
+    """τ(c) = c²·K/(K−1): the SE between (1 − c on y, c/(K−1) elsewhere) and one-hot y."""
+    return c * c * num_classes / (num_classes - 1)
+
+
+def accuracy(logits: Tensor, y: Tensor) -> Tensor:
+    return (logits.detach().argmax(dim=1) == y).float().mean()
+
+
+def fixed_posterior(posterior: DataPosterior) -> PosteriorProvider:
+    """A provider that returns the same (analytic) posterior for every batch, e.g. a ``GaussianMixture``."""
+    return lambda x, y: posterior
+
+
+def _check_batch(x: Tensor, y: Tensor) -> None:
+    if x.dim() < 2 or y.dim() != 1 or y.shape[0] != x.shape[0] or y.dtype.is_floating_point:
+        raise ValueError(
+            f"objectives need inputs [B, ...] and integer labels [B], got x {tuple(x.shape)} and y "
+            f"{tuple(y.shape)} ({y.dtype})"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Objectives
+
+
+class Objective:
+    """Base class: validates the batch, then ``compute`` (see the module docstring for the interface)."""
+
+    name: ClassVar[str]
+
+    def __call__(
+        self, model: nn.Module, attack_model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None
+    ) -> ObjectiveOutput:
+        _check_batch(x, y)
+        return self.compute(model, attack_model, x, y, generator)
+
+    def compute(self, model, attack_model, x, y, generator) -> ObjectiveOutput:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Standard(Objective):
+    name: ClassVar[str] = "standard"
+    label_smoothing: float = 0.0
+
+    def compute(self, model, attack_model, x, y, generator):
+        logits = model(x)
+        loss = soft_cross_entropy(logits, _targets_for(logits, y, self.label_smoothing)).mean()
+        return ObjectiveOutput(loss, {"loss": loss.detach(), "acc_clean": accuracy(logits, y)}, logits_clean=logits)
+
+
+@dataclass(frozen=True)
+class PGDAT(Objective):
+    name: ClassVar[str] = "pgd-at"
+    attack: PGD
+    label_smoothing: float = 0.0
+    attack_bn: str = "eval"
+
+    def compute(self, model, attack_model, x, y, generator):
+        with attack_mode(attack_model, self.attack_bn):
+            x_adv = self.attack.maximize(
+                lambda z: nn.functional.cross_entropy(attack_model(z), y, reduction="none"), x, generator
+            )
+        logits_adv = model(x_adv)
+        loss = soft_cross_entropy(logits_adv, _targets_for(logits_adv, y, self.label_smoothing)).mean()
+        stats = {"loss": loss.detach(), "acc_adv": accuracy(logits_adv, y)}
+        return ObjectiveOutput(loss, stats, logits_adv=logits_adv, x_adv=x_adv)
+
+
+def _attack_from_clean(attack_model, attack: PGD, distance: Distance, x, generator, bn_mode) -> Tensor:
+    """x' maximizing D(sg p_θ(x) || p_θ(x')) with p_θ(x) computed once in attack mode (the TRADES attacks)."""
+    with attack_mode(attack_model, bn_mode):
+        with torch.no_grad():
+            log_p_clean = log_probs(attack_model(x))  # [B, K]
+        return attack.maximize(lambda z: distance(log_p_clean, log_probs(attack_model(z))), x, generator)
+
+
+@dataclass(frozen=True)
+class TradesKL(Objective):
+    name: ClassVar[str] = "trades-kl"
+    attack: PGD
+    beta: float = DEFAULT_BETA["trades-kl"]
+    label_smoothing: float = 0.0
+    attack_bn: str = "eval"
+
+    def compute(self, model, attack_model, x, y, generator):
+        x_adv = _attack_from_clean(attack_model, self.attack, KL, x, generator, self.attack_bn)
+        logits_clean, logits_adv = model(x), model(x_adv)
+        clean = soft_cross_entropy(logits_clean, _targets_for(logits_clean, y, self.label_smoothing))
+        robust = KL(log_probs(logits_clean), log_probs(logits_adv))  # [B]
+        loss = clean.mean() + self.beta * robust.mean()
+        return _trades_output(loss, clean, robust, logits_clean, logits_adv, x_adv, y)
+
+
+def _trades_output(loss, clean, robust, logits_clean, logits_adv, x_adv, y) -> ObjectiveOutput:
+    stats = {
+        "loss": loss.detach(),
+        "loss_clean": clean.detach().mean(),
+        "loss_robust": robust.detach().mean(),
+        "acc_clean": accuracy(logits_clean, y),
+        "acc_adv": accuracy(logits_adv, y),
+    }
+    return ObjectiveOutput(loss, stats, logits_clean=logits_clean, logits_adv=logits_adv, x_adv=x_adv)
+
+
+@dataclass(frozen=True)
+class TradesSE(Objective):
+    name: ClassVar[str] = "trades-se"
+    attack: PGD
+    beta: float = DEFAULT_BETA["trades-se"]
+    clip: float = 0.0
+    clip_scope: str = "total"
+    label_smoothing: float = 0.0
+    attack_bn: str = "eval"
+
+    def compute(self, model, attack_model, x, y, generator):
+        x_adv = _attack_from_clean(attack_model, self.attack, SE, x, generator, self.attack_bn)
+        logits_clean, logits_adv = model(x), model(x_adv)
+        num_classes = logits_clean.shape[1]
+        clean = squared_error_to(logits_clean, _targets_for(logits_clean, y, self.label_smoothing))  # [B]
+        robust = SE(log_probs(logits_clean), log_probs(logits_adv))  # [B], through both
+        if self.clip > 0 and self.clip_scope == "robust":
+            per_example = clean + self.beta * torch.relu(robust - se_clip_threshold(self.clip, num_classes))
+        else:
+            per_example = clean + self.beta * robust
+            if self.clip > 0:
+                per_example = torch.relu(per_example - se_clip_threshold(self.clip, num_classes))
+        return _trades_output(per_example.mean(), clean, robust, logits_clean, logits_adv, x_adv, y)
+
+
+@dataclass(frozen=True)
+class PGDATSE(Objective):
+    name: ClassVar[str] = "pgd-at-se"
+    attack: PGD
+    clip: float = 0.0
+    label_smoothing: float = 0.0
+    attack_bn: str = "eval"
+
+    def compute(self, model, attack_model, x, y, generator):
+        def attack_loss(z: Tensor) -> Tensor:
+            logits = attack_model(z)
+            return squared_error_to(logits, _targets_for(logits, y))  # one-hot y
+
+        with attack_mode(attack_model, self.attack_bn):
+            x_adv = self.attack.maximize(attack_loss, x, generator)
+        logits_adv = model(x_adv)
+        num_classes = logits_adv.shape[1]
+        per_example = squared_error_to(logits_adv, _targets_for(logits_adv, y, self.label_smoothing))
+        if self.clip > 0:
+            per_example = torch.relu(per_example - se_clip_threshold(self.clip, num_classes))
+        loss = per_example.mean()
+        stats = {"loss": loss.detach(), "acc_adv": accuracy(logits_adv, y)}
+        return ObjectiveOutput(loss, stats, logits_adv=logits_adv, x_adv=x_adv)
+
+
+@dataclass(frozen=True)
+class DirectScore(Objective):
+    name: ClassVar[str] = "direct-score"
+    attack: PGD
+    posterior_provider: PosteriorProvider = field(repr=False)
+    distance: str = "kl"
+    clean_weight: float = 0.0
+    clean_loss: str = "ce"
+    label_smoothing: float = 0.0
+    attack_bn: str = "eval"
+
+    def __post_init__(self):
+        if self.attack.keep_best:
+            raise ValueError("direct-score needs the last PGD iterate (keep_best=False): a trajectory posterior "
+                             "integrates log p_d along the path actually taken")
+
+    def compute(self, model, attack_model, x, y, generator):
+        distance = get_distance(self.distance)
+        posterior = self.posterior_provider(x, y)
+        use_clean = self.clean_weight > 0
+        log_p_data_clean = None
+        if use_clean and self.clean_loss == "score":
+            with torch.no_grad():
+                log_p_data_clean = posterior.log_posterior(x)  # [B, K]; before the attack (trajectory anchor)
+        with attack_mode(attack_model, self.attack_bn):
+            x_adv = self.attack.maximize(
+                lambda z: self_consistent_distance(attack_model, z, posterior, distance), x, generator
+            )
+        with torch.no_grad():
+            log_p_data_adv = posterior.log_posterior(x_adv)  # [B, K] at the final iterate
+        logits_clean = model(x) if use_clean else None
+        logits_adv = model(x_adv)
+        check_num_classes(logits_adv, posterior)
+        log_q_adv = log_probs(logits_adv)
+        robust = distance(log_p_data_adv.to(log_q_adv.dtype), log_q_adv)  # [B]
+        loss = robust.mean()
+        stats = {
+            "loss_robust": robust.detach().mean(),
+            "acc_adv": accuracy(logits_adv, y),
+            "acc_adv_data": accuracy(log_p_data_adv, y),  # does p_d(·|x') still pick the label?
+        }
+        if use_clean:
+            if self.clean_loss == "ce":
+                targets = _targets_for(logits_clean, y, self.label_smoothing)
+                clean = soft_cross_entropy(logits_clean, targets)
+            else:
+                log_q_clean = log_probs(logits_clean)
+                clean = distance(log_p_data_clean.to(log_q_clean.dtype), log_q_clean)
+            loss = loss + self.clean_weight * clean.mean()
+            stats |= {"loss_clean": clean.detach().mean(), "acc_clean": accuracy(logits_clean, y)}
+        stats["loss"] = loss.detach()
+        return ObjectiveOutput(loss, stats, logits_clean=logits_clean, logits_adv=logits_adv, x_adv=x_adv)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Registry
+
+
+def _check_in(value: str, valid: tuple[str, ...], what: str) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
+
+
+def attack_from_threat(threat) -> PGD:
+    """PGD for training from any object with ``norm`` ("linf"/"l2"), ``eps``, ``step_size`` and ``steps``:
+    uniform random start, clamp to [0, 1], last iterate (no keep_best)."""
+    missing = [a for a in ("norm", "eps", "step_size", "steps") if not hasattr(threat, a)]
+    if missing:
+        raise ValueError(f"threat model needs attributes norm, eps, step_size, steps; missing {', '.join(missing)}")
+    if not threat.eps > 0 or not threat.step_size > 0:
+        raise ValueError(f"threat eps and step_size must be > 0, got eps={threat.eps}, step_size={threat.step_size}")
+    if int(threat.steps) != threat.steps or threat.steps < 1:
+        raise ValueError(f"threat steps must be an integer >= 1, got {threat.steps}")
+    return PGD(
+        eps=float(threat.eps), step_size=float(threat.step_size), steps=int(threat.steps), norm=threat.norm,
+        random_start=True, clamp=(0.0, 1.0), keep_best=False,
+    )
+
+
+def build_objective(
+    name: str,
+    threat=None,
+    *,
+    beta: float | None = None,
+    clip: float = 0.0,
+    clip_scope: str = "total",
+    label_smoothing: float = 0.0,
+    attack_bn: str = "eval",
+    distance: str = "kl",
+    clean_weight: float = 0.0,
+    clean_loss: str = "ce",
+    posterior_provider: PosteriorProvider | None = None,
+) -> Objective:
+    """Build an objective by name (``OBJECTIVES``); see the module docstring for the losses.
+
+    threat: ``norm``/``eps``/``step_size``/``steps`` (ignored by "standard"); beta: TRADES weight (default
+    ``DEFAULT_BETA``); clip: c of the SE clip τ = c²K/(K−1) (SE objectives only); label_smoothing: s in [0, 1);
+    attack_bn: "eval" or "batch"; distance, clean_weight, clean_loss ("ce"/"score"), posterior_provider: direct
+    SCORE only. Options an objective does not use are ignored, except clip and clean_weight, which raise.
+    """
+    _check_in(name, OBJECTIVES, "objective")
+    _check_in(attack_bn, BN_MODES, "attack BN mode")
+    _check_in(clip_scope, CLIP_SCOPES, "clip scope")
+    _check_in(clean_loss, CLEAN_LOSSES, "clean loss")
+    get_distance(distance)
+    if not 0 <= label_smoothing < 1:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if not 0 <= clip < 1:
+        raise ValueError(f"clip must be in [0, 1), got {clip}")
+    if clip > 0 and name not in ("trades-se", "pgd-at-se"):
+        raise ValueError(f"clip applies only to trades-se and pgd-at-se, not {name!r}")
+    if clean_weight < 0 or (clean_weight > 0 and name != "direct-score"):
+        raise ValueError(f"clean_weight must be >= 0 and is used by direct-score only; got {clean_weight} for {name!r}")
+    beta = DEFAULT_BETA.get(name, 0.0) if beta is None else beta
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+
+    if name == "standard":
+        return Standard(label_smoothing=label_smoothing)
+    if threat is None:
+        raise ValueError(f"objective {name!r} needs a threat model (norm, eps, step_size, steps)")
+    attack = attack_from_threat(threat)
+    common = dict(attack=attack, label_smoothing=label_smoothing, attack_bn=attack_bn)
+    if name == "pgd-at":
+        return PGDAT(**common)
+    if name == "trades-kl":
+        return TradesKL(beta=beta, **common)
+    if name == "trades-se":
+        return TradesSE(beta=beta, clip=clip, clip_scope=clip_scope, **common)
+    if name == "pgd-at-se":
+        return PGDATSE(clip=clip, **common)
+    if posterior_provider is None:
+        raise ValueError("objective 'direct-score' needs a posterior provider (a score-net checkpoint or an analytic "
+                         "posterior for toy data)")
+    return DirectScore(posterior_provider=posterior_provider, distance=distance, clean_weight=clean_weight,
+                       clean_loss=clean_loss, **common)
