@@ -1,0 +1,317 @@
+"""Command-line interfaces over plain dataclass configs.
+
+Every entry point has one config dataclass; its fields (with ``field(metadata={"help": ...})``) are the
+documentation of the options. ``parse_config(Cfg)`` builds the parser from the fields:
+
+    int / float / str / Path   --batch-size 128
+    bool                       --ema / --no-ema
+    tuple[T, ...]              --widths 16 32 64        (tuple[T, T] takes exactly two values)
+    Literal["a", "b"]          --norm a                 (choices)
+    Optional[T] / T | None     --max-steps none         ("none" gives None)
+
+Values are resolved in order: dataclass defaults < recipe file (``--config FILE.json``, a JSON object
+with field names as keys; keys starting with "_" are comments; a run directory's ``config.json`` works
+too) < flags on the command line. The config's ``__post_init__``/``validate()`` may raise ValueError;
+that, an unknown recipe key or a missing required option prints one line ``error: <message>`` on stderr
+and exits with status 2 (argparse's own usage errors exit 2 as well). ``--dry-run`` prints the resolved
+config as JSON and exits 0.
+
+``run_cli(main)`` wraps an entry point: a ValueError raised by project code or any FileNotFoundError
+(bad input found while validating or loading data) becomes one ``error:`` line and exit status 2;
+every other exception (a bug) keeps its traceback. Set TRAINLIB_DEBUG=1 to see tracebacks always.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import traceback
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, NoReturn, TypeVar, Union
+
+T = TypeVar("T")
+
+INPUT_ERROR_EXIT_CODE = 2
+_RESERVED = ("config", "dry_run", "help")
+_SCALARS = (int, float, str, bool, Path)
+_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- field types ----------------------------------------------------------------------------------------
+def _split_optional(tp: Any) -> tuple[Any, bool]:
+    """(T, True) for Optional[T] / T | None, else (tp, False)."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+        raise TypeError(f"unsupported union type {tp}; only Optional[T] is supported")
+    return tp, False
+
+
+def _tuple_items(tp: Any) -> tuple[Any, ...] | None:
+    """Item types of tuple[T, ...] as (T, Ellipsis), of tuple[A, B] as (A, B); None if not a tuple."""
+    if typing.get_origin(tp) is not tuple:
+        return None
+    items = typing.get_args(tp)
+    if not items or any(t not in (*_SCALARS, Ellipsis) for t in items):
+        raise TypeError(f"unsupported tuple type {tp}; use tuple[T, ...] or tuple[T, T] with T in int/float/str")
+    return items
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _parse_scalar(tp: Any, text: str) -> Any:
+    """Parse one command-line word as a scalar of type tp (raises ValueError)."""
+    if tp is bool:
+        lowered = text.lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ValueError(f"expected a boolean, got {text!r}")
+    if typing.get_origin(tp) is Literal:
+        choices = typing.get_args(tp)
+        for choice in choices:
+            if str(choice) == text:
+                return choice
+        raise ValueError(f"expected one of {list(choices)}, got {text!r}")
+    return tp(text)
+
+
+def _coerce(tp: Any, value: Any) -> Any:
+    """Check/convert a JSON value (from a recipe) to the field type tp; raises ValueError."""
+    base, optional = _split_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError("null is not allowed")
+    items = _tuple_items(base)
+    if items is not None:
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"expected a list, got {value!r}")
+        if items[-1] is not Ellipsis and len(value) != len(items):
+            raise ValueError(f"expected {len(items)} values, got {len(value)}")
+        item_types = [items[0]] * len(value) if items[-1] is Ellipsis else list(items)
+        return tuple(_coerce(t, v) for t, v in zip(item_types, value, strict=True))
+    if typing.get_origin(base) is Literal:
+        if value not in typing.get_args(base):
+            raise ValueError(f"expected one of {list(typing.get_args(base))}, got {value!r}")
+        return value
+    if base is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value
+    if base is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if base is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if base in (str, Path) and isinstance(value, str):
+        return base(value)
+    raise ValueError(f"expected {_type_name(base)}, got {value!r}")
+
+
+def _argument_kwargs(tp: Any) -> dict[str, Any]:
+    """argparse keyword arguments (type / nargs / action / choices) for a field type."""
+    base, optional = _split_optional(tp)
+    items = _tuple_items(base)
+    if base is bool and not optional:
+        return {"action": argparse.BooleanOptionalAction}
+    if items is not None:
+        nargs = "*" if items[-1] is Ellipsis else len(items)
+        return {"nargs": nargs, "metavar": _type_name(items[0]).upper()}
+
+    def parse(text: str) -> Any:
+        if optional and text.lower() == "none":
+            return None
+        return _parse_scalar(base, text)
+
+    parse.__name__ = _type_name(base)  # argparse names the type in its error messages
+    kwargs: dict[str, Any] = {"type": parse}
+    if typing.get_origin(base) is Literal:
+        kwargs["metavar"] = "{" + ",".join(map(str, typing.get_args(base))) + "}"
+    return kwargs
+
+
+def _from_command_line(tp: Any, value: Any) -> Any:
+    """Finish converting an argparse value (tuples arrive as lists of words)."""
+    base, optional = _split_optional(tp)
+    items = _tuple_items(base)
+    if items is None:
+        return value
+    if optional and len(value) == 1 and value[0].lower() == "none":
+        return None
+    item_types = [items[0]] * len(value) if items[-1] is Ellipsis else list(items)
+    return tuple(_parse_scalar(t, word) for t, word in zip(item_types, value, strict=True))
+
+
+def _fields(cls: type) -> tuple[list[dataclasses.Field], dict[str, Any]]:
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    for f in fields:
+        if f.name in _RESERVED:
+            raise TypeError(f"config field name {f.name!r} is reserved for the command line")
+    return fields, typing.get_type_hints(cls)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+# -- parsing ----------------------------------------------------------------------------------------------
+def fail(message: str) -> NoReturn:
+    """Print ``error: <message>`` on stderr and exit with status 2 (bad input)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(INPUT_ERROR_EXIT_CODE)
+
+
+def build_parser(cls: type, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one option per dataclass field plus --config and --dry-run."""
+    fields, hints = _fields(cls)
+    parser = argparse.ArgumentParser(prog=prog, description=description or (cls.__doc__ or "").strip() or None)
+    parser.add_argument("--config", metavar="FILE.json", help="recipe file (JSON object of options); flags override it")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit")
+    for f in fields:
+        default = _default(f)
+        shown = "required" if default is dataclasses.MISSING else f"default: {json.dumps(_to_jsonable(default))}"
+        help_text = f"{f.metadata.get('help', '')} ({shown})".strip().replace("%", "%%")
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            default=argparse.SUPPRESS,
+            help=help_text,
+            **_argument_kwargs(hints[f.name]),
+        )
+    return parser
+
+
+def load_recipe(cls: type, path: str | os.PathLike) -> dict[str, Any]:
+    """Read a recipe file into checked field values; raises ValueError/FileNotFoundError naming the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"recipe {path} is not valid JSON: {e}") from None
+    if isinstance(data, dict) and isinstance(data.get("config"), dict) and isinstance(data.get("run"), dict):
+        data = data["config"]  # a run directory's config.json
+    if not isinstance(data, dict):
+        raise ValueError(f"recipe {path} must hold a JSON object of options, got {type(data).__name__}")
+    fields, hints = _fields(cls)
+    names = [f.name for f in fields]
+    values = {}
+    for key, value in data.items():
+        if key.startswith("_"):
+            continue
+        if key not in names:
+            raise ValueError(f"unknown key {key!r} in recipe {path} (valid keys: {', '.join(names)})")
+        try:
+            values[key] = _coerce(hints[key], value)
+        except ValueError as e:
+            raise ValueError(f"recipe {path}: key {key!r}: {e}") from None
+    return values
+
+
+def parse_config(
+    cls: type[T], argv: list[str] | None = None, prog: str | None = None, description: str | None = None
+) -> T:
+    """Build ``cls`` from defaults, an optional ``--config`` recipe and command-line flags (see module doc)."""
+    parser = build_parser(cls, prog, description)
+    args = vars(parser.parse_args(argv))
+    config_path, dry_run = args.pop("config"), args.pop("dry_run")
+    fields, hints = _fields(cls)
+    try:
+        values = load_recipe(cls, config_path) if config_path else {}
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    try:
+        values.update({name: _from_command_line(hints[name], value) for name, value in args.items()})
+    except ValueError as e:
+        fail(str(e))
+    missing = [f.name for f in fields if f.name not in values and _default(f) is dataclasses.MISSING]
+    if missing:
+        fail("missing required option(s): " + ", ".join("--" + name.replace("_", "-") for name in missing))
+    try:
+        config = cls(**values)
+        validate = getattr(config, "validate", None)
+        if callable(validate):
+            validate()
+    except ValueError as e:
+        fail(str(e))
+    if dry_run:
+        print(json.dumps(config_to_dict(config), indent=2))
+        sys.exit(0)
+    return config
+
+
+# -- saving -------------------------------------------------------------------------------------------------
+def _to_jsonable(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_to_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-ready dict of the config's init fields (tuples become lists, paths strings): a valid recipe."""
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise TypeError(f"expected a dataclass instance, got {config!r}")
+    return _to_jsonable({f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init})
+
+
+def config_hash(config: Any) -> str:
+    """First 16 hex digits of the sha256 of the config's canonical JSON (key order independent)."""
+    canonical = json.dumps(config_to_dict(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def save_config(config: Any, path: str | os.PathLike) -> None:
+    """Write the config as a recipe file (atomically) that ``--config`` reads back."""
+    from .files import atomic_write_json
+
+    atomic_write_json(path, config_to_dict(config))
+
+
+# -- entry points ---------------------------------------------------------------------------------------
+def _raised_in_project(error: BaseException) -> bool:
+    """Whether the innermost frame of the error's traceback is project code (not a dependency)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return False
+    filename = Path(frames[-1].filename).resolve()
+    return filename.is_relative_to(_PROJECT_ROOT) and "site-packages" not in filename.parts
+
+
+def run_cli(main: Callable[[], T]) -> T:
+    """Run an entry point, turning bad-input errors into one ``error:`` line and exit status 2.
+
+    Bad input = FileNotFoundError, or ValueError raised by project code (our validation). Other
+    exceptions, including ValueErrors raised inside dependencies, propagate with their traceback.
+    """
+    try:
+        return main()
+    except (ValueError, FileNotFoundError) as e:
+        is_input_error = isinstance(e, FileNotFoundError) or _raised_in_project(e)
+        if not is_input_error or os.environ.get("TRAINLIB_DEBUG"):
+            raise
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        prefix = f"[rank {os.environ.get('RANK', '0')}] " if world_size > 1 else ""
+        print(f"{prefix}error: {e}", file=sys.stderr)
+        sys.exit(INPUT_ERROR_EXIT_CODE)

@@ -1,0 +1,181 @@
+"""A run directory: everything one training or generation run writes, in one place.
+
+    <run>/config.json     {"config": resolved options, "run": git revision, world size, start time, versions}
+    <run>/log.txt         plain-text log, one timestamped line per message
+    <run>/metrics.jsonl   one JSON record per ``log_metrics`` call ({"step", "time", ...}), flushed at once
+    <run>/tb/             TensorBoard event files (created on the first metric)
+    <run>/checkpoints/    step-named training states (``trainlib.checkpoint``)
+    <run>/best/           the best checkpoint by validation metric
+    <run>/results.json    final results (written atomically)
+
+Only the main process writes; on other ranks every method is a no-op, so callers need no branches.
+An existing run directory is never deleted: starting again with ``resume=True`` appends to the log and
+metrics (and records changed options in the log); starting a fresh run into a directory that already
+holds one is refused with a ValueError.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .config import config_to_dict
+from .files import atomic_write_json, cleanup_temporaries
+
+_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def git_revision(directory: str | os.PathLike = _PROJECT_ROOT) -> str:
+    """The commit hash of the checkout holding ``directory`` (+ "-dirty" if tracked files changed), or "unknown"."""
+
+    def git(*args: str) -> str:
+        result = subprocess.run(
+            ["git", "--no-optional-locks", "-C", str(directory), *args],
+            capture_output=True, text=True, timeout=10, check=True,
+        )  # fmt: skip
+        return result.stdout.strip()
+
+    try:
+        revision = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return revision + ("-dirty" if dirty else "")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "torchvision", "accelerate", "diffusers", "numpy"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _scalar(value: Any) -> Any:
+    """A JSON-ready metric value: tensors/numpy scalars become Python numbers, non-finite floats null."""
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class RunDir:
+    """Writer for one run directory (see module docstring)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        config: Any = None,
+        *,
+        is_main_process: bool = True,
+        world_size: int = 1,
+        resume: bool = False,
+    ):
+        self.path = Path(path)
+        self.is_main_process = is_main_process
+        self._tb = None
+        if not is_main_process:
+            return
+        config_file = self.path / "config.json"
+        previous = json.loads(config_file.read_text()) if config_file.exists() else None
+        if previous is not None and not resume:
+            raise ValueError(
+                f"run directory {self.path} already holds a run; resume it (--resume latest) or choose another "
+                "output directory"
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+        cleanup_temporaries(self.path)
+        record = {
+            "config": config_to_dict(config) if config is not None else {},
+            "run": {
+                "git_revision": git_revision(),
+                "world_size": world_size,
+                "start_time": _now(),
+                "command": sys.argv,
+                "resumed": previous is not None,
+                "versions": package_versions(),
+            },
+        }
+        atomic_write_json(config_file, record)
+        self.log(f"{'resumed' if previous is not None else 'started'} run in {self.path} (world size {world_size})")
+        if previous is not None:
+            old, new = previous.get("config", {}), record["config"]
+            for key in sorted(set(old) | set(new)):
+                if old.get(key) != new.get(key):
+                    self.log(f"option changed on resume: {key}: {old.get(key)!r} -> {new.get(key)!r}")
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def best_dir(self) -> Path:
+        return self.path / "best"
+
+    def log(self, message: str) -> None:
+        """Print a message (tqdm-safe) and append it with a timestamp to log.txt."""
+        if not self.is_main_process:
+            return
+        from tqdm import tqdm
+
+        tqdm.write(message)
+        with open(self.path / "log.txt", "a") as f:
+            f.write(f"[{_now()}] {message}\n")
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Append {"step", "time", **metrics} to metrics.jsonl and numeric values to TensorBoard."""
+        if not self.is_main_process:
+            return
+        values = {name: _scalar(value) for name, value in metrics.items()}
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "time": round(time.time(), 3), **values}) + "\n")
+        for name, value in values.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                self.tensorboard.add_scalar(name, value, step)
+        self.tensorboard.flush()
+
+    @property
+    def tensorboard(self):
+        """The run's ``torch.utils.tensorboard.SummaryWriter`` (main process only), created on first use."""
+        if not self.is_main_process:
+            raise RuntimeError("only the main process writes TensorBoard logs")
+        if self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.path / "tb"))
+        return self._tb
+
+    def write_results(self, results: Mapping[str, Any]) -> Path:
+        """Write results.json atomically."""
+        path = self.path / "results.json"
+        if self.is_main_process:
+            atomic_write_json(path, dict(results))
+        return path
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
