@@ -1,0 +1,257 @@
+"""trainlib.adversarial end to end on tiny runs: run-directory layout, exact resume, direct SCORE (analytic and score
+net), evaluation command, recipes, bad input, and a 2-process CPU run against a 1-process run."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from datagrad import PGD, score_risk
+from scorenets import ScoreNet
+from trainlib.adversarial import (
+    AdversarialConfig,
+    DirectScoreConfig,
+    EvaluateConfig,
+    build_classifier,
+    evaluate_checkpoint,
+    resolve_weights,
+    train,
+)
+from trainlib.checkpoint import load_weights, load_weights_metadata
+from trainlib.config import parse_config, run_cli
+from trainlib.data import load_dataset, toy_mixture
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = sorted((ROOT / "recipes").glob("*.json"))
+
+
+def tiny(tmp_path, name="run", **overrides) -> AdversarialConfig:
+    """A digits run of a few steps with a small MLP (seconds on one CPU thread)."""
+    options = dict(
+        dataset="digits", model="mlp", objective="trades-se", eps=0.2, step_size=0.1, steps=2, batch_size=32,
+        epoch_size=64, epochs=2, n_val=32, n_test=32, cpu_threads=1, checkpoint_every=1, keep_last=2, log_every=1,
+        eval_batch_size=64, out=str(tmp_path / name),
+    )  # fmt: skip
+    options.update(overrides)
+    return (DirectScoreConfig if options["objective"] == "direct-score" else AdversarialConfig)(**options)
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    cfg = tiny(tmp_path_factory.mktemp("e2e"))
+    return cfg, train(cfg)
+
+
+def test_run_directory_layout(finished_run):
+    cfg, results = finished_run
+    run = Path(cfg.out)
+    for name in ("config.json", "log.txt", "metrics.jsonl", "results.json", "ema.safetensors", "model.safetensors",
+                 "best/ema.safetensors", "best/metrics.json"):  # fmt: skip
+        assert (run / name).is_file(), name
+    assert any((run / "tb").iterdir())
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000003", "step_000004"]  # keep_last 2
+    record = json.loads((run / "config.json").read_text())
+    assert record["config"]["objective"] == "trades-se" and record["run"]["world_size"] == 1
+    rows = metrics(run)
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
+    validation = [r for r in rows if "val/pgd40_cw_acc" in r]
+    assert [r["epoch"] for r in validation] == [1, 2]
+    best = json.loads((run / "best" / "metrics.json").read_text())
+    assert best["val/pgd40_cw_acc"] == max(r["val/pgd40_cw_acc"] for r in validation)
+    saved = json.loads((run / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    test = saved["test"]
+    assert test["n_examples"] == 32 and test["eps"] == "51/255" and test["threat_model"] == "Linf"
+    assert float(test["pgd_cw_acc"]) <= float(test["clean_acc"])
+    info = json.loads(load_weights_metadata(run / "ema.safetensors")["trainlib"])
+    assert (info["model"], info["dataset"], info["num_classes"]) == ("mlp", "digits", 10)
+    assert info["image_shape"] == [1, 8, 8]
+
+
+def test_evaluate_command_on_run_and_checkpoint(finished_run, tmp_path):
+    cfg, _ = finished_run
+    run = Path(cfg.out)
+    # the final checkpoint's registered EMA state is the EMA written at the end of the run
+    from_checkpoint, settings, _ = resolve_weights(EvaluateConfig(checkpoint=str(run / "checkpoints" / "step_000004")))
+    final = load_weights(run / "ema.safetensors")
+    assert settings["model"] == "mlp" and from_checkpoint.keys() == final.keys()
+    assert all(torch.equal(from_checkpoint[k], final[k]) for k in final)
+
+    record = evaluate_checkpoint(EvaluateConfig(
+        checkpoint=str(run), n_examples=24, autoattack_version="apgd-ce", eps_curve=(0.0, 1.0), batch_size=24,
+        out=str(tmp_path / "eval"),
+    ))  # fmt: skip
+    saved = json.loads((tmp_path / "eval" / "robustbench.json").read_text())
+    assert saved == record and saved["n_examples"] == 24 and saved["eps"] == "51/255"
+    assert float(saved["autoattack_acc"]) <= float(saved["pgd_cw_acc"]) + 0.1 <= float(saved["clean_acc"]) + 0.1
+    curve = json.loads((tmp_path / "eval" / "evaluation.json").read_text())["accuracy_vs_eps"]
+    assert curve["pgd_cw_acc"][0] == pytest.approx(float(saved["clean_acc"]) / 100)  # eps 0 is clean accuracy
+    assert (tmp_path / "eval" / "accuracy_vs_eps.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_interrupted_then_resumed_run_ends_with_the_same_weights(tmp_path, accumulation):
+    """3 steps/epoch × 2 epochs straight vs. stopped after 4 steps (mid-epoch) and resumed: identical weights, with BN
+    buffers, random PGD starts and gradient accumulation."""
+    options = dict(model="mlp-bn", epoch_size=96, grad_accumulation=accumulation, checkpoint_every=2, n_test=16)
+    train(tiny(tmp_path, "straight", **options))
+    assert train(tiny(tmp_path, "resumed", max_steps=4, **options)) is None  # stopped early: no results
+    assert not (tmp_path / "resumed" / "results.json").exists()
+    assert (tmp_path / "resumed" / "checkpoints" / "step_000004").is_dir()
+    results = train(tiny(tmp_path, "resumed", resume="latest", **options))
+    for name in ("ema.safetensors", "model.safetensors"):
+        straight, resumed = load_weights(tmp_path / "straight" / name), load_weights(tmp_path / "resumed" / name)
+        assert all(torch.equal(straight[k], resumed[k]) for k in straight), name
+    assert results["best_val"] == json.loads((tmp_path / "straight" / "results.json").read_text())["best_val"]
+
+
+def test_direct_score_with_analytic_posterior_lowers_the_score_risk(tmp_path):
+    cfg = tiny(tmp_path, dataset="gmm-4x4", objective="direct-score", posterior="analytic", eps=0.1, step_size=0.05,
+               steps=3, batch_size=128, epoch_size=1280, epochs=6, log_every=10, val_every=0, checkpoint_every=0,
+               n_test=64)  # fmt: skip
+    train(cfg)
+    losses = [r["train/loss_robust"] for r in metrics(cfg.out) if "train/loss_robust" in r]
+    assert losses[-1] < 0.8 * losses[0]
+    # independent check: the SCORE risk (datagrad, exact mixture, stronger attack) on test points, before vs after
+    mixture = toy_mixture("gmm-4x4")
+    x, _ = load_dataset("gmm-4x4", "test").get(range(256))
+    trained = build_classifier("mlp", "gmm-4x4", 3, (1, 4, 4))
+    trained.load_state_dict(load_weights(Path(cfg.out) / "ema.safetensors"))
+    untrained = build_classifier("mlp", "gmm-4x4", 3, (1, 4, 4))
+    attack = PGD(eps=0.1, step_size=0.025, steps=10, norm="linf", clamp=None)
+    risk = lambda model: score_risk(model.eval(), x, mixture, attack, "kl", generator=torch.Generator().manual_seed(0))
+    assert risk(trained) < 0.5 * risk(untrained)
+
+
+def _save_scorenet(path, num_classes):
+    net = ScoreNet.build("tiny8", num_classes, (1, 8, 8), block_out_channels=(8, 16), norm_num_groups=4)
+    net.save_pretrained(path)
+    return path
+
+
+def test_direct_score_with_scorenet_makes_one_call_per_attack_step(tmp_path, monkeypatch):
+    loaded = []
+    original = ScoreNet.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        loaded.append(original(cls, *args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(ScoreNet, "from_pretrained", classmethod(spy))
+    scorenet_dir = _save_scorenet(tmp_path / "scorenet", 10)
+    cfg = tiny(tmp_path, objective="direct-score", scorenet=str(scorenet_dir), batch_size=8, epoch_size=16, epochs=1,
+               steps=2, val_every=0, n_test=8)  # fmt: skip
+    train(cfg)
+    (scorenet,) = loaded
+    training_steps = 2
+    assert scorenet.forward_calls == training_steps * (1 + cfg.steps)  # the anchor + one batched call per PGD step
+    assert not scorenet.training and not any(p.requires_grad for p in scorenet.parameters())
+    assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in metrics(cfg.out) if "train/loss" in r)
+
+
+# -- bad input ---------------------------------------------------------------------------------------------------------
+def _cli_error(capsys, config_class, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: train(parse_config(config_class, argv)))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def test_bad_input_fails_with_one_line_and_no_files(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["--out", str(out), "--cpu-threads", "1"]
+    wrong_classes = _save_scorenet(tmp_path / "three-classes", 3)
+    bad_shard = tmp_path / "shard.npz"
+    bad_shard.write_text("not a zip file")
+    cases = [
+        (DirectScoreConfig, ["--scorenet", str(tmp_path / "missing")], "score net not found"),
+        (DirectScoreConfig, ["--scorenet", str(wrong_classes)], "3 classes, expected 10"),
+        (AdversarialConfig, ["--eps", "-0.1"], "eps must be > 0"),
+        (AdversarialConfig, ["--objective", "madry"], "unknown objective 'madry'"),
+        (AdversarialConfig, ["--dataset", "mnist"], "unknown dataset 'mnist'"),
+        (AdversarialConfig, ["--model", "resnet-9000"], "unknown model"),
+        (AdversarialConfig, ["--generated", str(bad_shard)], "not a valid .npz"),
+        (AdversarialConfig, ["--generated", str(tmp_path / "nothing-*.npz")], "no .npz shards"),
+        (AdversarialConfig, ["--objective", "direct-score", "--posterior", "analytic"], "posterior=analytic needs"),
+        (AdversarialConfig, ["--num-processes", "2"], "asked for 2 process"),
+    ]
+    for config_class, argv, message in cases:
+        assert message in _cli_error(capsys, config_class, base + argv)
+        assert not out.exists(), argv
+
+
+@pytest.mark.slow
+def test_entry_point_error_has_no_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train" / "direct_score.py"), "--scorenet", str(tmp_path / "missing"),
+         "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "TRAINLIB_DEBUG": ""},
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: score net not found")
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_recipes_are_valid(recipe, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(AdversarialConfig, ["--config", str(recipe), "--dry-run"])
+    assert exit_info.value.code == 0
+    resolved = json.loads(capsys.readouterr().out)
+    written = {k: v for k, v in json.loads(recipe.read_text()).items() if not k.startswith("_")}
+    assert {k: resolved[k] for k in written} == pytest.approx(written)
+
+
+def test_table4_recipes_cover_every_row():
+    names = {p.stem for p in RECIPES}
+    rows = ["cifar10-linf-wrn-28-10", "cifar10-linf-wrn-70-16", "cifar10-l2-wrn-28-10", "cifar100-linf-wrn-28-10",
+            "cifar100-linf-wrn-70-16"]  # fmt: skip
+    assert {f"{row}-{tag}" for row in rows for tag in ("kl", "se-beta3", "se-beta4")} <= names
+    for row in rows:
+        recipe = json.loads((ROOT / "recipes" / f"{row}-se-beta4.json").read_text())
+        assert (recipe["batch_size"], recipe["epochs"], recipe["lr"], recipe["epoch_size"]) == (512, 400, 0.2, 50000)
+        assert recipe["unsup_fraction"] == 0.7 and recipe["ema_tau"] == 0.995 and recipe["weight_decay"] == 5e-4
+        assert recipe["eps"] == pytest.approx(8 / 255 if "linf" in row else 128 / 255)
+
+
+# -- two processes on the CPU ------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_process_cpu_run_equals_one_process_run(tmp_path):
+    """ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 (FACTS §7): both ranks run, and with a
+    model without BN and no random starts the result equals a one-process run on the same global batches."""
+    options = ["--model", "cnn-small", "--objective", "standard", "--batch-size", "32", "--epoch-size", "128",
+               "--epochs", "1", "--n-val", "32", "--n-test", "32", "--cpu-threads", "1", "--checkpoint-every", "2",
+               "--keep-last", "5", "--num-processes", "2"]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "TRAINLIB_DEBUG": "1"}
+    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", "0", str(ROOT / "train" / "train_classifier.py")]  # fmt: skip
+    result = subprocess.run([*launch, *options, "--out", str(tmp_path / "two")], capture_output=True, text=True,
+                            env=env, cwd=tmp_path, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = tmp_path / "two"
+    assert json.loads((two / "config.json").read_text())["run"]["world_size"] == 2
+    for step in (2, 4):  # every rank wrote its RNG state into every checkpoint
+        folder = two / "checkpoints" / f"step_{step:06d}"
+        assert {p.name for p in folder.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    one_options = [o if o != "2" or options[i - 1] != "--num-processes" else "1" for i, o in enumerate(options)]
+    train(parse_config(AdversarialConfig, [*one_options, "--out", str(tmp_path / "one")]))
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = load_weights(two / name), load_weights(tmp_path / "one" / name)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_config_classes_share_fields():
+    assert [f.name for f in dataclasses.fields(DirectScoreConfig)] == [f.name for f in dataclasses.fields(
+        AdversarialConfig)]  # fmt: skip
+    assert DirectScoreConfig().objective == "direct-score" and AdversarialConfig().objective == "trades-se"
