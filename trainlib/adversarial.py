@@ -85,7 +85,9 @@ class AdversarialConfig:
     posterior: Literal["scorenet", "analytic"] = _help("p_d from a score net or the exact mixture (gmm-*)", "analytic")
     scorenet: str | None = _help("a score-net run directory or saved ScoreNet folder (posterior=scorenet)", None)
     noise_std: float = _help("sigma of p_sigma(y|x) from the score net ([0, 1] data units, std; about eps)", 0.2)
-    anchor_smoothing: float = _help("label smoothing of the clean anchor p(.|x) of the score integral", 0.1)
+    anchor_smoothing: float = _help(
+        "label smoothing of the clean anchor p(.|x) of the score integral (small: clean posteriors are confident; "
+        "0.1 lets PGD flip the estimated class, see README)", 1e-4)
     start_quadrature_points: int = _help(
         "Gauss-Legendre points on the anchor -> random start segment (0: trapezoid)", 0
     )
