@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +60,7 @@ from torch import Tensor
 from datagrad import GaussianMixture, attach_log_posterior, get_distance, pgd, self_consistent_distance
 from scorenets import ClassScoreModel, ScoreNetPosterior, anchor_log_probs, check_noise_std
 from trainlib.adversarial import AdversarialConfig
-from trainlib.config import config_to_dict, parse_config, run_cli
+from trainlib.config import config_to_dict, option, parse_config, run_cli
 from trainlib.data import TOY_MIXTURES, load_dataset, toy_mixture
 from trainlib.files import atomic_write_json
 from trainlib.rundir import git_revision, package_versions
@@ -74,33 +74,29 @@ TRAIN_SUBDIR = "scorenet-run"
 TOP_CLASS_MIN_DOUBT = 1e-3  # top-class gradient metrics only where 1 − max_y p_σ(y|x) ≥ this (gradient_metrics)
 
 
-def _help(text: str, default):
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
 class ValidateConfig:
     """Compare ScoreNetPosterior with the closed-form Gaussian-mixture posterior (analysis.validate_posterior)."""
 
-    out: str = _help("output directory (results, figure, and the trained score net in scorenet-run/)",
+    out: str = option("output directory (results, figure, and the trained score net in scorenet-run/)",
                      "runs/validate-posterior")  # fmt: skip
-    scorenet: str | None = _help("a trained score net (run directory or scorenet/ folder); none: train one", None)
-    dataset: str = _help("Gaussian-mixture image toy: gmm-8x8 | gmm-4x4", "gmm-8x8")
-    sigmas: tuple[float, ...] = _help("noise stds σ to evaluate ([0, 1] data units)", (0.05, 0.1, 0.2, 0.3))
-    default_sigma: float = _help("the library's default σ (always evaluated; the acceptance is checked there)",
+    scorenet: str | None = option("a trained score net (run directory or scorenet/ folder); none: train one", None)
+    dataset: str = option("Gaussian-mixture image toy: gmm-8x8 | gmm-4x4", "gmm-8x8")
+    sigmas: tuple[float, ...] = option("noise stds σ to evaluate ([0, 1] data units)", (0.05, 0.1, 0.2, 0.3))
+    default_sigma: float = option("the library's default σ (always evaluated; the acceptance is checked there)",
                                  DEFAULT_SIGMA)  # fmt: skip
-    n_points: int = _help("test points evaluated per σ", 200)
-    eps: float = _help("l-inf radius of the PGD perturbation", 0.1)
-    pgd_steps: int = _help("PGD steps", 10)
-    step_size: float = _help("PGD step size", 0.025)
-    quadrature_points: int = _help("Gauss-Legendre points of the straight-line (anchored) estimate", 8)
-    anchor_smoothing: float = _help("label smoothing alpha of the smoothed-anchor variant", 0.1)
-    seed: int = _help("seed of the PGD random starts", 0)
+    n_points: int = option("test points evaluated per σ", 200)
+    eps: float = option("l-inf radius of the PGD perturbation", 0.1)
+    pgd_steps: int = option("PGD steps", 10)
+    step_size: float = option("PGD step size", 0.025)
+    quadrature_points: int = option("Gauss-Legendre points of the straight-line (anchored) estimate", 8)
+    anchor_smoothing: float = option("label smoothing alpha of the smoothed-anchor variant", 0.1)
+    seed: int = option("seed of the PGD random starts", 0)
     # training (only without --scorenet): passed to trainlib.scorenet_training.ScoreNetConfig
-    train_steps: int = _help("score-net training steps", 4000)
-    train_batch_size: int = _help("score-net training batch size", 64)
-    train_lr: float = _help("score-net peak learning rate", 1e-3)
-    train_preset: str | None = _help("score-net UNet preset (none: by image size)", None)
+    train_steps: int = option("score-net training steps", 4000)
+    train_batch_size: int = option("score-net training batch size", 64)
+    train_lr: float = option("score-net peak learning rate", 1e-3)
+    train_preset: str | None = option("score-net UNet preset (none: by image size)", None)
 
     def validate(self) -> None:
         if self.dataset not in TOY_MIXTURES:

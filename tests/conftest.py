@@ -1,4 +1,4 @@
-"""Shared, generic test fixtures: a fixed global seed for every test and an opt-in float64 default dtype."""
+"""Shared, generic test fixtures: one thread for the session, a fixed seed per test, an opt-in float64 dtype."""
 
 import pytest
 import torch
@@ -20,10 +20,10 @@ def float64():
     torch.set_default_dtype(previous)
 
 
-@pytest.fixture
-def single_thread():
-    """Run the test on one intra-op thread: tiny tensors gain nothing from more, and on a busy 2-core machine
-    OpenMP's thread hand-offs can make each small op milliseconds slower."""
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Run the whole suite on one intra-op thread: the tests use tiny models, which gain nothing from more, and on
+    a busy 2-core machine (CI) OpenMP's thread hand-offs make small ops many times slower."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

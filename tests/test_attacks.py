@@ -10,8 +10,6 @@ from torch import nn
 
 from datagrad import PGD, GridSearch, pgd, seed_toy, self_consistent_distance, uniform_in_ball
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 
 def concave_bumps(centres: torch.Tensor):
     """ℓ_i(z) = −(z − c_i)² + 0.05 sin(5z): strictly concave (ℓ'' ≤ −0.75), so PGD cannot get stuck."""

@@ -6,8 +6,6 @@ import torch
 
 from datagrad import DISTANCES, get_distance
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 NUMPY_FORMULAS = {
     "kl": lambda p, q: np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0) / q), 0.0), axis=1),
     "l1": lambda p, q: np.sum(np.abs(p - q), axis=1),

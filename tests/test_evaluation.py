@@ -30,8 +30,6 @@ from trainlib.evaluation import (
     run_autoattack,
 )
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 SHAPE = (1, 4, 4)  # images [N, 1, 4, 4] in [0, 1]
 D = 16
 
@@ -169,25 +167,20 @@ def test_clean_accuracy_from_tensors_and_batches_and_first_n_in_order():
 def robust_mlp():
     """10 Gaussian clusters in [0, 1]^64 (images 1×8×8); MLP 64-64-10 (ReLU) after 150 steps of PGD-AT at ε = 0.1.
     The first 256 points are never trained on and are returned for evaluation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # module fixtures run before the single_thread fixture
-    try:
-        g = generator(1)
-        means = 0.2 + 0.6 * torch.rand(10, 64, generator=g)
-        y = torch.arange(2256) % 10
-        x = (means[y] + 0.1 * torch.randn(len(y), 64, generator=g)).clamp(0, 1).view(-1, 1, 8, 8)
-        torch.manual_seed(1)
-        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-        optimizer = torch.optim.Adam(model.parameters(), 1e-2)
-        for _ in range(150):
-            i = torch.randint(256, len(y), (128,), generator=g)
-            ce = lambda z, i=i: nn.functional.cross_entropy(model(z), y[i], reduction="none")
-            loss = nn.functional.cross_entropy(model(pgd(ce, x[i], 0.1, 0.025, 5, generator=g)), y[i])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    finally:
-        torch.set_num_threads(threads)
+    g = generator(1)
+    means = 0.2 + 0.6 * torch.rand(10, 64, generator=g)
+    y = torch.arange(2256) % 10
+    x = (means[y] + 0.1 * torch.randn(len(y), 64, generator=g)).clamp(0, 1).view(-1, 1, 8, 8)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    optimizer = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(150):
+        i = torch.randint(256, len(y), (128,), generator=g)
+        ce = lambda z, i=i: nn.functional.cross_entropy(model(z), y[i], reduction="none")
+        loss = nn.functional.cross_entropy(model(pgd(ce, x[i], 0.1, 0.025, 5, generator=g)), y[i])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
     return model, x[:256], y[:256]
 
 

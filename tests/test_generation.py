@@ -33,15 +33,6 @@ SHAPE = (1, 4, 4)
 K = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny UNets run fastest on one thread, and two threads slow down 10× when other jobs share the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def scorenet_dir(tmp_path_factory):
     torch.manual_seed(0)

@@ -9,8 +9,6 @@ from torch import nn
 
 from datagrad import GaussianMixture, madry_distance, self_consistent_distance, self_consistent_kl
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 NUM_CLASSES, DIM = 3, 2
 
 

@@ -20,8 +20,6 @@ from datagrad import (
     standard_risk,
 )
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 EPS, POINTS = 1.0, 801
 # log p(y=1|x)/p(y=0|x) = log(1/5) + log N(x; 1, 1) − log N(x; −1, 2²) = −0.375x² + 1.25x + log(2/5) − 0.375
 LOG_ODDS = (-0.375, 1.25, math.log(2 / 5) - 0.375)

@@ -23,15 +23,6 @@ from trainlib.scorenet_training import (
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny UNets run fastest on one thread, and two threads slow down 10× when other jobs share the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_config(out, **overrides) -> ScoreNetConfig:
     """gmm-4x4 (3 classes, 1×4×4) with the tiny8 UNet: a training step takes a few milliseconds."""
     options = dict(dataset="gmm-4x4", preset="tiny8", batch_size=8, steps=5, warmup_steps=2, checkpoint_every=3,

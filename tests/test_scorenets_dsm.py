@@ -7,15 +7,6 @@ from datagrad import GaussianMixture
 from scorenets import NoiseSchedule, ScoreNet, dsm_loss, to_model_range
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny UNets run fastest on one thread, and two threads slow down 10× when other jobs share the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class OracleEps:
     """Knows the clean batch, so it recovers ε = (u_t − sqrt(ᾱ(t))·u)/sqrt(1 − ᾱ(t)) exactly; records inputs."""
 

@@ -22,15 +22,6 @@ SIGMA = 0.1
 SHAPE = (1, 4, 4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny UNets run fastest on one thread, and two threads slow down 10× when other jobs share the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class PlainScores:
     """Exact class scores ∇ log p_σ(x|y) of a GaussianMixture; counts calls like ScoreNet.forward_calls."""
 

@@ -11,15 +11,6 @@ LABELS = [0, 2, 1, 3, 0]  # 3 = null class (unconditional)
 SEEDS = [11, 12, 13, 14, 15]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny UNets run fastest on one thread, and two threads slow down 10× when other jobs share the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def net():
     torch.manual_seed(0)

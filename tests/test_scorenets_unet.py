@@ -15,15 +15,6 @@ SHAPE = (1, 8, 8)
 TINY = dict(block_out_channels=(16, 32), norm_num_groups=8)  # test-sized tiny8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny UNets run fastest on one thread, and two threads slow down 10× when other jobs share the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_net(num_classes=3, seed=0) -> ScoreNet:
     torch.manual_seed(seed)
     return ScoreNet.build("tiny8", num_classes, SHAPE, **TINY).eval()

@@ -10,8 +10,6 @@ from torch.distributions import MultivariateNormal
 
 from datagrad import DataPosterior, GaussianMixture, seed_toy
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 MEANS = [[0.0, 1.0], [1.5, -0.5], [-1.0, -1.0]]
 STDS = [0.5, 1.0, 1.5]
 PRIORS = [0.2, 0.3, 0.5]

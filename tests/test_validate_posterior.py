@@ -23,15 +23,6 @@ from trainlib.config import run_cli
 from trainlib.data import load_dataset, toy_mixture
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny UNets run fastest on one thread, and two threads slow down 10× when other jobs share the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def points():
     x, y = load_dataset("gmm-8x8", "test").get(range(40))

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -38,6 +38,7 @@ from torch import nn
 
 from . import evaluation
 from .checkpoint import load_weights, load_weights_metadata, save_weights
+from .config import option
 from .data import BatchLoader, ImageDataset, load_dataset, load_generated, shard_paths
 from .ema import EMA
 from .engine import MIXED_PRECISION, TrainingSession, create_accelerator, one_cycle_cosine, rank_generator
@@ -49,77 +50,73 @@ WEIGHTS_METADATA_KEY = "trainlib"  # safetensors metadata: JSON with model name,
 _STREAM_TRAIN, _STREAM_VAL = 0, 1
 
 
-def _help(text: str, default):
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
 class AdversarialConfig:
     """Adversarial training of a classifier (trainlib.adversarial); flags override --config recipes."""
 
     # data
-    dataset: str = _help("digits (embedded 8x8) | cifar10 | cifar100 | gmm-8x8 | gmm-4x4 | npz:PATH", "digits")
-    data_dir: str = _help("where CIFAR is downloaded to / read from", "data")
-    generated: str | None = _help("generated pseudo-data: an .npz, a directory of .npz shards or a glob", None)
-    unsup_fraction: float = _help("fraction of each batch drawn (with replacement) from --generated", 0.7)
-    epoch_size: int | None = _help("samples per epoch (paper: 50000); none: the size of the real train split", None)
-    augment: Literal["auto", "on", "off"] = _help("random crop (pad 4) + flip; auto: on for CIFAR only", "auto")
-    n_val: int = _help("validation points (first n of the val split; PGD-40 CW on the EMA model)", 1024)
+    dataset: str = option("digits (embedded 8x8) | cifar10 | cifar100 | gmm-8x8 | gmm-4x4 | npz:PATH", "digits")
+    data_dir: str = option("where CIFAR is downloaded to / read from", "data")
+    generated: str | None = option("generated pseudo-data: an .npz, a directory of .npz shards or a glob", None)
+    unsup_fraction: float = option("fraction of each batch drawn (with replacement) from --generated", 0.7)
+    epoch_size: int | None = option("samples per epoch (paper: 50000); none: the size of the real train split", None)
+    augment: Literal["auto", "on", "off"] = option("random crop (pad 4) + flip; auto: on for CIFAR only", "auto")
+    n_val: int = option("validation points (first n of the val split; PGD-40 CW on the EMA model)", 1024)
     # model and objective
-    model: str = _help("wrn-28-10 | wrn-70-16 | wrn-D-W | preact-resnet18 | cnn-small(-bn) | mlp(-bn)", "cnn-small")
-    objective: str = _help("standard | pgd-at | trades-kl | trades-se | pgd-at-se | direct-score", "trades-se")
-    beta: float | None = _help("TRADES weight of the robust term (none: 6 for trades-kl, 4 for trades-se)", None)
-    clip: float = _help("SE loss clip c, threshold c^2 K/(K-1) (trades-se, pgd-at-se; 0: no clip)", 0.0)
-    clip_scope: Literal["total", "robust"] = _help("trades-se clip on the total loss or on the robust term", "total")
-    attack_bn: Literal["eval", "batch"] = _help("BN during the training attack: running stats or batch stats", "eval")
-    label_smoothing: float = _help("label smoothing of the clean / CE targets", 0.0)
-    distance: Literal["kl", "l1", "l2", "se"] = _help("direct-score distance D(p_d || p_theta)", "kl")
-    clean_weight: float = _help("direct-score: weight of an added clean term (0: none)", 0.0)
-    clean_loss: Literal["ce", "score"] = _help("direct-score clean term: CE to the label or D at x", "ce")
+    model: str = option("wrn-28-10 | wrn-70-16 | wrn-D-W | preact-resnet18 | cnn-small(-bn) | mlp(-bn)", "cnn-small")
+    objective: str = option("standard | pgd-at | trades-kl | trades-se | pgd-at-se | direct-score", "trades-se")
+    beta: float | None = option("TRADES weight of the robust term (none: 6 for trades-kl, 4 for trades-se)", None)
+    clip: float = option("SE loss clip c, threshold c^2 K/(K-1) (trades-se, pgd-at-se; 0: no clip)", 0.0)
+    clip_scope: Literal["total", "robust"] = option("trades-se clip on the total loss or on the robust term", "total")
+    attack_bn: Literal["eval", "batch"] = option("BN during the training attack: running stats or batch stats", "eval")
+    label_smoothing: float = option("label smoothing of the clean / CE targets", 0.0)
+    distance: Literal["kl", "l1", "l2", "se"] = option("direct-score distance D(p_d || p_theta)", "kl")
+    clean_weight: float = option("direct-score: weight of an added clean term (0: none)", 0.0)
+    clean_loss: Literal["ce", "score"] = option("direct-score clean term: CE to the label or D at x", "ce")
     # threat model (training attack and evaluation)
-    norm: Literal["linf", "l2"] = _help("threat model norm", "linf")
-    eps: float = _help("radius of the threat ball in [0, 1] pixel units", 0.2)
-    step_size: float = _help("PGD step size of the training attack", 0.05)
-    steps: int = _help("PGD steps of the training attack", 10)
+    norm: Literal["linf", "l2"] = option("threat model norm", "linf")
+    eps: float = option("radius of the threat ball in [0, 1] pixel units", 0.2)
+    step_size: float = option("PGD step size of the training attack", 0.05)
+    steps: int = option("PGD steps of the training attack", 10)
     # data posterior (direct-score only)
-    posterior: Literal["scorenet", "analytic"] = _help("p_d from a score net or the exact mixture (gmm-*)", "analytic")
-    scorenet: str | None = _help("a score-net run directory or saved ScoreNet folder (posterior=scorenet)", None)
-    noise_std: float = _help("sigma of p_sigma(y|x) from the score net ([0, 1] data units, std; about eps)", 0.2)
-    anchor_smoothing: float = _help(
+    posterior: Literal["scorenet", "analytic"] = option("p_d from a score net or the exact mixture (gmm-*)", "analytic")
+    scorenet: str | None = option("a score-net run directory or saved ScoreNet folder (posterior=scorenet)", None)
+    noise_std: float = option("sigma of p_sigma(y|x) from the score net ([0, 1] data units, std; about eps)", 0.2)
+    anchor_smoothing: float = option(
         "label smoothing of the clean anchor p(.|x) of the score integral (small: clean posteriors are confident; "
         "0.1 lets PGD flip the estimated class, see README)", 1e-4)
-    start_quadrature_points: int = _help(
+    start_quadrature_points: int = option(
         "Gauss-Legendre points on the anchor -> random start segment (0: trapezoid)", 0
     )
     # optimization
-    batch_size: int = _help("global batch size (all processes, after accumulation)", 128)
-    epochs: int = _help("training epochs", 30)
-    lr: float = _help("peak learning rate of the one-cycle cosine schedule", 0.2)
-    momentum: float = _help("SGD momentum (cycled 0.95 -> 0.85 -> 0.95 instead with --cycle-momentum)", 0.9)
-    cycle_momentum: bool = _help("cycle momentum with the LR, as PyTorch's OneCycleLR and the public code", True)
-    nesterov: bool = _help("Nesterov momentum", True)
-    weight_decay: float = _help("weight decay (not on normalisation-layer parameters)", 5e-4)
-    warmup_fraction: float = _help("fraction of steps of the LR warm-up", 0.025)
-    ema_tau: float = _help("EMA decay tau (0: no averaging, the EMA copies the weights)", 0.995)
-    ema_warmup_fraction: float = _help("fraction of steps during which the EMA copies the weights", 0.025)
-    max_steps: int | None = _help("stop after this many optimizer steps (schedule still spans --epochs)", None)
+    batch_size: int = option("global batch size (all processes, after accumulation)", 128)
+    epochs: int = option("training epochs", 30)
+    lr: float = option("peak learning rate of the one-cycle cosine schedule", 0.2)
+    momentum: float = option("SGD momentum (cycled 0.95 -> 0.85 -> 0.95 instead with --cycle-momentum)", 0.9)
+    cycle_momentum: bool = option("cycle momentum with the LR, as PyTorch's OneCycleLR and the public code", True)
+    nesterov: bool = option("Nesterov momentum", True)
+    weight_decay: float = option("weight decay (not on normalisation-layer parameters)", 5e-4)
+    warmup_fraction: float = option("fraction of steps of the LR warm-up", 0.025)
+    ema_tau: float = option("EMA decay tau (0: no averaging, the EMA copies the weights)", 0.995)
+    ema_warmup_fraction: float = option("fraction of steps during which the EMA copies the weights", 0.025)
+    max_steps: int | None = option("stop after this many optimizer steps (schedule still spans --epochs)", None)
     # engine
-    mixed_precision: Literal["no", "bf16", "fp16"] = _help("autocast dtype on GPUs (fp32 on the CPU)", "no")
-    grad_accumulation: int = _help("micro-batches per optimizer step", 1)
-    sync_bn: bool = _help("synchronise BN statistics across GPUs (world-size independent)", True)
-    num_processes: int | None = _help("refuse to start unless the world size is this", None)
-    cpu_threads: int | None = _help("torch threads per process on the CPU (none: torch's default)", None)
-    seed: int = _help("seed of data order, augmentation, attacks and initialisation", 0)
-    out: str = _help("run directory", "runs/classifier-digits")
-    resume: str = _help("none | latest | PATH of a checkpoint folder", "none")
-    checkpoint_every: int = _help("save a checkpoint every N optimizer steps (0: at the end only)", 500)
-    keep_last: int = _help("step checkpoints to keep", 2)
-    log_every: int = _help("average and log training metrics every N steps", 20)
-    val_every: int = _help("validate every N epochs (0: never)", 1)
+    mixed_precision: Literal["no", "bf16", "fp16"] = option("autocast dtype on GPUs (fp32 on the CPU)", "no")
+    grad_accumulation: int = option("micro-batches per optimizer step", 1)
+    sync_bn: bool = option("synchronise BN statistics across GPUs (world-size independent)", True)
+    num_processes: int | None = option("refuse to start unless the world size is this", None)
+    cpu_threads: int | None = option("torch threads per process on the CPU (none: torch's default)", None)
+    seed: int = option("seed of data order, augmentation, attacks and initialisation", 0)
+    out: str = option("run directory", "runs/classifier-digits")
+    resume: str = option("none | latest | PATH of a checkpoint folder", "none")
+    checkpoint_every: int = option("save a checkpoint every N optimizer steps (0: at the end only)", 500)
+    keep_last: int = option("step checkpoints to keep", 2)
+    log_every: int = option("average and log training metrics every N steps", 20)
+    val_every: int = option("validate every N epochs (0: never)", 1)
     # final test evaluation
-    n_test: int | None = _help("test points for the final evaluation (first n; none: all)", None)
-    autoattack: bool = _help("run AutoAttack standard in the final evaluation", False)
-    eval_batch_size: int = _help("batch size of validation and evaluation", 256)
+    n_test: int | None = option("test points for the final evaluation (first n; none: all)", None)
+    autoattack: bool = option("run AutoAttack standard in the final evaluation", False)
+    eval_batch_size: int = option("batch size of validation and evaluation", 256)
 
     def validate(self) -> None:
         """Check values that need no files (``--dry-run`` runs this too)."""
@@ -177,10 +174,10 @@ class AdversarialConfig:
 class DirectScoreConfig(AdversarialConfig):
     """Direct SCORE training: the inner max and outer min of D(p_d(.|x') || p_theta(.|x')), p_d from a score net."""
 
-    objective: str = _help("standard | pgd-at | trades-kl | trades-se | pgd-at-se | direct-score", "direct-score")
-    posterior: Literal["scorenet", "analytic"] = _help("p_d from a score net or the exact mixture (gmm-*)", "scorenet")
-    scorenet: str | None = _help("a score-net run directory or saved ScoreNet folder", "runs/scorenet-digits")
-    out: str = _help("run directory", "runs/direct-score-digits")
+    objective: str = option("standard | pgd-at | trades-kl | trades-se | pgd-at-se | direct-score", "direct-score")
+    posterior: Literal["scorenet", "analytic"] = option("p_d from a score net or the exact mixture (gmm-*)", "scorenet")
+    scorenet: str | None = option("a score-net run directory or saved ScoreNet folder", "runs/scorenet-digits")
+    out: str = option("run directory", "runs/direct-score-digits")
 
 
 # -- building blocks ------------------------------------------------------------------------------------------
@@ -414,26 +411,26 @@ def _final_evaluation(cfg: AdversarialConfig, model: nn.Module, test: ImageDatas
 class EvaluateConfig:
     """Evaluate a trained classifier: clean, PGD CE/CW and AutoAttack on the first n test points, RobustBench JSON."""
 
-    checkpoint: str = _help("run directory, step checkpoint folder or .safetensors weights", "runs/classifier-digits")
-    weights: Literal["ema", "model"] = _help("which weights of a run / checkpoint: EMA or raw", "ema")
-    which: Literal["final", "best"] = _help("in a run directory: final weights or best/ (by validation)", "final")
-    model: str | None = _help("model name (none: from the run config or the weights' metadata)", None)
-    dataset: str | None = _help("dataset (none: from the run config or the weights' metadata)", None)
-    data_dir: str = _help("where CIFAR is downloaded to / read from", "data")
-    norm: Literal["linf", "l2"] | None = _help("threat norm (none: the training one)", None)
-    eps: float | None = _help("threat radius (none: the training one)", None)
-    n_examples: int | None = _help("first n test points (none: all)", None)
-    autoattack: bool = _help("run AutoAttack", True)
-    autoattack_version: Literal["standard", "plus", "rand", "apgd-ce"] = _help("AutoAttack version", "standard")
-    pgd_steps: int = _help("PGD steps", 40)
-    pgd_restarts: int = _help("PGD random restarts", 1)
-    eps_curve: tuple[float, ...] = _help(
+    checkpoint: str = option("run directory, step checkpoint folder or .safetensors weights", "runs/classifier-digits")
+    weights: Literal["ema", "model"] = option("which weights of a run / checkpoint: EMA or raw", "ema")
+    which: Literal["final", "best"] = option("in a run directory: final weights or best/ (by validation)", "final")
+    model: str | None = option("model name (none: from the run config or the weights' metadata)", None)
+    dataset: str | None = option("dataset (none: from the run config or the weights' metadata)", None)
+    data_dir: str = option("where CIFAR is downloaded to / read from", "data")
+    norm: Literal["linf", "l2"] | None = option("threat norm (none: the training one)", None)
+    eps: float | None = option("threat radius (none: the training one)", None)
+    n_examples: int | None = option("first n test points (none: all)", None)
+    autoattack: bool = option("run AutoAttack", True)
+    autoattack_version: Literal["standard", "plus", "rand", "apgd-ce"] = option("AutoAttack version", "standard")
+    pgd_steps: int = option("PGD steps", 40)
+    pgd_restarts: int = option("PGD random restarts", 1)
+    eps_curve: tuple[float, ...] = option(
         "eps multipliers of the PGD-CW accuracy-vs-eps figure (empty: none)", (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
     )
-    batch_size: int = _help("evaluation batch size", 256)
-    seed: int = _help("seed of PGD starts and AutoAttack", 0)
-    cpu_threads: int | None = _help("torch threads on the CPU (none: torch's default)", None)
-    out: str | None = _help("output directory (none: <run>/eval or next to the weights)", None)
+    batch_size: int = option("evaluation batch size", 256)
+    seed: int = option("seed of PGD starts and AutoAttack", 0)
+    cpu_threads: int | None = option("torch threads on the CPU (none: torch's default)", None)
+    out: str | None = option("output directory (none: <run>/eval or next to the weights)", None)
 
     def validate(self) -> None:
         if self.eps is not None and not self.eps > 0:

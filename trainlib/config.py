@@ -172,6 +172,11 @@ def _default(f: dataclasses.Field) -> Any:
 
 
 # -- parsing ----------------------------------------------------------------------------------------------
+def option(help: str, default):
+    """A config field with its help text: ``lr: float = option("peak learning rate", 0.2)``."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 def fail(message: str) -> NoReturn:
     """Print ``error: <message>`` on stderr and exit with status 2 (bad input)."""
     print(f"error: {message}", file=sys.stderr)

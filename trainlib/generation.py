@@ -35,7 +35,7 @@ import json
 import math
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from scorenets import DEFAULT_STEPS, SAMPLERS, ScoreNet, sample, to_uint8_nhwc
 
-from .config import config_to_dict
+from .config import config_to_dict, option
 from .data import load_npz
 from .engine import check_world_size
 from .files import atomic_path, atomic_save_npz, atomic_write_json, cleanup_temporaries
@@ -61,27 +61,23 @@ CLASSIFIER_CHUNK = 512  # fixed classification chunk: confidences do not depend 
 _CANDIDATE_STREAM = 1
 
 
-def _help(text: str, default):
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
 class GenerateConfig:
     """Generate class-conditional pseudo-data shards from a trained score net (trainlib.generation)."""
 
-    scorenet: str = _help("score-net run directory or its scorenet/ folder", "runs/scorenet-digits")
-    out: str = _help("output directory of the shards, generation.json and grid.png", "runs/generated-digits")
-    num_images: int = _help("images to generate (label of image i: i mod K)", 1000)
-    sampler: Literal["ddpm", "ddim", "dpmsolver++"] = _help("diffusers sampler", "dpmsolver++")
-    steps: int | None = _help(f"sampler steps (none: {DEFAULT_STEPS})", None)
-    guidance_scale: float = _help("classifier-free guidance w (1: plain conditional model, 0: unconditional)", 1.0)
-    seed: int = _help("base seed of the per-image seeds", 0)
-    shard_size: int = _help("images per shard", 10000)
-    batch_size: int = _help("images per sampler call (does not change the output)", 250)
-    filter_classifier: str | None = _help("classifier run directory or .safetensors: keep the most confident", None)
-    keep_fraction: float = _help("with --filter-classifier: fraction kept per class (oversampling 1/f)", 0.2)
-    grid_columns: int = _help("images per class in grid.png (0: no grid)", 10)
-    num_processes: int | None = _help("refuse to start unless the world size is this", None)
+    scorenet: str = option("score-net run directory or its scorenet/ folder", "runs/scorenet-digits")
+    out: str = option("output directory of the shards, generation.json and grid.png", "runs/generated-digits")
+    num_images: int = option("images to generate (label of image i: i mod K)", 1000)
+    sampler: Literal["ddpm", "ddim", "dpmsolver++"] = option("diffusers sampler", "dpmsolver++")
+    steps: int | None = option(f"sampler steps (none: {DEFAULT_STEPS})", None)
+    guidance_scale: float = option("classifier-free guidance w (1: plain conditional model, 0: unconditional)", 1.0)
+    seed: int = option("base seed of the per-image seeds", 0)
+    shard_size: int = option("images per shard", 10000)
+    batch_size: int = option("images per sampler call (does not change the output)", 250)
+    filter_classifier: str | None = option("classifier run directory or .safetensors: keep the most confident", None)
+    keep_fraction: float = option("with --filter-classifier: fraction kept per class (oversampling 1/f)", 0.2)
+    grid_columns: int = option("images per class in grid.png (0: no grid)", 10)
+    num_processes: int | None = option("refuse to start unless the world size is this", None)
 
     def validate(self) -> None:
         """Check values that need no files (``--dry-run`` runs this too)."""

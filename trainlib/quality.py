@@ -27,7 +27,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ from tqdm.auto import trange
 
 from .adversarial import WEIGHTS_METADATA_KEY, build_classifier
 from .checkpoint import load_weights, load_weights_metadata, save_weights
-from .config import config_to_dict, parse_config, run_cli
+from .config import config_to_dict, option, parse_config, run_cli
 from .data import DATASET_NAMES, BatchLoader, ImageDataset, load_dataset, load_generated, ordered_batches
 from .files import atomic_write_json
 
@@ -46,26 +46,22 @@ CLASSIFIER_FILE = "classifier.safetensors"
 REPORT_FILE = "quality.json"
 
 
-def _help(text: str, default):
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
 class QualityConfig:
     """Quality report of generated images: class consistency and Fréchet distance (trainlib.quality)."""
 
-    generated: str = _help("generated shards: a directory, a glob or one .npz", "runs/generated-digits")
-    dataset: str = _help("the real dataset the generator imitates (its train split trains the classifier)", "digits")
-    data_dir: str = _help("where CIFAR is downloaded to / read from", "data")
-    classifier: str | None = _help("a trained classifier (run directory or .safetensors); none: train one", None)
-    model: str = _help("classifier to train: a trainlib.models name, or auto (cnn-small up to 16x16, else "
+    generated: str = option("generated shards: a directory, a glob or one .npz", "runs/generated-digits")
+    dataset: str = option("the real dataset the generator imitates (its train split trains the classifier)", "digits")
+    data_dir: str = option("where CIFAR is downloaded to / read from", "data")
+    classifier: str | None = option("a trained classifier (run directory or .safetensors); none: train one", None)
+    model: str = option("classifier to train: a trainlib.models name, or auto (cnn-small up to 16x16, else "
                        "preact-resnet18)", "auto")  # fmt: skip
-    epochs: int = _help("epochs of cross-entropy training of the classifier", 30)
-    batch_size: int = _help("batch size of classifier training and feature extraction", 128)
-    lr: float = _help("Adam learning rate of classifier training", 1e-3)
-    seed: int = _help("seed of classifier initialisation and data order", 0)
-    max_generated: int | None = _help("use only the first N generated images (none: all)", None)
-    out: str | None = _help("output directory (none: <generated>/quality)", None)
+    epochs: int = option("epochs of cross-entropy training of the classifier", 30)
+    batch_size: int = option("batch size of classifier training and feature extraction", 128)
+    lr: float = option("Adam learning rate of classifier training", 1e-3)
+    seed: int = option("seed of classifier initialisation and data order", 0)
+    max_generated: int | None = option("use only the first N generated images (none: all)", None)
+    out: str | None = option("output directory (none: <generated>/quality)", None)
 
     def validate(self) -> None:
         if not (self.dataset in DATASET_NAMES or self.dataset.startswith("npz:")):

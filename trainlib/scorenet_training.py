@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -37,6 +37,7 @@ import torch
 from scorenets import PRESETS, ScoreNet, dsm_loss
 from scorenets.unet import CONFIG_NAME
 
+from .config import option
 from .data import DATASET_NAMES, BatchLoader, ImageDataset, load_dataset
 from .ema import EMA
 from .engine import TrainingSession, create_accelerator, rank_generator
@@ -46,39 +47,35 @@ PRESET_BY_IMAGE_SIZE = {8: "tiny8", 16: "small16", 32: "cifar32"}
 FLIP_DATASETS = ("cifar10", "cifar100")  # horizontal flips preserve these classes (not digits or Hadamard toys)
 
 
-def _help(text: str, default):
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
 class ScoreNetConfig:
     """Train a class-conditional score network (trainlib.scorenet_training); flags override --config recipes."""
 
     # data
-    dataset: str = _help("digits (embedded 8x8) | cifar10 | cifar100 | gmm-8x8 | gmm-4x4 | npz:PATH", "digits")
-    data_dir: str = _help("where CIFAR is downloaded to / read from", "data")
-    augment: Literal["auto", "on", "off"] = _help("random horizontal flips; auto: on for CIFAR only", "auto")
+    dataset: str = option("digits (embedded 8x8) | cifar10 | cifar100 | gmm-8x8 | gmm-4x4 | npz:PATH", "digits")
+    data_dir: str = option("where CIFAR is downloaded to / read from", "data")
+    augment: Literal["auto", "on", "off"] = option("random horizontal flips; auto: on for CIFAR only", "auto")
     # model
-    preset: str | None = _help("UNet preset tiny8 | small16 | cifar32 (none: by image size 8 / 16 / 32)", None)
-    label_dropout: float = _help("probability of replacing a label by the null class K (classifier-free)", 0.1)
+    preset: str | None = option("UNet preset tiny8 | small16 | cifar32 (none: by image size 8 / 16 / 32)", None)
+    label_dropout: float = option("probability of replacing a label by the null class K (classifier-free)", 0.1)
     # optimization
-    batch_size: int = _help("global batch size (all processes, after accumulation)", 64)
-    steps: int = _help("optimizer steps", 2000)
-    lr: float = _help("peak Adam learning rate", 1e-3)
-    lr_schedule: Literal["cosine", "constant"] = _help("after the warm-up: cosine decay to 0, or constant", "cosine")
-    warmup_steps: int = _help("linear learning-rate warm-up steps", 100)
-    grad_clip: float = _help("clip the global gradient norm to this (0: no clipping)", 1.0)
-    ema_tau: float = _help("EMA decay tau of the saved score net (ramped in as (1+t)/(10+t))", 0.999)
+    batch_size: int = option("global batch size (all processes, after accumulation)", 64)
+    steps: int = option("optimizer steps", 2000)
+    lr: float = option("peak Adam learning rate", 1e-3)
+    lr_schedule: Literal["cosine", "constant"] = option("after the warm-up: cosine decay to 0, or constant", "cosine")
+    warmup_steps: int = option("linear learning-rate warm-up steps", 100)
+    grad_clip: float = option("clip the global gradient norm to this (0: no clipping)", 1.0)
+    ema_tau: float = option("EMA decay tau of the saved score net (ramped in as (1+t)/(10+t))", 0.999)
     # engine
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _help("auto: bf16 on GPUs, fp32 on the CPU", "auto")
-    grad_accumulation: int = _help("micro-batches per optimizer step", 1)
-    num_processes: int | None = _help("refuse to start unless the world size is this", None)
-    seed: int = _help("seed of initialisation, data order, noise and label dropout", 0)
-    out: str = _help("run directory (the EMA score net goes to <out>/scorenet)", "runs/scorenet-digits")
-    resume: str = _help("none | latest | PATH of a checkpoint folder", "none")
-    checkpoint_every: int = _help("save a checkpoint and the EMA score net every N steps (0: at the end only)", 500)
-    keep_last: int = _help("step checkpoints to keep", 2)
-    log_every: int = _help("average and log training metrics every N steps", 50)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = option("auto: bf16 on GPUs, fp32 on the CPU", "auto")
+    grad_accumulation: int = option("micro-batches per optimizer step", 1)
+    num_processes: int | None = option("refuse to start unless the world size is this", None)
+    seed: int = option("seed of initialisation, data order, noise and label dropout", 0)
+    out: str = option("run directory (the EMA score net goes to <out>/scorenet)", "runs/scorenet-digits")
+    resume: str = option("none | latest | PATH of a checkpoint folder", "none")
+    checkpoint_every: int = option("save a checkpoint and the EMA score net every N steps (0: at the end only)", 500)
+    keep_last: int = option("step checkpoints to keep", 2)
+    log_every: int = option("average and log training metrics every N steps", 50)
 
     def validate(self) -> None:
         """Check values that need no files (``--dry-run`` runs this too)."""
