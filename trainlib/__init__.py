@@ -8,8 +8,9 @@
     data        datasets (digits, CIFAR, toys, npz), memory-mapped generated shards, real/generated
                 batch mixing, batched crop + flip augmentation
 
-Models (``trainlib.models``) and objectives (``trainlib.objectives``) are exported by their own modules'
-authors below.
+Heavier modules are imported by name: ``models`` (classifiers), ``objectives`` (training losses), ``evaluation``
+(clean / PGD / AutoAttack with sanity checks), ``engine`` (accelerator, training session), ``adversarial``
+(classifier training and evaluation commands), ``scorenet_training``, ``generation`` and ``quality``.
 """
 
 from .checkpoint import (
@@ -46,8 +47,6 @@ from .files import (
     cleanup_temporaries,
 )
 from .rundir import RunDir
-
-# models / objectives: add their exports here.
 
 __all__ = [
     "EMA",
