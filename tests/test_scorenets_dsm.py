@@ -15,7 +15,7 @@ class OracleEps:
 
     def __call__(self, u_t, t, labels):
         self.seen.append((t, labels))
-        alpha_bar = self.schedule.alpha_bar_at(t).view(-1, 1, 1, 1)
+        alpha_bar = self.schedule.alpha_bar_at(t).to(u_t.dtype).view(-1, 1, 1, 1)  # same precision as dsm_loss
         return (u_t - alpha_bar.sqrt() * self.u) / (1 - alpha_bar).sqrt()
 
 
