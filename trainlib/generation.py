@@ -7,7 +7,9 @@ Output directory (``--out``):
     generation.json     the settings, the rules below, the shard list and ``complete`` (written by the main process)
     grid.png            the first ``grid_columns`` generated images of every class; row c = class c
 
-Which image is which. Nothing depends on the batch size or the number of processes:
+Which image is which. Nothing depends on the batch size or the number of processes (the pixel values depend on the
+batch size only through the rounding of batched float kernels, e.g. cuDNN algorithm choice; a fixed batch size gives
+bit-identical shards for any process count and across resumes):
 
     global index  i = 0 … N−1
     label(i)      = i mod K                 (balanced: class counts differ by at most one, lower classes first)
