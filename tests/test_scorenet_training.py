@@ -154,7 +154,7 @@ def test_resuming_with_data_of_another_class_count_is_refused(finished_run, tmp_
     shutil.copytree(out, copy)
     before = sorted(p.relative_to(copy) for p in copy.rglob("*"))
     code, err = cli(["--dataset", "gmm-8x8", "--preset", "tiny8", "--out", str(copy), "--resume", "latest"], capsys)
-    assert code == 2 and "score net for (classes, image shape, preset) = (3, (1, 4, 4), 'tiny8')" in err
+    assert code == 2 and "(classes, image shape, preset, channels) = (3, (1, 4, 4), 'tiny8', (32, 64))" in err
     assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == before
 
 

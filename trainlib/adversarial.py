@@ -41,7 +41,16 @@ from .checkpoint import load_weights, load_weights_metadata, save_weights
 from .config import option
 from .data import BatchLoader, ImageDataset, load_dataset, load_generated, shard_paths
 from .ema import EMA
-from .engine import MIXED_PRECISION, TrainingSession, create_accelerator, one_cycle_cosine, rank_generator
+from .engine import (
+    DEFAULT_COLLECTIVE_TIMEOUT,
+    MIXED_PRECISION,
+    TrainingSession,
+    check_collective_timeout,
+    create_accelerator,
+    gradient_norm,
+    one_cycle_cosine,
+    rank_generator,
+)
 from .files import atomic_directory, atomic_write_json
 from .models import DATASET_STATS, build_model, param_groups
 from .objectives import OBJECTIVES, Objective, build_objective, fixed_posterior
@@ -106,6 +115,11 @@ class AdversarialConfig:
     sync_bn: bool = option("synchronise BN statistics across GPUs (world-size independent)", True)
     num_processes: int | None = option("refuse to start unless the world size is this", None)
     cpu_threads: int | None = option("torch threads per process on the CPU (none: torch's default)", None)
+    collective_timeout: float = option("seconds a process waits for the others in a collective before failing",
+                                       DEFAULT_COLLECTIVE_TIMEOUT)  # fmt: skip
+    nonfinite: Literal["stop", "skip"] = option(
+        "NaN/inf loss or gradient: stop (exit 3, newest checkpoint = last good) or skip the update (syncs each step)",
+        "stop")  # fmt: skip
     seed: int = option("seed of data order, augmentation, attacks and initialisation", 0)
     out: str = option("run directory", "runs/classifier-digits")
     resume: str = option("none | latest | PATH of a checkpoint folder", "none")
@@ -157,6 +171,7 @@ class AdversarialConfig:
             raise ValueError(f"start_quadrature_points must be >= 0, got {self.start_quadrature_points}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}")
+        check_collective_timeout(self.collective_timeout)
         if self.objective == "direct-score":
             if self.posterior == "scorenet" and not self.scorenet:
                 raise ValueError("direct-score with posterior=scorenet needs --scorenet DIR (a saved ScoreNet)")
@@ -290,7 +305,7 @@ def train(cfg: AdversarialConfig) -> dict | None:
     cfg.validate()
     accelerator = create_accelerator(
         mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accumulation, seed=cfg.seed,
-        num_processes=cfg.num_processes, cpu_threads=cfg.cpu_threads,
+        num_processes=cfg.num_processes, cpu_threads=cfg.cpu_threads, collective_timeout=cfg.collective_timeout,
     )  # fmt: skip
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     micro_batch = cfg.batch_size // cfg.grad_accumulation
@@ -329,7 +344,7 @@ def train(cfg: AdversarialConfig) -> dict | None:
 
     session = TrainingSession(
         accelerator, cfg.out, cfg, resume=cfg.resume, total_steps=total_steps, checkpoint_every=cfg.checkpoint_every,
-        keep_last=cfg.keep_last, log_every=cfg.log_every, description=cfg.objective,
+        keep_last=cfg.keep_last, log_every=cfg.log_every, description=cfg.objective, nonfinite=cfg.nonfinite,
     )  # fmt: skip
     start = session.start(ema)
     best = dict(start.extra.get("best", {}))  # {"val/pgd40_cw_acc": ..., "epoch": ..., "step": ...}
@@ -350,14 +365,21 @@ def train(cfg: AdversarialConfig) -> dict | None:
             with accelerator.accumulate(model):
                 output = objective(model, attack_model, x, y, generator)
                 accelerator.backward(output.loss)
-                optimizer.step()
+                update, stats = True, output.stats
+                if accelerator.sync_gradients:  # fp16: the grad scaler owns gradient overflow
+                    grad_norm = gradient_norm(model) if accelerator.scaler is None else None
+                    update = session.guard.observe(step + 1, output.loss, grad_norm)
+                    stats = stats | ({"grad_norm": grad_norm} if grad_norm is not None else {})
+                if update:
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue
             step, position = step + 1, (epoch, batch + 1)
-            scheduler.step()
-            ema.update(model)
-            session.log_train(step, output.stats, lr=scheduler.get_last_lr()[0])
+            if update:  # a skipped step (--nonfinite skip) leaves weights, optimizer, schedule and EMA as they were
+                scheduler.step()
+                ema.update(model)
+            session.log_train(step, stats, lr=scheduler.get_last_lr()[0])
             session.maybe_checkpoint(step, *position, extra={"best": best})
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 stopped_early = step < total_steps
@@ -365,6 +387,7 @@ def train(cfg: AdversarialConfig) -> dict | None:
         if stopped_early:
             break
         if cfg.val_every and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
+            session.check_finite()  # before best/ could receive non-finite weights
             metrics = validate_robust(ema.model, data.val, cfg, accelerator, epoch)
             session.log(metrics | {"epoch": epoch + 1}, step)
             session.print(f"epoch {epoch + 1}/{cfg.epochs}: EMA val clean {metrics['val/clean_acc']:.4f}, "

@@ -16,9 +16,18 @@ that, an unknown recipe key or a missing required option prints one line ``error
 and exits with status 2 (argparse's own usage errors exit 2 as well). ``--dry-run`` prints the resolved
 config as JSON and exits 0.
 
-``run_cli(main)`` wraps an entry point: a ValueError raised by project code or any FileNotFoundError
-(bad input found while validating or loading data) becomes one ``error:`` line and exit status 2;
-every other exception (a bug) keeps its traceback. Set TRAINLIB_DEBUG=1 to see tracebacks always.
+``run_cli(main)`` wraps an entry point and maps what stops a run to one ``error:`` line on stderr and an exit
+status a job scheduler can act on (set TRAINLIB_DEBUG=1 to see tracebacks always):
+
+    2  bad input: a ValueError raised by project code or any FileNotFoundError (found while validating options
+       or loading data, before anything is written); argparse's own usage errors too
+    3  a non-finite loss or gradient stopped training (``RunFault`` from ``trainlib.engine``); the newest
+       checkpoint is the last good state: resume it (e.g. with a lower learning rate) or use ``--nonfinite skip``
+    4  lost contact with another process: a collective (barrier, all-reduce, DDP's gradient sync) failed because a
+       peer died, or timed out after the run's ``--collective-timeout`` because a peer hung; ``--resume latest``
+       continues from the last checkpoint
+
+Every other exception (a bug) keeps its traceback.
 """
 
 from __future__ import annotations
@@ -39,6 +48,8 @@ from typing import Any, Literal, NoReturn, TypeVar, Union
 T = TypeVar("T")
 
 INPUT_ERROR_EXIT_CODE = 2
+NONFINITE_EXIT_CODE = 3
+LOST_PROCESS_EXIT_CODE = 4
 _RESERVED = ("config", "dry_run", "help")
 _SCALARS = (int, float, str, bool, Path)
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -183,10 +194,17 @@ def fail(message: str) -> NoReturn:
     sys.exit(INPUT_ERROR_EXIT_CODE)
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line, ``error: <message> (see --help)``, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see {self.prog} --help)")
+
+
 def build_parser(cls: type, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one option per dataclass field plus --config and --dry-run."""
     fields, hints = _fields(cls)
-    parser = argparse.ArgumentParser(prog=prog, description=description or (cls.__doc__ or "").strip() or None)
+    parser = OneLineErrorParser(prog=prog, description=description or (cls.__doc__ or "").strip() or None)
     parser.add_argument("--config", metavar="FILE.json", help="recipe file (JSON object of options); flags override it")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit")
     for f in fields:
@@ -295,6 +313,29 @@ def save_config(config: Any, path: str | os.PathLike) -> None:
 
 
 # -- entry points ---------------------------------------------------------------------------------------
+class RunFault(RuntimeError):
+    """A fault a run detected and stopped on, not bad input: ``run_cli`` prints one line and exits ``exit_code``."""
+
+    exit_code = NONFINITE_EXIT_CODE
+
+
+def _collective_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a failed or timed-out torch.distributed collective (gloo / NCCL) in a process group."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized() or not isinstance(error, RuntimeError):
+        return False
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    innermost = [Path(frame.filename).as_posix() for frame in traceback.extract_tb(error.__traceback__)[-2:]]
+    in_collective = any("/torch/distributed/" in name or "/torch/nn/parallel/" in name for name in innermost)
+    return in_collective or any(backend in str(error) for backend in ("gloo", "NCCL", "ProcessGroup"))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _raised_in_project(error: BaseException) -> bool:
     """Whether the innermost frame of the error's traceback is project code (not a dependency)."""
     frames = traceback.extract_tb(error.__traceback__)
@@ -304,19 +345,34 @@ def _raised_in_project(error: BaseException) -> bool:
     return filename.is_relative_to(_PROJECT_ROOT) and "site-packages" not in filename.parts
 
 
+def _exit_with(message: str, code: int) -> NoReturn:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    prefix = f"[rank {os.environ.get('RANK', '0')}] " if world_size > 1 else ""
+    print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
 def run_cli(main: Callable[[], T]) -> T:
-    """Run an entry point, turning bad-input errors into one ``error:`` line and exit status 2.
+    """Run an entry point; what stops it becomes one ``error:`` line and the exit status of the module docstring.
 
     Bad input = FileNotFoundError, or ValueError raised by project code (our validation). Other
     exceptions, including ValueErrors raised inside dependencies, propagate with their traceback.
     """
+    debug = bool(os.environ.get("TRAINLIB_DEBUG"))
     try:
         return main()
     except (ValueError, FileNotFoundError) as e:
         is_input_error = isinstance(e, FileNotFoundError) or _raised_in_project(e)
-        if not is_input_error or os.environ.get("TRAINLIB_DEBUG"):
+        if not is_input_error or debug:
             raise
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        prefix = f"[rank {os.environ.get('RANK', '0')}] " if world_size > 1 else ""
-        print(f"{prefix}error: {e}", file=sys.stderr)
-        sys.exit(INPUT_ERROR_EXIT_CODE)
+        _exit_with(str(e), INPUT_ERROR_EXIT_CODE)
+    except RunFault as e:
+        if debug:
+            raise
+        _exit_with(str(e), e.exit_code)
+    except RuntimeError as e:
+        if debug or not _collective_failure(e):
+            raise
+        _exit_with(f"lost contact with another process: a collective operation failed ({_first_line(e)}); a process "
+                   "died or hung (the wait is bounded by --collective-timeout); continue with --resume latest",
+                   LOST_PROCESS_EXIT_CODE)  # fmt: skip

@@ -13,9 +13,17 @@ A training module keeps its loop visible (nanoGPT style) and calls these pieces:
     for epoch in range(start.epoch, epochs):
         for batch, (x, y) in enumerate(loader.epoch(epoch, start.batch_for(epoch)), start.batch_for(epoch)):
             with accelerator.accumulate(model):
-                loss = ...; accelerator.backward(loss); optimizer.step(); optimizer.zero_grad()
+                loss = ...; accelerator.backward(loss)
+                update = True
+                if accelerator.sync_gradients:                # the loss and gradient norm of the optimizer step
+                    update = session.guard.observe(step + 1, loss, gradient_norm(model))
+                if update:
+                    optimizer.step()
+                optimizer.zero_grad()
             if accelerator.sync_gradients:
-                step += 1; scheduler.step(); ema.update(model)
+                step += 1
+                if update:
+                    scheduler.step(); ema.update(model)
                 session.log_train(step, stats, lr=scheduler.get_last_lr()[0])
                 session.maybe_checkpoint(step, epoch, batch + 1)
     session.flush(step)                              # metrics accumulated since the last write
@@ -43,6 +51,13 @@ What each piece guarantees:
   steps averages them over steps and processes (one collective, on every rank), moves them to the host once and
   writes ``train/<name>`` records to metrics.jsonl and TensorBoard on the main process. ``log`` writes other
   metrics (main process only, no collective). The tqdm progress bar lives on the main process only.
+* ``session.guard`` (``NonFiniteGuard``): watches the loss and gradient norm of every optimizer step. Mode "stop"
+  (default) keeps the first non-finite step in a device tensor (no host sync in the step); the session checks it,
+  on every rank, before it writes metrics or a checkpoint (and ``check_finite()`` before any other write), and
+  raises ``NonFiniteError`` naming the step and the quantity (exit status 3 through ``run_cli``). Nothing is
+  written after a bad step, so the newest checkpoint is the last good state. Mode "skip" decides on the host every
+  step (one device-to-host sync per step, plus one all-reduce of a flag with several processes) and the loop skips
+  the optimizer, scheduler and EMA updates of a bad step; skipped steps are counted, logged and checkpointed.
 
 Nothing here knows about classifiers, score networks or losses.
 """
@@ -50,6 +65,7 @@ Nothing here knows about classifiers, score networks or losses.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 import os
 import time
@@ -62,11 +78,13 @@ import torch
 from torch import Tensor
 
 from .checkpoint import CheckpointMeta, load_checkpoint, resolve_resume, save_step_checkpoint
-from .config import config_hash
+from .config import NONFINITE_EXIT_CODE, RunFault, config_hash
 from .files import cleanup_temporaries
 from .rundir import RunDir
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
+NONFINITE_MODES = ("stop", "skip")
+DEFAULT_COLLECTIVE_TIMEOUT = 1800.0  # seconds; torch's own default for gloo (NCCL: 600)
 
 
 # -- accelerator ------------------------------------------------------------------------------------------------
@@ -101,12 +119,16 @@ def create_accelerator(
     num_processes: int | None = None,
     cpu: bool = False,
     cpu_threads: int | None = None,
+    collective_timeout: float = DEFAULT_COLLECTIVE_TIMEOUT,
 ):
     """An ``Accelerator`` set up as described in the module docstring (guards the world size, seeds seed + rank).
 
     ``cpu_threads``: torch intra-op threads per process when running on the CPU (None: torch's default). Small
     models gain little from threads, and threads oversubscribing the cores (several processes, a busy machine)
-    can make them many times slower.
+    can make them many times slower. ``collective_timeout``: seconds a process waits in a collective for the others
+    before the run fails (exit status 4 through ``run_cli``), so a hung peer cannot stall the rest forever, with or
+    without a launcher agent watching (a peer that dies is noticed at once by the broken connection). It must
+    cover the longest single-process phase a barrier waits for (dataset download, hashing a checkpoint).
     """
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
@@ -119,6 +141,7 @@ def create_accelerator(
         raise ValueError(f"num_processes must be >= 1, got {num_processes}")
     if cpu_threads is not None and cpu_threads < 1:
         raise ValueError(f"cpu_threads must be >= 1, got {cpu_threads}")
+    check_collective_timeout(collective_timeout)
     if mixed_precision != "no" and _on_cpu(cpu):
         warnings.warn(f"mixed precision {mixed_precision!r} is not used on the CPU; training in fp32", stacklevel=2)
         mixed_precision = "no"
@@ -128,12 +151,25 @@ def create_accelerator(
         gradient_accumulation_steps=gradient_accumulation_steps,
         step_scheduler_with_optimizer=False,
         project_config=ProjectConfiguration(automatic_checkpoint_naming=False),
+        kwargs_handlers=[process_group_kwargs(collective_timeout)],
     )
     check_world_size(accelerator, num_processes)
     if cpu_threads is not None and accelerator.device.type == "cpu":
         torch.set_num_threads(cpu_threads)
     set_seed(seed, device_specific=True)  # seed + process index
     return accelerator
+
+
+def check_collective_timeout(seconds: float) -> None:
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"collective_timeout must be a positive number of seconds, got {seconds}")
+
+
+def process_group_kwargs(collective_timeout: float):
+    """accelerate's ``InitProcessGroupKwargs`` with the collective timeout (gloo and NCCL honour it)."""
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=collective_timeout))
 
 
 def rank_generator(seed: int, *stream: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -160,6 +196,85 @@ def one_cycle_cosine(optimizer, total_steps: int, warmup_fraction: float = 0.025
         optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=warmup_fraction, anneal_strategy="cos",
         cycle_momentum=cycle_momentum,
     )  # fmt: skip
+
+
+# -- non-finite steps -------------------------------------------------------------------------------------------
+class NonFiniteError(RunFault):
+    """Training met a NaN/inf loss or gradient norm (``run_cli``: one line, exit status 3)."""
+
+    exit_code = NONFINITE_EXIT_CODE
+
+
+_NONE = torch.iinfo(torch.int64).max  # "no bad step yet"
+_SKIPPED_KEY = "nonfinite_skipped"  # CheckpointMeta.extra: steps skipped so far (mode "skip")
+_WHAT = {1: "loss", 2: "gradient norm", 3: "loss and gradient norm"}
+
+
+def gradient_norm(model: torch.nn.Module) -> Tensor:
+    """The global ℓ2 norm of the parameter gradients, as a device tensor (foreach kernels, no host sync)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+
+
+class NonFiniteGuard:
+    """Watches each optimizer step's loss and gradient norm for NaN/inf (module docstring: modes "stop" and "skip").
+
+    The state of mode "stop" is one int64 device tensor, 4·step + kind of the first bad step (kind 1: loss,
+    2: gradient norm, 3: both), updated with two tiny kernels per step; ``check`` moves it to the host.
+    """
+
+    def __init__(self, accelerator, mode: str = "stop"):
+        if mode not in NONFINITE_MODES:
+            raise ValueError(f"unknown non-finite mode {mode!r}; valid: {', '.join(NONFINITE_MODES)}")
+        self.accelerator, self.mode = accelerator, mode
+        self.first_bad = torch.full((), _NONE, dtype=torch.int64, device=accelerator.device)
+        self.skipped = 0  # steps skipped so far (mode "skip"; checkpointed)
+
+    def _kind(self, loss: Tensor, grad_norm: Tensor | None) -> Tensor:
+        kind = (~torch.isfinite(loss.detach()).all()).long()
+        if grad_norm is not None:
+            kind = kind + 2 * (~torch.isfinite(grad_norm.detach())).long()
+        return kind
+
+    def observe(self, step: int, loss: Tensor, grad_norm: Tensor | None = None) -> bool:
+        """Record optimizer step ``step`` (1-based); returns whether to apply its update (always True for "stop").
+
+        ``grad_norm``: the global gradient norm, or None where a grad scaler owns overflow (fp16) or none is taken.
+        """
+        kind = self._kind(loss, grad_norm)
+        if self.mode == "stop":
+            code = torch.where(kind > 0, 4 * step + kind, _NONE)
+            torch.minimum(self.first_bad, code, out=self.first_bad)
+            return True
+        if self.accelerator.num_processes > 1:
+            kind = self.accelerator.reduce(kind, reduction="max")  # every rank skips the same steps
+        bad = int(kind.item())  # the one host sync per step of mode "skip"
+        if bad:
+            self.skipped += 1
+            if self.accelerator.is_main_process:
+                from tqdm.auto import tqdm
+
+                tqdm.write(f"skipped step {step}: non-finite {_WHAT.get(bad, 'loss or gradient norm')} "
+                           f"({self.skipped} skipped so far)")  # fmt: skip
+        return not bad
+
+    def check(self, last_checkpoint: Path | None = None) -> None:
+        """Raise ``NonFiniteError`` (on every rank: a collective) if a step of mode "stop" was non-finite."""
+        if self.mode != "stop":
+            return
+        code = self.first_bad
+        if self.accelerator.num_processes > 1:
+            code = -self.accelerator.reduce(-code, reduction="max")  # the earliest bad step over the ranks
+        code = int(code.item())
+        if code == _NONE:
+            return
+        step, kind = divmod(code, 4)
+        kept = f"the newest checkpoint ({last_checkpoint.name})" if last_checkpoint else "no checkpoint was saved; it"
+        raise NonFiniteError(
+            f"non-finite {_WHAT[kind]} at step {step}; stopped before writing anything after it: {kept} is the last "
+            "good state; resume it with --resume latest (e.g. with a lower --lr) or skip such steps with "
+            "--nonfinite skip"
+        )
 
 
 # -- the session ------------------------------------------------------------------------------------------------
@@ -200,12 +315,14 @@ class TrainingSession:
         keep_last: int | None = None,
         log_every: int = 50,
         description: str = "train",
+        nonfinite: str = "stop",
     ):
         if checkpoint_every < 0 or log_every < 1 or (keep_last is not None and keep_last < 1):
             raise ValueError(
                 f"need checkpoint_every >= 0, log_every >= 1 and keep_last >= 1 or None; got {checkpoint_every}, "
                 f"{log_every}, {keep_last}"
             )
+        self.guard = NonFiniteGuard(accelerator, nonfinite)  # validates the mode before anything is written
         self.accelerator = accelerator
         self.config = config
         self.total_steps, self.checkpoint_every, self.keep_last = int(total_steps), checkpoint_every, keep_last
@@ -228,6 +345,7 @@ class TrainingSession:
         self._sums: dict[str, Tensor] = {}
         self._count = 0
         self._last_saved = -1
+        self._last_checkpoint: Path | None = None
         self._progress = None
         self._description = description
         self._tick = time.perf_counter()
@@ -247,7 +365,8 @@ class TrainingSession:
             if meta.config_hash and meta.config_hash != config_hash(self.config):
                 self.run.log(f"note: {self._checkpoint.name} was written with different options (see config.json)")
             position = StartPosition(meta.step, meta.epoch, meta.batch_in_epoch, self._checkpoint, dict(meta.extra))
-            self._last_saved = meta.step
+            self._last_saved, self._last_checkpoint = meta.step, self._checkpoint
+            self.guard.skipped = int(meta.extra.get(_SKIPPED_KEY, 0))
             self.run.log(f"resumed from {self._checkpoint} at step {meta.step} (epoch {meta.epoch}, "
                          f"batch {meta.batch_in_epoch})")  # fmt: skip
         if self.accelerator.is_main_process:
@@ -263,14 +382,19 @@ class TrainingSession:
     ) -> Path | None:
         """Save ``checkpoints/step_<step>`` if ``step`` is a multiple of ``checkpoint_every`` or ``final`` (every rank).
 
-        (epoch, batch_in_epoch) is the position of the NEXT batch. A step already saved is not saved again.
+        (epoch, batch_in_epoch) is the position of the NEXT batch. A step already saved is not saved again. Raises
+        ``NonFiniteError`` instead of saving when a step since the last check was non-finite.
         """
         due = final or (self.checkpoint_every > 0 and step % self.checkpoint_every == 0)
-        if not due or step == self._last_saved:
+        if not due:
             return None
-        meta = CheckpointMeta(step, epoch, batch_in_epoch, config_hash(self.config), extra=dict(extra or {}))
+        self.check_finite()
+        if step == self._last_saved:
+            return None
+        extra = dict(extra or {}) | ({_SKIPPED_KEY: self.guard.skipped} if self.guard.mode == "skip" else {})
+        meta = CheckpointMeta(step, epoch, batch_in_epoch, config_hash(self.config), extra=extra)
         path = save_step_checkpoint(self.accelerator, self.run.checkpoints_dir, meta, self.keep_last)
-        self._last_saved = step
+        self._last_saved, self._last_checkpoint = step, path
         self.run.log(f"saved checkpoint {path.name}")
         return path
 
@@ -290,7 +414,12 @@ class TrainingSession:
         if self._count and (force or step % self.log_every == 0):
             self._flush(step, scalars)
 
+    def check_finite(self) -> None:
+        """Raise ``NonFiniteError`` if a step so far was non-finite (mode "stop"; every rank: call before writing)."""
+        self.guard.check(self._last_checkpoint)
+
     def _flush(self, step: int, scalars: Mapping[str, float]) -> None:
+        self.check_finite()
         names = sorted(self._sums)
         means = torch.stack([self._sums[name] for name in names]) / self._count if names else None
         if means is not None and self.accelerator.num_processes > 1:
@@ -300,6 +429,8 @@ class TrainingSession:
         record = {f"train/{name}": value for name, value in values.items()}
         record |= {f"train/{name}": value for name, value in scalars.items()}
         record["train/steps_per_second"] = self._count / max(now - self._tick, 1e-9)
+        if self.guard.mode == "skip":
+            record["train/skipped_steps"] = self.guard.skipped
         self.run.log_metrics(record, step)
         if self._progress is not None:
             shown = {name: f"{value:.4g}" for name, value in list(values.items())[:4] if math.isfinite(value)}

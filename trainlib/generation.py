@@ -50,7 +50,7 @@ from scorenets import DEFAULT_STEPS, SAMPLERS, ScoreNet, sample, to_uint8_nhwc
 
 from .config import config_to_dict, option
 from .data import load_npz
-from .engine import check_world_size
+from .engine import DEFAULT_COLLECTIVE_TIMEOUT, check_collective_timeout, check_world_size, process_group_kwargs
 from .files import atomic_path, atomic_save_npz, atomic_write_json, cleanup_temporaries
 from .quality import load_classifier
 from .rundir import git_revision, package_versions
@@ -80,6 +80,8 @@ class GenerateConfig:
     keep_fraction: float = option("with --filter-classifier: fraction kept per class (oversampling 1/f)", 0.2)
     grid_columns: int = option("images per class in grid.png (0: no grid)", 10)
     num_processes: int | None = option("refuse to start unless the world size is this", None)
+    collective_timeout: float = option("seconds a process waits for the others in a collective before failing",
+                                       DEFAULT_COLLECTIVE_TIMEOUT)  # fmt: skip
 
     def validate(self) -> None:
         """Check values that need no files (``--dry-run`` runs this too)."""
@@ -98,6 +100,7 @@ class GenerateConfig:
             raise ValueError(f"num_processes must be >= 1 or none, got {self.num_processes}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
+        check_collective_timeout(self.collective_timeout)
 
 
 # -- the index rules ---------------------------------------------------------------------------------------------------
@@ -210,7 +213,8 @@ def scorenet_digest(path: str | os.PathLike) -> str:
 def output_settings(cfg: GenerateConfig, scorenet_sha: str, classifier_sha: str | None) -> dict:
     """The settings the images depend on (a directory made with other ones is refused)."""
     settings = {key: value for key, value in config_to_dict(cfg).items()
-                if key not in ("out", "batch_size", "grid_columns", "num_processes", "scorenet", "filter_classifier")}
+                if key not in ("out", "batch_size", "grid_columns", "num_processes", "scorenet", "filter_classifier",
+                               "collective_timeout")}
     settings["steps"] = cfg.steps if cfg.steps is not None else DEFAULT_STEPS[cfg.sampler]
     settings["keep_fraction"] = cfg.keep_fraction if classifier_sha is not None else 1.0
     return settings | {"scorenet_sha256": scorenet_sha, "filter_classifier_sha256": classifier_sha}  # fmt: skip
@@ -291,7 +295,8 @@ def generate(cfg: GenerateConfig, *, rank: int | None = None, world_size: int | 
         from accelerate import PartialState
         from accelerate.utils import parse_flag_from_env
 
-        state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # Accelerator reads the flag, this does not
+        timeout = process_group_kwargs(cfg.collective_timeout).to_kwargs()  # {"timeout": timedelta}
+        state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), **timeout)  # Accelerator reads the flag
         check_world_size(state, cfg.num_processes)
         rank, world_size, device = state.process_index, state.num_processes, state.device
     else:

@@ -40,7 +40,14 @@ from scorenets.unet import CONFIG_NAME
 from .config import option
 from .data import DATASET_NAMES, BatchLoader, ImageDataset, load_dataset
 from .ema import EMA
-from .engine import TrainingSession, create_accelerator, rank_generator
+from .engine import (
+    DEFAULT_COLLECTIVE_TIMEOUT,
+    TrainingSession,
+    check_collective_timeout,
+    create_accelerator,
+    gradient_norm,
+    rank_generator,
+)
 
 SCORENET_SUBDIR = "scorenet"  # <run>/scorenet: the EMA score net, readable with ScoreNet.from_pretrained
 PRESET_BY_IMAGE_SIZE = {8: "tiny8", 16: "small16", 32: "cifar32"}
@@ -57,6 +64,7 @@ class ScoreNetConfig:
     augment: Literal["auto", "on", "off"] = option("random horizontal flips; auto: on for CIFAR only", "auto")
     # model
     preset: str | None = option("UNet preset tiny8 | small16 | cifar32 (none: by image size 8 / 16 / 32)", None)
+    channels: tuple[int, ...] = option("UNet block widths per level, multiples of its norm groups (empty: preset)", ())
     label_dropout: float = option("probability of replacing a label by the null class K (classifier-free)", 0.1)
     # optimization
     batch_size: int = option("global batch size (all processes, after accumulation)", 64)
@@ -70,6 +78,11 @@ class ScoreNetConfig:
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = option("auto: bf16 on GPUs, fp32 on the CPU", "auto")
     grad_accumulation: int = option("micro-batches per optimizer step", 1)
     num_processes: int | None = option("refuse to start unless the world size is this", None)
+    collective_timeout: float = option("seconds a process waits for the others in a collective before failing",
+                                       DEFAULT_COLLECTIVE_TIMEOUT)  # fmt: skip
+    nonfinite: Literal["stop", "skip"] = option(
+        "NaN/inf loss or gradient: stop (exit 3, newest checkpoint = last good) or skip the update (syncs each step)",
+        "stop")  # fmt: skip
     seed: int = option("seed of initialisation, data order, noise and label dropout", 0)
     out: str = option("run directory (the EMA score net goes to <out>/scorenet)", "runs/scorenet-digits")
     resume: str = option("none | latest | PATH of a checkpoint folder", "none")
@@ -91,6 +104,8 @@ class ScoreNetConfig:
         for name in ("warmup_steps", "grad_clip", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if any(width < 1 for width in self.channels):
+            raise ValueError(f"channels must be positive widths, got {list(self.channels)}")
         if not 0 <= self.label_dropout < 1:
             raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
         if not 0 <= self.ema_tau < 1:
@@ -100,6 +115,7 @@ class ScoreNetConfig:
                              f"{self.grad_accumulation}")  # fmt: skip
         if self.num_processes is not None and self.num_processes < 1:
             raise ValueError(f"num_processes must be >= 1 or none, got {self.num_processes}")
+        check_collective_timeout(self.collective_timeout)
 
 
 # -- loading a trained score net -----------------------------------------------------------------------------------
@@ -153,16 +169,31 @@ def learning_rate_factor(step: int, warmup_steps: int, total_steps: int, schedul
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _check_resumed_scorenet(out: Path, num_classes: int, image_shape: tuple[int, int, int], preset: str) -> None:
+def resolve_channels(preset: str, channels: tuple[int, ...]) -> tuple[int, ...]:
+    """The UNet block widths: ``channels`` if given (one per level, multiples of the preset's norm groups)."""
+    levels, groups = PRESETS[preset]["block_out_channels"], PRESETS[preset]["norm_num_groups"]
+    if not channels:
+        return tuple(levels)
+    if len(channels) != len(levels) or any(width % groups for width in channels):
+        raise ValueError(f"preset {preset!r} needs {len(levels)} block widths, each a multiple of its {groups} norm "
+                         f"groups; got channels {list(channels)}")  # fmt: skip
+    return tuple(channels)
+
+
+def _check_resumed_scorenet(out: Path, num_classes: int, image_shape: tuple[int, int, int], preset: str,
+                            channels: tuple[int, ...]) -> None:  # fmt: skip
     """Refuse to resume a run whose saved score net is for other data (a clear error instead of a size mismatch)."""
     settings_file = out / SCORENET_SUBDIR / CONFIG_NAME
     if not settings_file.is_file():
         return
     settings = json.loads(settings_file.read_text())
-    found = (settings.get("num_classes"), tuple(settings.get("image_shape", ())), settings.get("preset"))
-    if found != (num_classes, tuple(image_shape), preset):
-        raise ValueError(f"{out} holds a score net for (classes, image shape, preset) = {found}, this run trains "
-                         f"{(num_classes, tuple(image_shape), preset)}; choose another --out")  # fmt: skip
+    unet_file = out / SCORENET_SUBDIR / "unet" / "config.json"
+    widths = tuple(json.loads(unet_file.read_text()).get("block_out_channels", ())) if unet_file.is_file() else ()
+    found = (settings.get("num_classes"), tuple(settings.get("image_shape", ())), settings.get("preset"), widths)
+    wanted = (num_classes, tuple(image_shape), preset, channels)
+    if found != wanted:
+        raise ValueError(f"{out} holds a score net for (classes, image shape, preset, channels) = {found}, this run "
+                         f"trains {wanted}; choose another --out")  # fmt: skip
 
 
 def _save_scorenet(ema: EMA, out: Path, accelerator) -> None:
@@ -178,7 +209,7 @@ def train(cfg: ScoreNetConfig) -> dict | None:
     cfg.validate()
     accelerator = create_accelerator(
         mixed_precision=resolve_mixed_precision(cfg.mixed_precision), gradient_accumulation_steps=cfg.grad_accumulation,
-        seed=cfg.seed, num_processes=cfg.num_processes,
+        seed=cfg.seed, num_processes=cfg.num_processes, collective_timeout=cfg.collective_timeout,
     )  # fmt: skip
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     micro_batch = cfg.batch_size // cfg.grad_accumulation
@@ -190,9 +221,10 @@ def train(cfg: ScoreNetConfig) -> dict | None:
         train_set: ImageDataset = load_dataset(cfg.dataset, "train", cfg.data_dir)
     num_classes, image_shape = train_set.num_classes, train_set.image_shape
     preset = resolve_preset(cfg.preset, image_shape)
+    channels = resolve_channels(preset, cfg.channels)
     out = Path(cfg.out)
     if cfg.resume != "none":
-        _check_resumed_scorenet(out, num_classes, image_shape, preset)
+        _check_resumed_scorenet(out, num_classes, image_shape, preset, channels)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     flip = cfg.augment == "on" or (cfg.augment == "auto" and cfg.dataset in FLIP_DATASETS)
     loader = BatchLoader(
@@ -200,7 +232,7 @@ def train(cfg: ScoreNetConfig) -> dict | None:
         rank=rank, device=device, augment=flip, padding=0,  # padding 0: crop offsets are 0, so flips only
     )  # fmt: skip
 
-    model = ScoreNet.build(preset, num_classes, image_shape)
+    model = ScoreNet.build(preset, num_classes, image_shape, block_out_channels=channels)
     schedule = model.schedule
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -211,7 +243,7 @@ def train(cfg: ScoreNetConfig) -> dict | None:
 
     session = TrainingSession(
         accelerator, out, cfg, resume=cfg.resume, total_steps=cfg.steps, checkpoint_every=cfg.checkpoint_every,
-        keep_last=cfg.keep_last, log_every=cfg.log_every, description="score net",
+        keep_last=cfg.keep_last, log_every=cfg.log_every, description="score net", nonfinite=cfg.nonfinite,
     )  # fmt: skip
     start = session.start(ema)
     parameters = sum(p.numel() for p in ema.model.parameters())
@@ -230,16 +262,23 @@ def train(cfg: ScoreNetConfig) -> dict | None:
             with accelerator.accumulate(model):
                 loss = dsm_loss(model, x, y, num_classes, schedule, cfg.label_dropout, generator)
                 accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients and cfg.grad_clip > 0:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
+                grad_norm, update = None, True
+                if accelerator.sync_gradients:
+                    if cfg.grad_clip > 0:  # the norm before clipping
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    elif accelerator.scaler is None:
+                        grad_norm = gradient_norm(model)
+                    # fp16: the grad scaler owns gradient overflow, only the loss is watched
+                    update = session.guard.observe(step + 1, loss, grad_norm if accelerator.scaler is None else None)
+                if update:
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue
             step, position = step + 1, (epoch, batch + 1)
-            scheduler.step()
-            ema.update(model)
+            if update:  # a skipped step (--nonfinite skip) leaves weights, optimizer, schedule and EMA as they were
+                scheduler.step()
+                ema.update(model)
             stats = {"loss": loss.detach()} | ({"grad_norm": grad_norm.detach()} if grad_norm is not None else {})
             session.log_train(step, stats, lr=scheduler.get_last_lr()[0])
             if session.maybe_checkpoint(step, *position) is not None:
