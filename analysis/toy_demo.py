@@ -49,7 +49,6 @@ training loss, theorem checks).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -78,6 +77,7 @@ from datagrad import (
     self_consistent_kl,
     standard_risk,
 )
+from trainlib.config import OneLineErrorParser
 
 from .plotting import atomic_path, plt, save_figure, style
 
@@ -415,14 +415,9 @@ def format_summary(record: dict) -> str:
 
 
 # -- command line --------------------------------------------------------------------------------------------
-class _OneLineErrorParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def parse_args(argv: Sequence[str] | None = None) -> tuple[ToyDemoConfig, Path]:
     """Build the config from the command line: defaults, then ``--quick``'s reductions, then explicit flags."""
-    parser = _OneLineErrorParser(prog="python -m analysis.toy_demo", description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(prog="python -m analysis.toy_demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="output folder (created if missing)")
     parser.add_argument("--quick", action="store_true", help="reduced setting for tests (about 15 s on 2 CPU cores)")
     parser.add_argument("--seed", type=int, help="seed for data, initialisation and minibatches/PGD (default 0)")
@@ -445,7 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg, out = parse_args(argv)
     except ValueError as error:
-        print(f"python -m analysis.toy_demo: error: {error}", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
         return 2
     record = run_demo(cfg, out)
     print(format_summary(record))

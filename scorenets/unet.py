@@ -200,7 +200,8 @@ class ScoreNet(nn.Module):
             self.unet.save_pretrained(tmp / UNET_SUBFOLDER, safe_serialization=True)
             (tmp / CONFIG_NAME).write_text(json.dumps(self.settings(), indent=2) + "\n")
             if target.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+                # ".tmp-" names: trainlib.files.cleanup_temporaries removes what a crash leaves here
+                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-old", dir=target.parent))
                 os.replace(target, old / target.name)
                 os.replace(tmp, target)
                 shutil.rmtree(old)

@@ -345,7 +345,15 @@ def _raised_in_project(error: BaseException) -> bool:
     return filename.is_relative_to(_PROJECT_ROOT) and "site-packages" not in filename.parts
 
 
+def _close_progress_bars() -> None:
+    """End open tqdm bars with their newline, so an error printed next starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
 def _exit_with(message: str, code: int) -> NoReturn:
+    _close_progress_bars()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     prefix = f"[rank {os.environ.get('RANK', '0')}] " if world_size > 1 else ""
     print(f"{prefix}error: {message}", file=sys.stderr, flush=True)

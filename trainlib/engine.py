@@ -210,6 +210,11 @@ _SKIPPED_KEY = "nonfinite_skipped"  # CheckpointMeta.extra: steps skipped so far
 _WHAT = {1: "loss", 2: "gradient norm", 3: "loss and gradient norm"}
 
 
+def check_nonfinite_mode(mode: str) -> None:
+    if mode not in NONFINITE_MODES:
+        raise ValueError(f"unknown non-finite mode {mode!r}; valid: {', '.join(NONFINITE_MODES)}")
+
+
 def gradient_norm(model: torch.nn.Module) -> Tensor:
     """The global ℓ2 norm of the parameter gradients, as a device tensor (foreach kernels, no host sync)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -223,10 +228,9 @@ class NonFiniteGuard:
     2: gradient norm, 3: both), updated with two tiny kernels per step; ``check`` moves it to the host.
     """
 
-    def __init__(self, accelerator, mode: str = "stop"):
-        if mode not in NONFINITE_MODES:
-            raise ValueError(f"unknown non-finite mode {mode!r}; valid: {', '.join(NONFINITE_MODES)}")
-        self.accelerator, self.mode = accelerator, mode
+    def __init__(self, accelerator, mode: str = "stop", log=None):
+        check_nonfinite_mode(mode)
+        self.accelerator, self.mode, self.log = accelerator, mode, log or print
         self.first_bad = torch.full((), _NONE, dtype=torch.int64, device=accelerator.device)
         self.skipped = 0  # steps skipped so far (mode "skip"; checkpointed)
 
@@ -252,10 +256,8 @@ class NonFiniteGuard:
         if bad:
             self.skipped += 1
             if self.accelerator.is_main_process:
-                from tqdm.auto import tqdm
-
-                tqdm.write(f"skipped step {step}: non-finite {_WHAT.get(bad, 'loss or gradient norm')} "
-                           f"({self.skipped} skipped so far)")  # fmt: skip
+                self.log(f"skipped step {step}: non-finite {_WHAT.get(bad, 'loss or gradient norm')} "
+                         f"({self.skipped} skipped so far)")  # fmt: skip
         return not bad
 
     def check(self, last_checkpoint: Path | None = None) -> None:
@@ -322,7 +324,7 @@ class TrainingSession:
                 f"need checkpoint_every >= 0, log_every >= 1 and keep_last >= 1 or None; got {checkpoint_every}, "
                 f"{log_every}, {keep_last}"
             )
-        self.guard = NonFiniteGuard(accelerator, nonfinite)  # validates the mode before anything is written
+        check_nonfinite_mode(nonfinite)
         self.accelerator = accelerator
         self.config = config
         self.total_steps, self.checkpoint_every, self.keep_last = int(total_steps), checkpoint_every, keep_last
@@ -342,6 +344,7 @@ class TrainingSession:
             for path in cleanup_temporaries(self.run.checkpoints_dir):
                 self.run.log(f"removed temporary {path.name} left by an interrupted save")
         accelerator.wait_for_everyone()
+        self.guard = NonFiniteGuard(accelerator, nonfinite, log=self.run.log)
         self._sums: dict[str, Tensor] = {}
         self._count = 0
         self._last_saved = -1
