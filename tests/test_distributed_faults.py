@@ -1,0 +1,72 @@
+"""A 2-process CPU run (gloo) in which one process dies (SIGKILL) or hangs (SIGSTOP) mid-training: the other exits
+with one clear error line and exit status 4 within a bounded time instead of waiting forever.
+
+The ranks are started directly (RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT, as a cluster scheduler does), without
+torch's elastic agent: under ``accelerate launch`` the agent also tears the group down when a process dies, but
+nothing but the collective timeout helps when a peer hangs. What happens: a killed peer closes its sockets, so gloo
+fails the next collective at once ("Connection reset/closed by peer"); a hung peer keeps them open, so the survivor
+waits until ``--collective-timeout`` (the process-group timeout) expires."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from trainlib.config import LOST_PROCESS_EXIT_CODE
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 10  # --collective-timeout of the test runs, seconds
+OPTIONS = ["--model", "mlp", "--objective", "standard", "--batch-size", "32", "--epoch-size", "32000", "--epochs", "1",
+           "--n-val", "32", "--n-test", "32", "--cpu-threads", "1", "--checkpoint-every", "2", "--log-every", "2",
+           "--num-processes", "2", "--collective-timeout", str(TIMEOUT)]  # fmt: skip   # 1,000 steps: far from done
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ranks(out: Path, workdir: Path) -> list[subprocess.Popen]:
+    port, ranks = free_port(), []
+    for rank in range(2):
+        env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TRAINLIB_DEBUG": "", "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port)}  # fmt: skip
+        stderr = open(workdir / f"rank{rank}.stderr", "w")  # noqa: SIM115  (closed by the child's exit)
+        ranks.append(subprocess.Popen(
+            [sys.executable, str(ROOT / "train" / "train_classifier.py"), *OPTIONS, "--out", str(out)], cwd=workdir,
+            env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+        ))  # fmt: skip
+    return ranks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sig", "bound"), [(signal.SIGKILL, 60), (signal.SIGSTOP, TIMEOUT + 50)],
+                         ids=["dies", "hang"])
+def test_when_one_process_dies_or_hangs_the_other_exits_with_a_clear_error(tmp_path, sig, bound):
+    out = tmp_path / "run"
+    ranks = start_ranks(out, tmp_path)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoints" / "step_000002").is_dir():  # both ranks are training
+            assert all(rank.poll() is None for rank in ranks), (tmp_path / "rank0.stderr").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the run never reached its second step"
+            time.sleep(0.02)
+        ranks[1].send_signal(sig)
+        code = ranks[0].wait(timeout=bound)  # TimeoutExpired: the survivor hangs
+    finally:
+        for rank in ranks:
+            if rank.poll() is None:
+                os.killpg(rank.pid, signal.SIGKILL)  # also a stopped one; nothing outlives the test
+            rank.wait()
+    stderr = (tmp_path / "rank0.stderr").read_text()
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert code == LOST_PROCESS_EXIT_CODE and "Traceback" not in stderr, stderr[-3000:]
+    assert len(errors) == 1 and errors[0].startswith("[rank 0] error: lost contact with another process"), errors
+    assert not (out / "results.json").exists() and (out / "checkpoints" / "step_000002" / "manifest.json").is_file()
