@@ -14,7 +14,6 @@ table. Accuracies are percentages.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,9 +56,9 @@ class CompareConfig:
 
 def _training_config(recipe: Path, cfg: CompareConfig) -> adversarial.AdversarialConfig:
     """The recipe's config with the run directory, seed and score net of this comparison."""
-    objective = json.loads(recipe.read_text()).get("objective", "trades-se")
+    values = load_recipe(adversarial.AdversarialConfig, recipe)  # clear errors; DirectScoreConfig has the same keys
+    objective = values.get("objective", adversarial.AdversarialConfig.objective)
     cls = adversarial.DirectScoreConfig if objective == "direct-score" else adversarial.AdversarialConfig
-    values = load_recipe(cls, recipe)
     values.update(out=str(Path(cfg.out) / recipe.stem), seed=cfg.seed, autoattack=False)
     if objective == "direct-score":
         values["scorenet"] = cfg.scorenet

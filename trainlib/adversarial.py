@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from . import evaluation
-from .checkpoint import load_weights, load_weights_metadata, save_weights
+from .checkpoint import load_pickle_safely, load_weights, load_weights_metadata, save_weights, verify_checkpoint
 from .config import option
 from .data import BatchLoader, ImageDataset, load_dataset, load_generated, shard_paths
 from .ema import EMA
@@ -482,12 +482,13 @@ def resolve_weights(cfg: EvaluateConfig) -> tuple[dict[str, torch.Tensor], dict,
         settings = json.loads(load_weights_metadata(source).get(WEIGHTS_METADATA_KEY, "{}"))
         return load_weights(source), settings, source.parent / f"eval-{source.stem}"
     if (source / "meta.json").is_file():  # a step checkpoint folder: raw weights or the registered EMA state
+        problem = verify_checkpoint(source)
+        if problem is not None:
+            raise ValueError(f"cannot evaluate checkpoint {source}: {problem}")
         settings = _run_config(source.parent.parent)
         if cfg.weights == "model":
             return load_weights(source / "model.safetensors"), settings, source / "eval"
-        from accelerate.utils import load
-
-        state = load(source / "custom_checkpoint_0.pkl", map_location="cpu")  # weights_only=True
+        state = load_pickle_safely(source / "custom_checkpoint_0.pkl")  # the EMA; refuses anything but tensors
         return state["model"], settings, source / "eval"
     settings = _run_config(source)
     if not settings:

@@ -224,18 +224,23 @@ def resolve_resume(resume: str, run_dir: str | os.PathLike, accelerator=None) ->
     raise (FileNotFoundError if kind == "FileNotFoundError" else ValueError)(value)
 
 
-def check_pickles_safe(directory: str | os.PathLike) -> None:
-    """Load every pickle-based file in ``directory`` with weights_only=True; ValueError if one holds code."""
+def load_pickle_safely(path: str | os.PathLike) -> Any:
+    """``torch.load(weights_only=True)`` of one pickle-based file (numpy RNG states allowed, as accelerate writes
+    them); ValueError if it holds anything else (e.g. code), which is refused without running."""
     from accelerate.utils import load
 
+    try:
+        return load(path, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"refusing to load {path}: not a plain tensor/container pickle ({first_line})") from None
+
+
+def check_pickles_safe(directory: str | os.PathLike) -> None:
+    """Load every pickle-based file in ``directory`` with weights_only=True; ValueError if one holds code."""
     for path in sorted(Path(directory).iterdir()):
-        if path.suffix not in _PICKLE_SUFFIXES:
-            continue
-        try:
-            load(path, map_location="cpu")  # weights_only=True, numpy RNG state allowed
-        except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError) as e:
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"refusing to load {path}: not a plain tensor/container pickle ({first_line})") from None
+        if path.suffix in _PICKLE_SUFFIXES:
+            load_pickle_safely(path)
 
 
 def read_meta(directory: str | os.PathLike) -> CheckpointMeta:
