@@ -190,18 +190,6 @@ def test_bad_input_fails_with_one_line_and_no_files(tmp_path, capsys):
         assert not out.exists(), argv
 
 
-@pytest.mark.slow
-def test_entry_point_error_has_no_traceback(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "train" / "direct_score.py"), "--scorenet", str(tmp_path / "missing"),
-         "--out", str(tmp_path / "run")],
-        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "TRAINLIB_DEBUG": ""},
-    )  # fmt: skip
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("error: score net not found")
-    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
-
-
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_recipes_are_valid(recipe, capsys):
     with pytest.raises(SystemExit) as exit_info:

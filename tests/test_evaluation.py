@@ -236,6 +236,10 @@ def test_gradient_masking_check_fires_on_a_quantized_model(caplog):
     assert not checks["gradient_masking"].passed and not result.passed
     assert checks["eps_zero"].passed and checks["eval_mode"].passed and checks["deterministic"].passed
     assert any("gradient_masking" in r.getMessage() for r in caplog.records)
+    record = json.loads(json.dumps(result.record(name="quantized")))  # what results.json / robustbench.json hold
+    saved = {check["name"]: check for check in record["sanity_checks"]}
+    assert record["sanity_passed"] is False and saved["gradient_masking"]["passed"] is False
+    assert re.search(r"drop \d+\.\d\d points", saved["gradient_masking"]["detail"])
     unmasked = evaluate(Linear2(w, c), x, y, eps, autoattack=False, masking_steps=10)
     assert unmasked.passed  # the same decisions with honest gradients pass every check
 

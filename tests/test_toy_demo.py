@@ -1,11 +1,10 @@
-"""The toy demo end to end (quick setting), its data sampler, determinism, CLI errors and the figure helpers."""
+"""The toy demo end to end (quick setting), its data sampler, determinism and the figure helpers (its CLI errors are
+rows of tests/test_bad_input.py)."""
 
 import dataclasses
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -153,27 +152,6 @@ def test_tiny_run_is_deterministic(tmp_path):
             assert first["results"][form][method]["train_loss"] == second["results"][form][method]["train_loss"]
     other = toy_demo.run_demo(dataclasses.replace(cfg, seed=1), tmp_path / "c")
     assert other["results"]["expectation"]["score"]["curve"] != first["results"]["expectation"]["score"]["curve"]
-
-
-@pytest.mark.parametrize(
-    ("flags", "named"),
-    [
-        (["--iterations", "0"], "iterations"),
-        (["--eps", "-1"], "eps"),
-        (["--iterations", "many"], "--iterations"),
-        (["--threads", "0"], "threads"),
-    ],
-)
-def test_bad_cli_input_gives_one_line_error(tmp_path, flags, named):
-    out = tmp_path / "never"
-    result = subprocess.run(
-        [sys.executable, "-m", "analysis.toy_demo", "--out", str(out), *flags],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "error" in lines[0] and named in lines[0]
-    assert not out.exists()
 
 
 def test_config_rejects_bad_values():

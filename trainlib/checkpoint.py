@@ -302,8 +302,14 @@ def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") ->
 
 
 def load_weights_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The string metadata stored by ``save_weights``."""
-    from safetensors import safe_open
+    """The string metadata stored by ``save_weights``; the same clear errors as ``load_weights``."""
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"cannot read weights {path}: not a valid safetensors file ({e})") from None
