@@ -112,20 +112,27 @@ def test_stop_mode_records_the_first_bad_step_on_the_device_without_a_host_sync(
         NonFiniteGuard(_Accelerator(), "ignore")
 
 
-def test_classifier_stops_at_a_nan_loss_keeps_the_last_good_checkpoint_and_resumes(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(("boundary", "flags", "saved"), [
+    ("log", ["--log-every", "3", "--checkpoint-every", "2"], [2, 4]),  # first check after step 5: the log at step 6
+    ("validation", ["--log-every", "100", "--checkpoint-every", "4"], [4]),  # ... the EMA validation of epoch 3
+])  # fmt: skip
+def test_classifier_stops_at_a_nan_loss_keeps_the_last_good_checkpoint_and_resumes(
+    tmp_path, capsys, monkeypatch, boundary, flags, saved
+):
     out = tmp_path / "run"
-    argv = [*CLASSIFIER, "--out", str(out)]
+    argv = [*CLASSIFIER, *flags, "--out", str(out)]
     poison_objective(monkeypatch, {5})
     code, lines = run(AdversarialConfig, argv, capsys)
     errors = [line for line in lines if "error" in line]
     assert code == NONFINITE_EXIT_CODE and errors == [lines[-1]] and "Traceback" not in lines, lines
     assert errors[0].startswith("error: non-finite loss and gradient norm at step 5;")  # NaN loss → NaN gradients
     assert "newest checkpoint (step_000004)" in errors[0]
-    assert [step for step, _ in list_checkpoints(out / "checkpoints")] == [2, 4]  # nothing saved at step 6
+    assert [step for step, _ in list_checkpoints(out / "checkpoints")] == saved  # nothing saved after step 4
     for _, path in list_checkpoints(out / "checkpoints"):
         assert verify_checkpoint(path) is None and all_finite(load_weights(path / "model.safetensors"))
-    assert max(steps_in_metrics(out)) == 4  # the step-6 log record (NaN means) was not written
+    assert max(steps_in_metrics(out)) == 4  # no record of steps 5-6 (NaN means, NaN validation)
     assert all_finite(load_weights(out / "best" / "ema.safetensors"))
+    assert json.loads((out / "best" / "metrics.json").read_text())["step"] <= 4
     assert not (out / "results.json").exists() and not (out / "ema.safetensors").exists()
 
     monkeypatch.undo()  # the last good checkpoint resumes (e.g. with a lower --lr)
