@@ -70,3 +70,30 @@ def test_when_one_process_dies_or_hangs_the_other_exits_with_a_clear_error(tmp_p
     assert code == LOST_PROCESS_EXIT_CODE and "Traceback" not in stderr, stderr[-3000:]
     assert len(errors) == 1 and errors[0].startswith("[rank 0] error: lost contact with another process"), errors
     assert not (out / "results.json").exists() and (out / "checkpoints" / "step_000002" / "manifest.json").is_file()
+
+
+def test_only_transport_failures_of_a_process_group_count_as_lost_contact(monkeypatch, capsys):
+    """gloo/NCCL transport errors and torch's DistError family → exit 4, one line; DDP usage errors stay bugs."""
+    import torch.distributed as dist
+
+    from trainlib.config import run_cli
+
+    def fail_with(error):
+        def main():
+            raise error
+
+        return main
+
+    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error: Connection reset by peer")
+    usage = RuntimeError("Expected to have finished reduction in the prior iteration before starting a new one")
+    with pytest.raises(RuntimeError, match="Connection reset"):  # no process group: not a collective
+        run_cli(fail_with(gloo))
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    for error in (gloo, dist.DistBackendError("NCCL communicator was aborted")):
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(fail_with(error))
+        err = capsys.readouterr().err
+        assert exit_info.value.code == LOST_PROCESS_EXIT_CODE and err.count("\n") == 1
+        assert err.startswith("error: lost contact with another process") and "--resume latest" in err
+    with pytest.raises(RuntimeError, match="Expected to have finished reduction"):
+        run_cli(fail_with(usage))

@@ -320,15 +320,15 @@ class RunFault(RuntimeError):
 
 
 def _collective_failure(error: BaseException) -> bool:
-    """Whether ``error`` is a failed or timed-out torch.distributed collective (gloo / NCCL) in a process group."""
+    """Whether ``error`` is a failed or timed-out collective of an initialised process group: torch's
+    ``DistError`` family, or a RuntimeError from the gloo / NCCL transport (a lost connection, a timeout). Usage
+    errors raised by DDP itself (e.g. unused parameters) are bugs and keep their traceback."""
     dist = sys.modules.get("torch.distributed")
-    if dist is None or not dist.is_available() or not dist.is_initialized() or not isinstance(error, RuntimeError):
+    if dist is None or not dist.is_available() or not dist.is_initialized():
         return False
     if isinstance(error, getattr(dist, "DistError", ())):
         return True
-    innermost = [Path(frame.filename).as_posix() for frame in traceback.extract_tb(error.__traceback__)[-2:]]
-    in_collective = any("/torch/distributed/" in name or "/torch/nn/parallel/" in name for name in innermost)
-    return in_collective or any(backend in str(error) for backend in ("gloo", "NCCL", "ProcessGroup"))
+    return isinstance(error, RuntimeError) and any(word in str(error) for word in ("gloo", "NCCL"))
 
 
 def _first_line(error: BaseException) -> str:

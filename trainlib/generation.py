@@ -50,7 +50,7 @@ from scorenets import DEFAULT_STEPS, SAMPLERS, ScoreNet, sample, to_uint8_nhwc
 
 from .config import config_to_dict, option
 from .data import load_npz
-from .engine import DEFAULT_COLLECTIVE_TIMEOUT, check_collective_timeout, check_world_size, process_group_kwargs
+from .engine import check_collective_timeout, check_world_size, process_group_kwargs
 from .files import atomic_path, atomic_save_npz, atomic_write_json, cleanup_temporaries
 from .quality import load_classifier
 from .rundir import git_revision, package_versions
@@ -61,6 +61,7 @@ GRID = "grid.png"
 SHARD_PATTERN = "shard_{:05d}.npz"
 CLASSIFIER_CHUNK = 512  # fixed classification chunk: confidences do not depend on --batch-size
 _CANDIDATE_STREAM = 1
+GENERATION_COLLECTIVE_TIMEOUT = 6 * 3600.0  # seconds: ranks wait at the end for up to one shard of another rank
 
 
 @dataclass
@@ -80,8 +81,9 @@ class GenerateConfig:
     keep_fraction: float = option("with --filter-classifier: fraction kept per class (oversampling 1/f)", 0.2)
     grid_columns: int = option("images per class in grid.png (0: no grid)", 10)
     num_processes: int | None = option("refuse to start unless the world size is this", None)
-    collective_timeout: float = option("seconds a process waits for the others in a collective before failing",
-                                       DEFAULT_COLLECTIVE_TIMEOUT)  # fmt: skip
+    collective_timeout: float = option(
+        "seconds a process waits for the others before failing; the final barrier waits for the slowest rank's last "
+        "shard, so this must exceed one shard's generation time", GENERATION_COLLECTIVE_TIMEOUT)  # fmt: skip
 
     def validate(self) -> None:
         """Check values that need no files (``--dry-run`` runs this too)."""
