@@ -6,6 +6,7 @@ with bit-identical weights, generation with byte-identical shards. Each scenario
 good one is used). The kill point comes from ``random.Random(TRAINLIB_CRASH_SEED)`` (default 0): set the variable to
 explore other points. CPU, one thread, tiny models; the references and resumes run in this process."""
 
+import json
 import os
 import random
 import signal
@@ -91,6 +92,12 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(first[key], second[key]), f"{a.name}: {key} differs"
 
 
+def assert_valid_metrics(run_dir: Path) -> None:
+    """metrics.jsonl stays JSON lines across the crash (steps after the last checkpoint appear twice)."""
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        json.loads(line)
+
+
 def cli(config_class, main, argv):
     return run_cli(lambda: main(parse_config(config_class, argv)))
 
@@ -121,6 +128,7 @@ def test_killed_scorenet_run_resumes_past_a_corrupt_checkpoint_to_identical_weig
         cli(ScoreNetConfig, train_scorenet, [*SCORENET, "--out", str(out), "--resume", "latest"])
     assert f"resumed from {out / 'checkpoints' / f'step_{previous:06d}'}" in (out / "log.txt").read_text()
     assert not leftover.exists() and temporaries(out) == []
+    assert_valid_metrics(out)
     assert_same_weights(out / "scorenet" / "unet" / "diffusion_pytorch_model.safetensors",
                         scorenet_reference / "scorenet" / "unet" / "diffusion_pytorch_model.safetensors")  # the EMA
     assert_same_weights(out / "checkpoints" / "step_000012" / "model.safetensors",
@@ -147,6 +155,7 @@ def test_killed_classifier_run_resumes_to_identical_weights_and_results(classifi
 
     results = cli(AdversarialConfig, train_classifier, [*CLASSIFIER, "--out", str(out), "--resume", "latest"])
     assert not leftover.exists() and temporaries(out) == []
+    assert_valid_metrics(out)
     for name in ("ema.safetensors", "model.safetensors", "best/ema.safetensors"):
         assert_same_weights(out / name, reference / name)
     assert results["best_val"] == reference_results["best_val"] and results["steps"] == 12

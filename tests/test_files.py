@@ -131,6 +131,20 @@ def test_run_dir_is_never_deleted_and_resume_appends(tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["run"]["resumed"] is True
 
 
+@pytest.mark.parametrize(("tail", "steps"), [
+    ('{"step": 3, "loss"', [1, 2]),  # a crash in the middle of an append
+    ('{"step": 3, "loss": 0.1}\n' + "x" * 70000, [1, 3, 2]),  # a partial line longer than one read chunk
+])  # fmt: skip
+def test_resume_cuts_a_partial_last_metrics_line(tmp_path, tail, steps):
+    RunDir(tmp_path / "run", Cfg()).log_metrics({"loss": 1.0}, step=1)
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write(tail)
+    RunDir(tmp_path / "run", Cfg(), resume=True).log_metrics({"loss": 0.5}, step=2)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == steps
+    assert "partial last line of metrics.jsonl" in (tmp_path / "run" / "log.txt").read_text()
+
+
 def test_run_dir_on_other_ranks_writes_nothing(tmp_path):
     run = RunDir(tmp_path / "run", None, is_main_process=False)
     run.log("x")

@@ -225,7 +225,7 @@ class NonFiniteGuard:
     """Watches each optimizer step's loss and gradient norm for NaN/inf (module docstring: modes "stop" and "skip").
 
     The state of mode "stop" is one int64 device tensor, 4·step + kind of the first bad step (kind 1: loss,
-    2: gradient norm, 3: both), updated with two tiny kernels per step; ``check`` moves it to the host.
+    2: gradient norm, 3: both), updated by a few scalar kernels per step; ``check`` moves it to the host.
     """
 
     def __init__(self, accelerator, mode: str = "stop", log=None):

@@ -11,7 +11,9 @@
 Only the main process writes; on other ranks every method is a no-op, so callers need no branches.
 An existing run directory is never deleted: starting again with ``resume=True`` appends to the log and
 metrics (and records changed options in the log); starting a fresh run into a directory that already
-holds one is refused with a ValueError.
+holds one is refused with a ValueError. A resume first cuts a partial last line that a crash in the middle of an
+append left in metrics.jsonl, so the file stays valid JSON lines (steps after the last checkpoint are then
+recorded twice, the resumed run's records last).
 """
 
 from __future__ import annotations
@@ -63,6 +65,31 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def drop_partial_last_line(path: str | os.PathLike, chunk: int = 1 << 16) -> bool:
+    """Truncate a line-oriented file after its last newline (a crash mid-append); True if bytes were cut."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with open(path, "rb+") as f:
+        end = f.seek(0, os.SEEK_END)
+        if end == 0:
+            return False
+        f.seek(end - 1)
+        if f.read(1) == b"\n":
+            return False
+        position = end
+        while position > 0:  # scan backwards for the last complete line
+            start = max(0, position - chunk)
+            f.seek(start)
+            newline = f.read(position - start).rfind(b"\n")
+            if newline >= 0:
+                f.truncate(start + newline + 1)
+                return True
+            position = start
+        f.truncate(0)
+        return True
+
+
 def _now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
@@ -102,6 +129,7 @@ class RunDir:
             )
         self.path.mkdir(parents=True, exist_ok=True)
         cleanup_temporaries(self.path)
+        cut = previous is not None and drop_partial_last_line(self.path / "metrics.jsonl")
         record = {
             "config": config_to_dict(config) if config is not None else {},
             "run": {
@@ -115,6 +143,8 @@ class RunDir:
         }
         atomic_write_json(config_file, record)
         self.log(f"{'resumed' if previous is not None else 'started'} run in {self.path} (world size {world_size})")
+        if cut:
+            self.log("removed a partial last line of metrics.jsonl left by an interrupted write")
         if previous is not None:
             old, new = previous.get("config", {}), record["config"]
             for key in sorted(set(old) | set(new)):
