@@ -49,9 +49,9 @@ def kill_point(salt: int, low: int, high: int) -> tuple[int, float]:
 
 def start(script: str, argv: list[str], workdir: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRAINLIB_DEBUG": ""}
-    log = open(workdir / f"{Path(script).stem}.stderr", "w")  # noqa: SIM115  (closed by the child's exit)
-    return subprocess.Popen([sys.executable, str(ROOT / "train" / script), *argv], cwd=workdir, env=env,
-                            stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)  # fmt: skip
+    with open(workdir / f"{Path(script).stem}.stderr", "w") as log:  # the child keeps its own copy
+        return subprocess.Popen([sys.executable, str(ROOT / "train" / script), *argv], cwd=workdir, env=env,
+                                stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)  # fmt: skip
 
 
 def kill_when(process: subprocess.Popen, ready, delay: float, timeout: float = 300.0) -> None:

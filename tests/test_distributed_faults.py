@@ -38,11 +38,11 @@ def start_ranks(out: Path, workdir: Path) -> list[subprocess.Popen]:
         env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TRAINLIB_DEBUG": "", "RANK": str(rank),
                "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port)}  # fmt: skip
-        stderr = open(workdir / f"rank{rank}.stderr", "w")  # noqa: SIM115  (closed by the child's exit)
-        ranks.append(subprocess.Popen(
-            [sys.executable, str(ROOT / "train" / "train_classifier.py"), *OPTIONS, "--out", str(out)], cwd=workdir,
-            env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
-        ))  # fmt: skip
+        with open(workdir / f"rank{rank}.stderr", "w") as stderr:  # the child keeps its own copy
+            ranks.append(subprocess.Popen(
+                [sys.executable, str(ROOT / "train" / "train_classifier.py"), *OPTIONS, "--out", str(out)],
+                cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+            ))  # fmt: skip
     return ranks
 
 

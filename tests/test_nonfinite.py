@@ -184,3 +184,4 @@ def test_scorenet_skip_mode_finishes_with_finite_weights(tmp_path, monkeypatch):
     assert "skipped step 5: non-finite loss and gradient norm (2 skipped so far)" in (out / "log.txt").read_text()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["train/skipped_steps"] == 2
+    assert [r["step"] for r in records] == [3, 6] and all(r["train/loss"] is not None for r in records)  # applied steps

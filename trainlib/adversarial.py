@@ -379,7 +379,7 @@ def train(cfg: AdversarialConfig) -> dict | None:
             if update:  # a skipped step (--nonfinite skip) leaves weights, optimizer, schedule and EMA as they were
                 scheduler.step()
                 ema.update(model)
-            session.log_train(step, stats, lr=scheduler.get_last_lr()[0])
+            session.log_train(step, stats, lr=scheduler.get_last_lr()[0], skipped=not update)
             session.maybe_checkpoint(step, *position, extra={"best": best})
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 stopped_early = step < total_steps

@@ -402,16 +402,20 @@ class TrainingSession:
         return path
 
     # -- logging --------------------------------------------------------------------------------------------
-    def log_train(self, step: int, stats: Mapping[str, Tensor], *, force: bool = False, **scalars: float) -> None:
+    def log_train(
+        self, step: int, stats: Mapping[str, Tensor], *, force: bool = False, skipped: bool = False, **scalars: float
+    ) -> None:
         """Accumulate per-step metric tensors; every ``log_every`` steps (or ``force``) write their mean (every rank).
 
         ``stats``: detached scalar tensors (same names every step); ``scalars``: host floats such as the learning
-        rate, logged as they are at the writing step. Also advances the progress bar by one step.
+        rate, logged as they are at the writing step. Also advances the progress bar by one step. ``skipped``: a step
+        skipped by ``--nonfinite skip``, left out of the means (its values are not finite).
         """
-        for name, value in stats.items():
-            value = value.detach().float()
-            self._sums[name] = self._sums[name] + value if name in self._sums else value.clone()
-        self._count += 1
+        if not skipped:
+            for name, value in stats.items():
+                value = value.detach().float()
+                self._sums[name] = self._sums[name] + value if name in self._sums else value.clone()
+            self._count += 1
         if self._progress is not None:
             self._progress.update(1)
         if self._count and (force or step % self.log_every == 0):

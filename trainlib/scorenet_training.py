@@ -280,7 +280,7 @@ def train(cfg: ScoreNetConfig) -> dict | None:
                 scheduler.step()
                 ema.update(model)
             stats = {"loss": loss.detach()} | ({"grad_norm": grad_norm.detach()} if grad_norm is not None else {})
-            session.log_train(step, stats, lr=scheduler.get_last_lr()[0])
+            session.log_train(step, stats, lr=scheduler.get_last_lr()[0], skipped=not update)
             if session.maybe_checkpoint(step, *position) is not None:
                 _save_scorenet(ema, out, accelerator)
                 scorenet_step = step
