@@ -99,6 +99,12 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
+def ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
+    """Median over rounds of the per-round ratio a_i / b_i: the two runs of a round are adjacent in time, so a load
+    change between rounds cancels (the figure every "÷" column and headline reports)."""
+    return median([a / b for a, b in zip(numerator, denominator, strict=True)])
+
+
 def spread(values: Sequence[float]) -> str:
     """min–max of the timed rounds, for the tables."""
     return f"{min(values):.3g}–{max(values):.3g}"

@@ -40,7 +40,7 @@ from trainlib.ema import EMA
 from trainlib.engine import create_accelerator, one_cycle_cosine, rank_generator
 from trainlib.objectives import build_objective
 
-from .common import BenchConfig, Report, SyncCounter, alternate, count_flops, median, setup, spread
+from .common import BenchConfig, Report, SyncCounter, alternate, count_flops, median, ratio, setup, spread
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "digits-direct-score.json"
 OBJECTIVES = ("trades-se", "pgd-at", "direct-score")
@@ -163,7 +163,7 @@ def measure(setting: Setting, report: Report, device: torch.device) -> dict:
 
     batch, attack_steps = x.shape[0], cfg.steps
     rows, medians = [], {name: median(t) for name, t in times.items()}
-    reference = medians[setting.objectives[0]]
+    reference = times[setting.objectives[0]]
     for name in setting.objectives:
         c = counted[name]
         sync_text = ", ".join(f"{k} ×{v}" for k, v in sorted(c["syncs"].items())) or "0"
@@ -171,7 +171,7 @@ def measure(setting: Setting, report: Report, device: torch.device) -> dict:
         if name == "direct-score":
             sizes = sorted(set(c["scorenet_inputs"]))
             call_text = f"{c['scorenet_calls']} (1 anchor + {c['scorenet_calls'] - 1}) × {'/'.join(map(str, sizes))}"
-        rows.append([name, f"{medians[name]:.3f}", spread(times[name]), f"{medians[name] / reference:.2f}",
+        rows.append([name, f"{medians[name]:.3f}", spread(times[name]), f"{ratio(times[name], reference):.2f}",
                      f"{c['flops'] / 1e9:.1f}", call_text, sync_text])  # fmt: skip
     report.table(
         f"{setting.name}: {cfg.model}, batch {batch}, PGD-{attack_steps} ({cfg.norm}, ε {cfg.eps:.4g}), score net "
@@ -220,7 +220,7 @@ def measure_updates(model: nn.Module, cfg: AdversarialConfig, repeats: int, repo
     runs |= {"EMA loop": ema_loop, "EMA foreach (ours)": lambda: ema.update(model)}
     times = alternate(runs, repeats, 2, device, progress=False)
     medians = {name: median(t) for name, t in times.items()}
-    rows = [[name, f"{medians[name] * 1e3:.2f}", f"{medians[name.split()[0] + ' loop'] / medians[name]:.2f}"]
+    rows = [[name, f"{medians[name] * 1e3:.2f}", f"{ratio(times[name.split()[0] + ' loop'], times[name]):.2f}"]
             for name in runs]  # fmt: skip
     params = sum(p.numel() for p in model.parameters())
     report.table(f"updates per step: {cfg.model} ({params / 1e6:.1f}M parameters), {repeats} rounds",
@@ -255,19 +255,19 @@ def run(cfg: TrainStepConfig) -> dict:
     torch.set_num_threads(cfg.threads)
     ratios = []
     if "trades-se" in digits.objectives and "direct-score" in digits.objectives:
-        ratios.append(("digits", results["digits"]["medians"]))
+        ratios.append(("digits", results["digits"]["times"]))
     if cfg.cifar:
         cifar = cifar_setting(cfg)
         results["cifar"] = measure(cifar, report, device)
         big = build_classifier(cifar.cfg.model, cifar.cfg.dataset, 10, (3, 32, 32))
         results["cifar_updates"] = measure_updates(big, cifar.cfg, max(3, cfg.updates_repeats // 5), report, device)
         if "trades-se" in cifar.objectives and "direct-score" in cifar.objectives:
-            ratios.append(("CIFAR", results["cifar"]["medians"]))
+            ratios.append(("CIFAR", results["cifar"]["times"]))
     report.results = results
     calls = [f"{name} {results[key]['counts']['direct-score']['scorenet_calls']} calls/step"
              for name, key in (("digits", "digits"), ("CIFAR", "cifar")) if key in results
              and "direct-score" in results[key]["counts"]]  # fmt: skip
-    ratio_text = ", ".join(f"{name} {m['direct-score'] / m['trades-se']:.2f}" for name, m in ratios)
+    ratio_text = ", ".join(f"{name} {ratio(t['direct-score'], t['trades-se']):.2f}" for name, t in ratios)
     report.finish(f"direct SCORE / TRADES-SE time per step: {ratio_text or 'n/a'}"
                   f"{'; score net ' + ', '.join(calls) if calls else ''}")  # fmt: skip
     return results
