@@ -63,6 +63,11 @@ class AttackConfig(BenchConfig):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (self.linf_eps > 0 and self.l2_eps > 0):
             raise ValueError("linf_eps and l2_eps must be > 0")
+        try:
+            import torchattacks  # noqa: F401
+        except ImportError:
+            raise ValueError("torchattacks is not installed (benchmark-only extra): pip install -e '.[bench]', or "
+                             "pip install --no-deps torchattacks into an environment that has torch") from None
 
 
 def adversarially_trained(cfg: AttackConfig, device: torch.device) -> nn.Module:
