@@ -47,7 +47,6 @@ class AttackConfig(BenchConfig):
     """Our PGD against torchattacks and the ideal (benchmarks.attacks)."""
 
     repeats: int = option("timed rounds of the alternation", 8)
-    threads: int = option("torch intra-op threads (1: the digits recipes' setting)", 1)
     model: str = option("classifier, adversarially trained here on digits for --train-epochs", "cnn-small")
     train_epochs: int = option("epochs of PGD-AT before the benchmark", 10)
     steps: int = option("attack steps K", 10)

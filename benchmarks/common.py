@@ -38,7 +38,8 @@ class BenchConfig:
 
     repeats: int = option("timed rounds of the alternation A B A B ... (medians are reported)", 5)
     warmup: int = option("untimed rounds before the timed ones", 1)
-    threads: int = option("torch intra-op threads on the CPU", 2)
+    threads: int = option("torch intra-op threads on the CPU (1: on a shared machine, OpenMP threads waiting for a "
+                          "busy core made WRN-28-10 5x slower with 2 than with 1)", 1)
     device: str = option("auto | cpu | cuda", "auto")
     json: str | None = option("also write the results as JSON to this file", None)
 

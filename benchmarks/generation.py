@@ -48,7 +48,6 @@ class GenerationConfig(BenchConfig):
 
     repeats: int = option("timed rounds (each holds one full DDPM-1000 run)", 2)
     warmup: int = option("untimed rounds", 0)
-    threads: int = option("torch intra-op threads (small UNets: 1)", 1)
     preset: str = option("UNet preset timed for every sampler (digits shape 1x8x8)", "tiny8")
     batch_size: int = option("images per sampler call", 16)
     ddpm_steps: int = option("DDPM steps", DEFAULT_STEPS["ddpm"])

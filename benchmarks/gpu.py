@@ -55,7 +55,6 @@ class GPUConfig(BenchConfig):
     """WRN-28-10 steps at batch 512 in bf16 + channels-last on a GPU (benchmarks.gpu)."""
 
     repeats: int = option("timed rounds", 3)
-    threads: int = option("torch threads (CPU projection)", 2)
     model: str = option("classifier", "wrn-28-10")
     preset: str = option("score-net preset of direct SCORE", "cifar32")
     batch_size: int = option("batch per step (Table 4: 512)", 512)

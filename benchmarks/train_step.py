@@ -50,8 +50,7 @@ OBJECTIVES = ("trades-se", "pgd-at", "direct-score")
 class TrainStepConfig(BenchConfig):
     """Training-step cost of TRADES-SE, PGD-AT and direct SCORE (benchmarks.train_step)."""
 
-    threads: int = option("torch threads for the CIFAR shapes (digits uses its recipe's cpu_threads)", 2)
-    repeats: int = option("timed rounds at digits shapes", 7)
+    repeats: int = option("timed rounds at digits shapes", 5)
     objectives: tuple[str, ...] = option("objectives at digits shapes", OBJECTIVES)
     digits_recipe: str = option("recipe giving the digits model, batch, attack and threads", str(RECIPE))
     digits_preset: str = option("score-net preset at digits shapes", "tiny8")
@@ -61,8 +60,8 @@ class TrainStepConfig(BenchConfig):
     cifar_preset: str = option("score-net preset at CIFAR shapes", "cifar32")
     cifar_batch: int = option("batch at CIFAR shapes", 2)
     cifar_steps: int = option("PGD steps at CIFAR shapes", 2)
-    cifar_repeats: int = option("timed rounds at CIFAR shapes (the counting step is the warm-up)", 2)
-    updates_repeats: int = option("timed rounds of the optimizer / EMA update comparison", 15)
+    cifar_repeats: int = option("timed rounds at CIFAR shapes (the counting step is the warm-up)", 3)
+    updates_repeats: int = option("timed rounds of the optimizer / EMA update comparison (CIFAR: a third)", 15)
 
     def validate(self) -> None:
         super().validate()
@@ -248,7 +247,7 @@ def run(cfg: TrainStepConfig) -> dict:
     device = setup(cfg)
     report = Report("train_step", cfg, device)
     digits = digits_setting(cfg)
-    torch.set_num_threads(digits.cfg.cpu_threads or cfg.threads)
+    torch.set_num_threads(digits.cfg.cpu_threads or cfg.threads)  # the recipe's threads (digits recipes: 1)
     results = {"digits": measure(digits, report, device)}
     model = build_classifier(digits.cfg.model, digits.cfg.dataset, 10, tuple(digits.x.shape[1:]))
     results["digits_updates"] = measure_updates(model, digits.cfg, cfg.updates_repeats, report, device)
@@ -260,7 +259,7 @@ def run(cfg: TrainStepConfig) -> dict:
         cifar = cifar_setting(cfg)
         results["cifar"] = measure(cifar, report, device)
         big = build_classifier(cifar.cfg.model, cifar.cfg.dataset, 10, (3, 32, 32))
-        results["cifar_updates"] = measure_updates(big, cifar.cfg, max(3, cfg.updates_repeats // 5), report, device)
+        results["cifar_updates"] = measure_updates(big, cifar.cfg, max(3, cfg.updates_repeats // 3), report, device)
         if "trades-se" in cifar.objectives and "direct-score" in cifar.objectives:
             ratios.append(("CIFAR", results["cifar"]["times"]))
     report.results = results

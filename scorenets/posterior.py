@@ -306,6 +306,10 @@ class TrajectoryPosterior:
     Calls: one at construction (the anchor), one per ``grad_log_posterior`` on a new point, none for
     ``log_posterior``. With ``start_quadrature_points = n > 0`` the first segment (anchor → x_0, PGD's random start,
     usually the longest) uses n-point Gauss–Legendre instead, still in ONE call, over (n + 1)·B·K inputs.
+
+    Host syncs: one per ``grad_log_posterior`` (``torch.equal``: is x the last point? then no call is made); nothing
+    else reads a value back, so a direct-SCORE step with PGD-K makes K syncs, each next to a UNet call over B·K
+    inputs. Dropping it would cost a UNet call on every repeated point.
     """
 
     def __init__(
