@@ -4,9 +4,10 @@ Conventions. An ``ImageDataset`` stores pixels NHWC as numpy arrays (uint8 0..25
 possibly ``np.memmap``s) with int64 labels; ``dataset.get(indices)`` returns model-ready tensors
 ``x`` [B, C, H, W] float32 in [0, 1] and ``y`` [B] int64, converting uint8 to float in one tensor op on the
 target device (so only the gathered batch ever leaves the memory map). ``BatchLoader`` moves the gathered uint8
-batch to the device (pinned, non-blocking on GPUs), crops and flips it there, and converts it last; this is
-bit-identical to converting first and 5-7x faster on the CPU (benchmarks/README.md). Gaussian-mixture toys are
-the one exception to [0, 1]: their samples are not clipped, so the closed-form posterior stays exact.
+batch to the device (pinned, non-blocking on GPUs), crops and flips it there, and converts it last: bit-identical
+to converting first, and on the CPU 2x faster on one thread, 12x on two busy ones (benchmarks/README.md).
+Gaussian-mixture toys are the one exception to [0, 1]: their samples are not clipped, so the closed-form
+posterior stays exact.
 
 Datasets (``load_dataset(name, split, data_dir)``; splits "train", "val", "test", "trainval" = train+val):
   digits     scikit-learn's 1,797 real 8×8 digits (values 0..16 → /16), 1 channel, 10 classes, embedded
