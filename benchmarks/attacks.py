@@ -20,6 +20,9 @@ Differences that do not change the work per step: torchattacks maximizes the bat
 sum; the same sign and direction), adds 1e-10 to the ℓ2 gradient norm (ours clamps it at 1e-12), and draws its ℓ2
 start as r·u with r ~ U(0, 1) and u uniform on the sphere (ours: uniform in the ball, r ~ U(0, 1)^(1/D)); both draw
 the ℓ∞ start uniformly in the cube. Robust accuracy = accuracy at the returned points, averaged over the timed rounds.
+Without random starts both attacks are deterministic and run the same iterations, so their accuracies must agree
+(printed as a check); with random starts the ℓ2 start distributions differ (ours: ‖δ‖ = ε·U^(1/D), i.e. near the
+sphere for D = 64; theirs: ‖δ‖ = ε·U), and so may the accuracies of a 10-step attack, by about a point.
 Targets: ours ≤ 1.0× torchattacks; ours ≤ 1.1× the ideal; robust accuracies within 1 point.
 """
 
@@ -46,7 +49,7 @@ from .train_step import TrainingStep
 class AttackConfig(BenchConfig):
     """Our PGD against torchattacks and the ideal (benchmarks.attacks)."""
 
-    repeats: int = option("timed rounds of the alternation", 8)
+    repeats: int = option("timed rounds of the alternation (a multiple of the 5 runs: each leads equally often)", 10)
     model: str = option("classifier, adversarially trained here on digits for --train-epochs", "cnn-small")
     train_epochs: int = option("epochs of PGD-AT before the benchmark", 10)
     steps: int = option("attack steps K", 10)
@@ -85,19 +88,28 @@ def adversarially_trained(cfg: AttackConfig, device: torch.device) -> nn.Module:
     return step.attack_model.eval()
 
 
-def attack_runs(model: nn.Module, x, y, norm: str, eps: float, steps: int, seed: int, found: dict) -> dict:
-    """The compared attacks as zero-argument callables; each appends its x' to ``found[name]``."""
+def torchattacks_pgd(model: nn.Module, norm: str, eps: float, steps: int, random_start: bool = True):
     import torchattacks
 
-    step_size = 2.5 * eps / steps
-    theirs = (torchattacks.PGD(model, eps=eps, alpha=step_size, steps=steps, random_start=True) if norm == "linf"
-              else torchattacks.PGDL2(model, eps=eps, alpha=step_size, steps=steps, random_start=True))  # fmt: skip
+    attack = torchattacks.PGD if norm == "linf" else torchattacks.PGDL2
+    return attack(model, eps=eps, alpha=2.5 * eps / steps, steps=steps, random_start=random_start)
+
+
+def our_pgd(model: nn.Module, x, y, norm: str, eps: float, steps: int, random_start: bool = True, generator=None,
+            keep_best: bool = False):  # fmt: skip
+    """datagrad.pgd on the per-example cross-entropy, in attack mode, with torchattacks' step 2.5·ε/K."""
+    loss = lambda z: F.cross_entropy(model(z), y, reduction="none")
+    with attack_mode(model):
+        return pgd(loss, x, eps, 2.5 * eps / steps, steps, norm, random_start, (0.0, 1.0), generator, keep_best)
+
+
+def attack_runs(model: nn.Module, x, y, norm: str, eps: float, steps: int, seed: int, found: dict) -> dict:
+    """The compared attacks as zero-argument callables; each appends its x' to ``found[name]``."""
+    theirs = torchattacks_pgd(model, norm, eps, steps)
     generator = torch.Generator(device=x.device).manual_seed(seed)
 
     def ours(keep_best: bool = False):
-        loss = lambda z: F.cross_entropy(model(z), y, reduction="none")
-        with attack_mode(model):
-            return pgd(loss, x, eps, step_size, steps, norm, True, (0.0, 1.0), generator, keep_best)
+        return our_pgd(model, x, y, norm, eps, steps, generator=generator, keep_best=keep_best)
 
     def theirs_frozen():
         with attack_mode(model):
@@ -150,14 +162,21 @@ def run(cfg: AttackConfig) -> dict:
             f"test points (clean accuracy {clean:.2f} %), {torch.get_num_threads()} thread(s), {cfg.repeats} rounds",
             ["attack", "ms (median)", "min–max", "÷ torchattacks", "÷ ideal", "robust acc. (%)"], rows,
         )  # fmt: skip
+        deterministic = {"ours": robust_accuracy(model, [our_pgd(model, x, y, norm, eps, cfg.steps, False)], y),
+                         "torchattacks": robust_accuracy(model, [torchattacks_pgd(model, norm, eps, cfg.steps, False)(
+                             x, y)], y)}  # fmt: skip
+        report.note(f"{norm} without random starts (deterministic, the same iterations): robust accuracy ours "
+                    f"{deterministic['ours']:.2f} %, torchattacks {deterministic['torchattacks']:.2f} %")
         results[norm] = {"medians": medians, "times": times, "robust_accuracy": accuracy,
+                         "deterministic_accuracy": deterministic,
                          "ours_vs_torchattacks": ratio(times["ours"], times["torchattacks"]),
                          "ours_vs_ideal": ratio(times["ours"], times["ideal"]),
-                         "accuracy_gap": abs(accuracy["ours"] - accuracy["torchattacks"])}  # fmt: skip
+                         "accuracy_gap": abs(accuracy["ours"] - accuracy["torchattacks"]),
+                         "deterministic_gap": abs(deterministic["ours"] - deterministic["torchattacks"])}  # fmt: skip
     report.results = results
-    parts = [f"{norm} ours/torchattacks {results[norm]['ours_vs_torchattacks']:.2f}, ours/ideal "
-             f"{results[norm]['ours_vs_ideal']:.2f}, robust-acc. gap {results[norm]['accuracy_gap']:.2f} pt"
-             for norm in ("linf", "l2")]  # fmt: skip
+    parts = [f"{norm} ours/torchattacks {r['ours_vs_torchattacks']:.2f}, ours/ideal {r['ours_vs_ideal']:.2f}, "
+             f"robust-acc. gap {r['accuracy_gap']:.2f} pt ({r['deterministic_gap']:.2f} without random starts)"
+             for norm, r in ((n, results[n]) for n in ("linf", "l2"))]  # fmt: skip
     report.finish("; ".join(parts) + " (targets ≤ 1.0, ≤ 1.1, ≤ 1 pt)")
     return results
 

@@ -1,9 +1,11 @@
 """What every benchmark shares: the alternating timer, medians, tables, the machine/load record, FLOP and host-sync
 counters, memory readings, GPU peak throughputs and the report that prints its headline last.
 
-Timing. ``alternate({"A": a, "B": b}, repeats)`` runs A B A B … (after ``warmup`` untimed rounds) and returns every
-duration; benchmarks report medians and ratios of medians, so a colleague's job starting halfway through slows both
-sides alike. On CUDA each run is bracketed by ``torch.cuda.synchronize()``.
+Timing. ``alternate({"A": a, "B": b}, repeats)`` interleaves the runs (after ``warmup`` untimed rounds), each round
+starting one run later (A B, B A, A B, …) so that none is always first, and returns every duration. Benchmarks
+report medians, and ratios as the median of per-round ratios (``ratio``): the runs of one round are adjacent in
+time, so a colleague's job starting halfway through slows both sides of a ratio alike. On CUDA each run is
+bracketed by ``torch.cuda.synchronize()``.
 
 Host syncs. :class:`SyncCounter` counts, on any device (the CPU included), the operations that block the host until
 an accelerator has finished: reading a value (``item``/``bool``/``float``/``int``, ``tolist``, ``numpy``, ``cpu``),
@@ -84,13 +86,18 @@ def alternate(
     runs: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1, device: torch.device = CPU,
     progress: bool = True,
 ) -> dict[str, list[float]]:  # fmt: skip
-    """Seconds of each run in each timed round, the runs interleaved A B A B … (``warmup`` untimed rounds first)."""
+    """Seconds of each run in each timed round, the runs interleaved A B A B … (``warmup`` untimed rounds first).
+
+    Round r starts at run r mod n (A B C, B C A, C A B, …), so no run always goes first or last in its round.
+    """
     from tqdm.auto import tqdm
 
     times: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
     for round_ in tqdm(range(warmup + repeats), desc="rounds", leave=False, disable=not progress):
-        for name, fn in runs.items():
-            seconds = timed(fn, device)
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            seconds = timed(runs[name], device)
             if round_ >= warmup:
                 times[name].append(seconds)
     return times

@@ -46,7 +46,7 @@ def test_alternation_interleaves_runs_and_ratio_is_per_round():
     order = []
     times = alternate({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, repeats=3, warmup=1,
                       progress=False)  # fmt: skip
-    assert order == ["a", "b"] * 4 and [len(t) for t in times.values()] == [3, 3]
+    assert order == ["a", "b", "b", "a"] * 2 and [len(t) for t in times.values()] == [3, 3]  # rotated per round
     assert ratio([2.0, 4.0, 30.0], [1.0, 1.0, 10.0]) == 3.0  # median of 2, 4, 3
 
 
