@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import torch
 from diffusers import DDPMScheduler
@@ -134,8 +134,10 @@ class NoiseSchedule:
         """σ(t) = exp(−λ(t)/2)/2 in data units, for float t."""
         return torch.exp(-self.log_snr_at(t) / 2) / 2
 
+    @lru_cache(maxsize=64)  # noqa: B019 (schedules are few, small and immutable)
     def sigma_to_t(self, sigma: float) -> float:
-        """The float timestep t with σ(t) = σ (data units); raises outside [σ_min, σ_max]."""
+        """The float timestep t with σ(t) = σ (data units); raises outside [σ_min, σ_max]. Cached: a score-net call
+        asks for it every time, and the host-side table lookups would otherwise repeat per call."""
         sigma = check_noise_std(sigma)
         if not self.sigma_min <= sigma <= self.sigma_max:
             raise ValueError(

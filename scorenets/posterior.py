@@ -135,12 +135,24 @@ def anchor_log_probs(labels: Tensor, num_classes: int, smoothing: float = 0.1) -
             "since log 0 = −inf stays −inf along any path"
         )
     labels = torch.as_tensor(labels).long()
-    if labels.dim() != 1 or bool((labels < 0).any()) or bool((labels >= num_classes).any()):
-        raise ValueError(f"labels must be a [B] tensor in [0, {num_classes}), got {labels.tolist()}")
+    message = f"labels must be a [B] tensor with values in [0, {num_classes})"
+    if labels.dim() != 1:
+        raise ValueError(f"{message}, got shape {tuple(labels.shape)}")
+    require(((labels >= 0) & (labels < num_classes)).all(), message)
     rows = torch.arange(labels.numel(), device=labels.device)
     probs = torch.full((labels.numel(), num_classes), smoothing / num_classes, dtype=torch.float64, device=rows.device)
     probs[rows, labels] += 1.0 - smoothing
     return probs.log()
+
+
+def require(condition: Tensor, message: str) -> None:
+    """Raise ValueError(message) unless the boolean tensor ``condition`` is true, without a host-device sync:
+    a CPU tensor is checked at once; on an accelerator the check is a device-side assertion that fails the next
+    synchronising call (so validating a training batch never stalls the step)."""
+    try:
+        torch._assert_async(condition, message)
+    except RuntimeError:
+        raise ValueError(message) from None
 
 
 def _centred(scores: Tensor, log_p: Tensor) -> Tensor:
@@ -239,11 +251,11 @@ def _check_anchor(source: ScoreNetPosterior, x_anchor: Tensor, log_p_anchor: Ten
     expected = (x_anchor.shape[0], source.num_classes)
     if tuple(log_p_anchor.shape) != expected:
         raise ValueError(f"log_p_anchor must have shape {expected}, got {tuple(log_p_anchor.shape)}")
-    if not bool(torch.isfinite(log_p_anchor).all()):
-        raise ValueError(
-            "log_p_anchor must be finite: a zero-probability class (e.g. an exact one-hot label) stays at zero "
-            "along any path; use anchor_log_probs(labels, num_classes, smoothing) with smoothing > 0"
-        )
+    require(
+        torch.isfinite(log_p_anchor).all(),
+        "log_p_anchor must be finite: a zero-probability class (e.g. an exact one-hot label) stays at zero along any "
+        "path; use anchor_log_probs(labels, num_classes, smoothing) with smoothing > 0",
+    )
     return log_p_anchor.double().to(x_anchor.device).log_softmax(dim=1)
 
 
@@ -294,6 +306,10 @@ class TrajectoryPosterior:
     Calls: one at construction (the anchor), one per ``grad_log_posterior`` on a new point, none for
     ``log_posterior``. With ``start_quadrature_points = n > 0`` the first segment (anchor → x_0, PGD's random start,
     usually the longest) uses n-point Gauss–Legendre instead, still in ONE call, over (n + 1)·B·K inputs.
+
+    Host syncs: one per ``grad_log_posterior`` (``torch.equal``: is x the last point? then no call is made); nothing
+    else reads a value back, so a direct-SCORE step with PGD-K makes K syncs, each next to a UNet call over B·K
+    inputs. Dropping it would cost a UNet call on every repeated point.
     """
 
     def __init__(
@@ -334,9 +350,7 @@ class TrajectoryPosterior:
         flat = x.flatten(1)
         log_p = (self._log_p + _dot(self._scores, flat - self._x.flatten(1))).log_softmax(dim=1)  # [B, K]
         matches = (torch.stack(self._points) == flat.unsqueeze(0)).all(dim=2)  # [T, B]
-        if bool(matches.any()):
-            steps = torch.arange(len(self._points), device=x.device).unsqueeze(1)
-            latest = torch.where(matches, steps, -1).amax(dim=0)  # [B], −1 where x_b is not on the path
-            stored = torch.stack(self._log_ps)[latest.clamp(min=0), torch.arange(x.shape[0], device=x.device)]
-            log_p = torch.where((latest >= 0).unsqueeze(1), stored, log_p)
-        return log_p.to(x.dtype)
+        steps = torch.arange(len(self._points), device=x.device).unsqueeze(1)
+        latest = torch.where(matches, steps, -1).amax(dim=0)  # [B], −1 where x_b is not on the path
+        stored = torch.stack(self._log_ps)[latest.clamp(min=0), torch.arange(x.shape[0], device=x.device)]
+        return torch.where((latest >= 0).unsqueeze(1), stored, log_p).to(x.dtype)  # no branch: no host sync

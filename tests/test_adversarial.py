@@ -142,8 +142,11 @@ def test_direct_score_with_scorenet_makes_one_call_per_attack_step(tmp_path, mon
     loaded = []
     original = ScoreNet.from_pretrained.__func__
 
+    inputs = []  # UNet inputs of every call
+
     def spy(cls, *args, **kwargs):
         loaded.append(original(cls, *args, **kwargs))
+        loaded[-1].register_forward_pre_hook(lambda module, args: inputs.append(args[0].shape[0]))
         return loaded[-1]
 
     monkeypatch.setattr(ScoreNet, "from_pretrained", classmethod(spy))
@@ -154,6 +157,7 @@ def test_direct_score_with_scorenet_makes_one_call_per_attack_step(tmp_path, mon
     (scorenet,) = loaded
     training_steps = 2
     assert scorenet.forward_calls == training_steps * (1 + cfg.steps)  # the anchor + one batched call per PGD step
+    assert inputs == [cfg.batch_size * 10] * scorenet.forward_calls  # each call: all K classes of the batch at once
     assert not scorenet.training and not any(p.requires_grad for p in scorenet.parameters())
     assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in metrics(cfg.out) if "train/loss" in r)
 

@@ -18,6 +18,7 @@ from trainlib.data import (
     load_npz,
     ordered_batches,
     random_crop_flip,
+    random_crop_flip_params,
     read_npz,
     toy_mixture,
 )
@@ -329,3 +330,26 @@ def test_random_crop_flip_outputs_are_valid_crops():
         candidates += [c.flip(-1) for c in candidates]
         assert any(torch.equal(result, c) for c in candidates)
     assert not torch.equal(out, x)
+
+
+def test_augmented_batches_of_stored_pixels_equal_the_float_path(tmp_path):
+    """BatchLoader crops/flips the stored (uint8) pixels before the float conversion: bit-identical to converting
+    first (``get``) and augmenting the float batch, also for a float32 real set mixed with uint8 generated shards."""
+    rng = np.random.default_rng(3)
+    shard = rng.integers(0, 256, (40, 6, 6, 3), dtype=np.uint8)
+    atomic_save_npz(tmp_path / "shard_00000.npz", image=shard, label=rng.integers(0, 10, 40))
+    generated = load_generated(tmp_path, num_classes=10)
+    for pixels in (rng.integers(0, 256, (30, 6, 6, 3), dtype=np.uint8), rng.random((30, 6, 6, 3), dtype=np.float32)):
+        real = ImageDataset([pixels], rng.integers(0, 10, 30), 10)
+        as_float = lambda a: a.astype(np.float32) / np.float32(255) if a.dtype == np.uint8 else a
+        everything = torch.from_numpy(np.concatenate([as_float(pixels), as_float(shard)])).permute(0, 3, 1, 2)
+        loader = BatchLoader(real, 16, generated=generated, unsup_fraction=0.5, epoch_size=48, seed=1, augment=True,
+                             padding=2, world_size=2, rank=1)  # fmt: skip
+        for batch in range(len(loader)):
+            x, y = loader.batch(0, batch)
+            reference, labels = loader.dataset.get(loader.sampler.batch_indices(0, batch))
+            params = random_crop_flip_params(16, 2, loader.sampler.augment_generator(0, batch))
+            top, left, flip = (p[8:] for p in params)  # rank 1 of 2: the second half of the global batch
+            assert torch.equal(reference, everything[loader.sampler.batch_indices(0, batch)])
+            assert x.dtype == torch.float32 and x.is_contiguous() and torch.equal(y, labels)
+            assert torch.equal(x, crop_flip(reference, top, left, flip, padding=2))

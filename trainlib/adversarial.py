@@ -202,6 +202,16 @@ def build_classifier(name: str, dataset: str, num_classes: int, image_shape: tup
     return build_model(name, num_classes, in_channels=image_shape[0], image_size=image_shape[1:], mean=mean, std=std)
 
 
+def build_optimizer(model: nn.Module, cfg: AdversarialConfig) -> torch.optim.SGD:
+    """SGD (Nesterov) over ``param_groups`` (no weight decay on normalisation layers), as one fused kernel per step.
+
+    ``fused=True`` applies the same update as the per-parameter loop (equal up to float reassociation) in one
+    multi-tensor kernel: 2.8-3.8× faster than the loop on the CPU (benchmarks/README.md).
+    """
+    return torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
+                           nesterov=cfg.nesterov and cfg.momentum > 0, fused=True)  # fmt: skip
+
+
 def weights_metadata(cfg: AdversarialConfig, num_classes: int, image_shape: tuple[int, ...], **extra) -> dict:
     """String metadata stored in every safetensors file we write: enough to rebuild the model without the run."""
     info = dict(model=cfg.model, dataset=cfg.dataset, num_classes=num_classes, image_shape=list(image_shape),
@@ -215,16 +225,21 @@ def _posterior_provider(cfg: AdversarialConfig, train_set: ImageDataset, device:
         return None
     if cfg.posterior == "analytic":
         return fixed_posterior(train_set.mixture)
-    from scorenets import ScoreNetPosterior, anchor_log_probs
-
     from .scorenet_training import load_scorenet
 
     scorenet = load_scorenet(cfg.scorenet, expected_num_classes=train_set.num_classes, device=device)  # frozen, eval
     if tuple(scorenet.image_shape) != tuple(train_set.image_shape):
         raise ValueError(f"score net {cfg.scorenet} was trained on images {tuple(scorenet.image_shape)}, the data are "
                          f"{tuple(train_set.image_shape)} (C, H, W)")  # fmt: skip
+    return scorenet_provider(scorenet, cfg)
+
+
+def scorenet_provider(scorenet, cfg: AdversarialConfig):
+    """(x, y) → the trajectory posterior of a frozen score net anchored at (x, smoothed y): one batched call now."""
+    from scorenets import ScoreNetPosterior, anchor_log_probs
+
     posterior = ScoreNetPosterior(scorenet, cfg.noise_std)
-    num_classes, smoothing, points = train_set.num_classes, cfg.anchor_smoothing, cfg.start_quadrature_points
+    num_classes, smoothing, points = scorenet.num_classes, cfg.anchor_smoothing, cfg.start_quadrature_points
     return lambda x, y: posterior.trajectory(x, anchor_log_probs(y, num_classes, smoothing), points)
 
 
@@ -334,8 +349,7 @@ def train(cfg: AdversarialConfig) -> dict | None:
     channels_last = device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
-                                nesterov=cfg.nesterov and cfg.momentum > 0)  # fmt: skip
+    optimizer = build_optimizer(model, cfg)
     scheduler = one_cycle_cosine(optimizer, total_steps, cfg.warmup_fraction, cfg.cycle_momentum)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     attack_model = accelerator.unwrap_model(model)  # attacks never go through the DDP wrapper (FACTS §7)

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from datagrad import PGD
 
 from .files import atomic_path
+from .objectives import attack_mode  # eval mode, parameters frozen; the one training attacks use too
 
 logger = logging.getLogger(__name__)
 
@@ -111,23 +112,6 @@ def _check_norm(norm: str) -> None:
 def _model_device(model: nn.Module) -> torch.device:
     parameter = next(model.parameters(), None)
     return parameter.device if parameter is not None else torch.device("cpu")
-
-
-@contextlib.contextmanager
-def attack_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode with frozen parameters inside the block; each module's mode and requires_grad restored after."""
-    modes = [(module, module.training) for module in model.modules()]
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    model.eval()
-    for parameter in frozen:
-        parameter.requires_grad_(False)
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
-        for parameter in frozen:
-            parameter.requires_grad_(True)
 
 
 def _slices(n: int, batch_size: int, progress: bool = False, desc: str = "") -> Iterable[slice]:
