@@ -220,17 +220,24 @@ def _posterior_provider(cfg: AdversarialConfig, train_set: ImageDataset, device:
         return None
     if cfg.posterior == "analytic":
         return fixed_posterior(train_set.mixture)
-    from scorenets import ScoreNetPosterior, anchor_log_probs
-
     from .scorenet_training import load_scorenet
 
     scorenet = load_scorenet(cfg.scorenet, expected_num_classes=train_set.num_classes, device=device)  # frozen, eval
     if tuple(scorenet.image_shape) != tuple(train_set.image_shape):
         raise ValueError(f"score net {cfg.scorenet} was trained on images {tuple(scorenet.image_shape)}, the data are "
                          f"{tuple(train_set.image_shape)} (C, H, W)")  # fmt: skip
-    posterior = ScoreNetPosterior(scorenet, cfg.noise_std)
-    num_classes, smoothing, points = train_set.num_classes, cfg.anchor_smoothing, cfg.start_quadrature_points
-    return lambda x, y: posterior.trajectory(x, anchor_log_probs(y, num_classes, smoothing), points)
+    return scorenet_posterior_provider(scorenet, cfg.noise_std, cfg.anchor_smoothing, cfg.start_quadrature_points)
+
+
+def scorenet_posterior_provider(scorenet, noise_std: float, anchor_smoothing: float, start_quadrature_points: int = 0):
+    """(x, y) → the direct-SCORE data posterior of a batch: ``ScoreNetPosterior(scorenet, σ).trajectory`` anchored at
+    the clean x with smoothed labels ``anchor_log_probs(y, K, anchor_smoothing)`` (one score-net call at the anchor,
+    then one per new point of the path). Training and the analyses (``analysis.alignment``, ``analysis.dynamics``)
+    use exactly this estimate of p_σ(·|x')."""
+    from scorenets import ScoreNetPosterior, anchor_log_probs
+
+    posterior, points = ScoreNetPosterior(scorenet, noise_std), start_quadrature_points
+    return lambda x, y: posterior.trajectory(x, anchor_log_probs(y, posterior.num_classes, anchor_smoothing), points)
 
 
 @dataclass
@@ -501,9 +508,9 @@ def resolve_weights(cfg: EvaluateConfig) -> tuple[dict[str, torch.Tensor], dict,
     return load_weights(directory / name), settings, source / "eval"
 
 
-def evaluate_checkpoint(cfg: EvaluateConfig) -> dict:
-    """Evaluate (``EvaluateConfig``); writes robustbench.json, evaluation.json and accuracy_vs_eps.png."""
-    cfg.validate()
+def load_classifier(cfg: EvaluateConfig) -> tuple[nn.Module, dict, ImageDataset, Path]:
+    """(model on the CPU, settings with the resolved model / dataset / norm / eps, test split, default output directory)
+    for ``cfg.checkpoint``: a run directory (``cfg.which``, ``cfg.weights``), a checkpoint folder or a weights file."""
     state, settings, default_out = resolve_weights(cfg)
     model_name, dataset = cfg.model or settings.get("model"), cfg.dataset or settings.get("dataset")
     norm = cfg.norm or settings.get("norm", "linf")
@@ -517,6 +524,14 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> dict:
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise ValueError(f"weights of {cfg.checkpoint} do not fit model {model_name!r} on {dataset}: {first}") from None
+    return model, settings | dict(model=model_name, dataset=dataset, norm=norm, eps=eps), test, default_out
+
+
+def evaluate_checkpoint(cfg: EvaluateConfig) -> dict:
+    """Evaluate (``EvaluateConfig``); writes robustbench.json, evaluation.json and accuracy_vs_eps.png."""
+    cfg.validate()
+    model, settings, test, default_out = load_classifier(cfg)
+    model_name, dataset, norm, eps = settings["model"], settings["dataset"], settings["norm"], settings["eps"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.cpu_threads is not None and device.type == "cpu":
         torch.set_num_threads(cfg.cpu_threads)
