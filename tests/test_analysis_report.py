@@ -151,3 +151,14 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, built_report):
     no_snapshots.mkdir()
     (no_snapshots / "config.json").write_text((runs[0] / "config.json").read_text())
     assert "no per-epoch snapshots" in error_of(capsys, dynamics.main, [str(no_snapshots)])
+
+
+def test_saliency_figure_handles_colour_images(tmp_path):
+    """CIFAR-shaped input (3 channels): images shown in RGB, gradient maps summed over channels."""
+    from analysis.saliency import plot_saliency
+
+    rng = torch.Generator().manual_seed(0)
+    maps = lambda: torch.randn(2, 32, 32, generator=rng).numpy()
+    result = {"images": torch.rand(2, 32, 32, 3, generator=rng).numpy(), "labels": [3, 7], "data": maps(),
+              "models": {"a": {"grad": maps(), "cosine": [0.1, -0.2]}, "b": {"grad": maps(), "cosine": [0.3, 0.4]}}}
+    assert plot_saliency(tmp_path / "s.png", result).stat().st_size > 1000
