@@ -201,7 +201,7 @@ def plot_run(path: Path, record: dict) -> Path:
     epochs = [e["epoch"] for e in record["epochs"]]
     validation = {int(k): v for k, v in record["validation"].items()}
     with style():
-        figure, ((acc, risk), (madry, align)) = plt.subplots(2, 2, figsize=(11, 7.5))
+        figure, ((acc, risk), (madry, align)) = plt.subplots(2, 2, figsize=(11, 7.5), layout="constrained")
         val_epochs = sorted(validation)
         acc.plot(val_epochs, [100 * validation[e]["val/clean_acc"] for e in val_epochs], label="val clean")
         acc.plot(val_epochs, [100 * validation[e]["val/pgd40_cw_acc"] for e in val_epochs], label="val PGD-40 CW")
@@ -240,7 +240,7 @@ def plot_alignment_vs_robustness(path: Path, records: list[dict]) -> Path:
     from .plotting import PALETTE, plt, save_figure, style
 
     with style():
-        figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+        figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True, layout="constrained")
         for index, record in enumerate(records):
             validation = {int(k): v for k, v in record["validation"].items()}
             rows = [e for e in record["epochs"] if e["epoch"] in validation]

@@ -168,10 +168,11 @@ CAPTIONS = {
         "condition failing (see the table)."
     ),
     "theorem5": (
-        "dR_G/dσ of the Gaussian-augmented risk R_G(θ; σ) = E[−log p_θ(y|x0 + σn)] (nats per unit of σ, the noise "
-        "standard deviation in [0, 1] pixel units) against σ: finite difference with common random numbers (circles) "
-        "and the score side σ·E[∇log p_θ(y|x)·∇log p^σ(x|y)] (squares, line), both with 95 % intervals; dotted: the "
-        "pathwise estimate. In the variance convention s = σ², dR_G/ds = (dR_G/dσ)/(2σ) = ½·E[…] (the table)."
+        "Left: dR_G/dσ of the Gaussian-augmented risk R_G(θ; σ) = E[−log p_θ(y|x0 + σn)] (nats per unit of σ, the "
+        "noise standard deviation in [0, 1] pixel units) against σ, per run: the finite difference of R_G with common"
+        " random numbers (circles) and the score side σ·E[∇log p_θ(y|x)·∇log p^σ(x|y)] (squares, line), with 95 % "
+        "intervals. Right: their paired difference relative to the finite difference (%), with its 95 % interval; "
+        "grey band ±2 %. In the variance convention s = σ², dR_G/ds = (dR_G/dσ)/(2σ) = ½·E[…] (the table)."
     ),
     "dynamics": (
         "{name} ({objective}) over epochs, from the per-epoch EMA snapshots. Top left: validation clean and PGD-40 CW "

@@ -19,8 +19,8 @@ relative error. The class score ∇_x log p^σ(x|y) is exact for gmm-* toys and 
 to [0, 1]. On a mixture the three estimates agree (tests: within 2 %); on images the score − pathwise gap measures
 the score net's error at σ (Tweedie), while finite difference vs pathwise only differ by Monte-Carlo noise.
 
-Writes ``<run>/analysis/theorem5.json`` (cached per settings) and ``<out>/theorem5.png`` (dR_G/dσ against σ with
-intervals, per run) and prints a table.
+Writes ``<run>/analysis/theorem5.json`` (cached per settings) and ``<out>/theorem5.png`` (both sides against σ with
+95 % intervals, and their paired relative difference, per run) and prints a table.
 """
 
 from __future__ import annotations
@@ -40,8 +40,6 @@ from trainlib.engine import rank_generator
 from . import sources
 
 RESULT_NAME = "theorem5"
-ESTIMATORS = {"finite_difference": "finite difference of R_G", "score": "σ·E[∇log p_θ·∇log p^σ(x|y)] (score side)",
-              "pathwise": "pathwise −E[∇log p_θ·n]"}  # fmt: skip
 
 
 @dataclass
@@ -152,27 +150,45 @@ def format_table(records: list[dict]) -> str:
 
 
 def plot_derivatives(path: Path, records: list[dict]) -> Path:
-    """dR_G/dσ against σ for every run: finite difference and score side with 95 % intervals, pathwise dashed."""
+    """Left: dR_G/dσ against σ per run (score side: line and squares, finite difference: circles, 95 % intervals).
+    Right: the paired relative difference (score side − finite difference)/|finite difference| with its interval."""
+    from matplotlib.lines import Line2D
+
     from .plotting import PALETTE, plt, save_figure, style
 
     with style():
-        figure, axes = plt.subplots(figsize=(7.0, 4.5))
+        figure, (values, relative) = plt.subplots(1, 2, figsize=(11, 4.5), layout="constrained")
+        spread = 0.03 * (len(records) - 1)
         for index, r in enumerate(records):
             color, name = PALETTE[index % len(PALETTE)], Path(r["run"]).name
-            sigmas = [e["sigma"] for e in r["results"]]
-            for estimator, marker, offset in (("finite_difference", "o", -0.015), ("score", "s", 0.015)):
-                means = [e["d_risk_d_std"][estimator]["mean"] for e in r["results"]]
-                errors = [1.96 * e["d_risk_d_std"][estimator]["stderr"] for e in r["results"]]
-                axes.errorbar([s * (1 + offset) for s in sigmas], means, yerr=errors, color=color, marker=marker,
-                              ls="-" if estimator == "score" else "none", capsize=2, ms=4,
-                              label=f"{name}: {ESTIMATORS[estimator]}")  # fmt: skip
-            axes.plot(sigmas, [e["d_risk_d_std"]["pathwise"]["mean"] for e in r["results"]], color=color, ls=":",
-                      lw=1)  # fmt: skip
-        axes.set(xscale="log", xlabel="σ (noise standard deviation, [0, 1] pixel units)",
-                 ylabel="dR_G/dσ (nats per unit σ)",
-                 title="Theorem 5: d/dσ of the Gaussian-augmented risk")  # fmt: skip
-        axes.axhline(0, color="gray", lw=0.8)
-        axes.legend(fontsize=7, ncol=1)
+            shift = 1 + (index * 0.03 - spread / 2 if len(records) > 1 else 0.0)  # side by side on the log axis
+            sigmas = [e["sigma"] * shift for e in r["results"]]
+            for estimator, marker, line in (("finite_difference", "o", "none"), ("score", "s", "-")):
+                values.errorbar(sigmas, [e["d_risk_d_std"][estimator]["mean"] for e in r["results"]],
+                                yerr=[1.96 * e["d_risk_d_std"][estimator]["stderr"] for e in r["results"]],
+                                color=color, marker=marker, ls=line, capsize=2, ms=4,
+                                label=name if estimator == "score" else None)  # fmt: skip
+            paired = [e["paired_d_risk_d_std"]["score_minus_finite_difference"] for e in r["results"]]
+            scale = [max(abs(e["d_risk_d_std"]["finite_difference"]["mean"]), 1e-300) for e in r["results"]]
+            relative.errorbar(sigmas, [100 * p["mean"] / s for p, s in zip(paired, scale, strict=True)],
+                              yerr=[100 * 1.96 * p["stderr"] / s for p, s in zip(paired, scale, strict=True)],
+                              color=color, marker="s", ls="-", capsize=2, ms=4, label=name)  # fmt: skip
+        ticks = sorted({e["sigma"] for r in records for e in r["results"]})
+        for axes in (values, relative):
+            axes.set_xscale("log")
+            axes.set_xticks(ticks, labels=[f"{t:g}" for t in ticks])
+            axes.minorticks_off()
+            axes.set_xlabel("σ (noise standard deviation, [0, 1] pixel units)")
+        values.set(ylabel="dR_G/dσ (nats per unit σ)", title="Theorem 5: both sides against σ")
+        handles = values.get_legend_handles_labels()[0] + [
+            Line2D([], [], color="gray", marker="o", ls="none", label="finite difference of R_G"),
+            Line2D([], [], color="gray", marker="s", ls="-", label="score side σ·E[∇log p_θ·∇log p^σ(x|y)]")]
+        values.legend(handles=handles, fontsize=8)
+        relative.axhspan(-2, 2, color="gray", alpha=0.15, label="±2 %")
+        relative.axhline(0, color="gray", lw=0.8)
+        relative.set(ylabel="(score side − finite difference) / |finite difference| (%)",
+                     title="paired difference with 95 % interval")  # fmt: skip
+        relative.legend(fontsize=8)
         return save_figure(figure, path)
 
 
