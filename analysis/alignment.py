@@ -22,7 +22,7 @@ With the score-net posterior the anchor is confident, so ∇_x p_d(Y|x) at the c
 stops shrinking at small ε (shortfall ≫ ε²); on the exact mixtures of the tests the slope is 2.
 
 Writes ``<run>/analysis/theorem4.json`` (cached: re-running with the same settings reads it) and
-``<out>/theorem4.png`` (gap against ε, log-log, every run) and prints a table.
+``<out>/theorem4.png`` (gap and gap/ε against ε, every run) and prints a table.
 """
 
 from __future__ import annotations
@@ -138,26 +138,37 @@ def format_table(records: list[dict]) -> str:
 
 
 def plot_expansion(path: Path, records: list[dict]) -> Path:
-    """gap(ε) = |R_SCORE^ℓ1 − R_Std^ℓ1 − 2εA| against ε (log-log), one line per run, with slope-1 and slope-2 guides."""
-    from .plotting import plt, save_figure, style
+    """Left: gap(ε) = |R_SCORE^ℓ1 − R_Std^ℓ1 − 2εA| (solid) and the gap with the general coefficient (dashed) against
+    ε, log-log, one colour per run, with slope-1 and slope-2 guides. Right: gap/ε, which → 0 when the gap is o(ε)."""
+    from .plotting import PALETTE, plt, save_figure, style
 
     with style():
-        figure, axes = plt.subplots(figsize=(6.5, 4.5))
-        eps_all = []
-        for r in records:
-            points = r["expansion"]["points"]
-            eps, gaps = [p["eps"] for p in points], [max(p["gap"], 1e-12) for p in points]
+        figure, (gaps, ratios) = plt.subplots(1, 2, figsize=(11, 4.5), layout="constrained")
+        eps_all, top = [], 0.0
+        for index, r in enumerate(records):
+            color, points = PALETTE[index % len(PALETTE)], r["expansion"]["points"]
+            eps = [p["eps"] for p in points]
             eps_all += eps
-            axes.plot(eps, gaps, "o-", label=f"{Path(r['run']).name} (slope {r['expansion']['slope']:.2f})")
+            top = max(top, *(p["gap"] for p in points))
+            gaps.plot(eps, [max(p["gap"], 1e-12) for p in points], "o-", color=color,
+                      label=f"{Path(r['run']).name} (slope {r['expansion']['slope']:.2f})")  # fmt: skip
+            gaps.plot(eps, [max(p["gap_general"], 1e-12) for p in points], "x--", color=color, lw=1)
+            ratios.plot(eps, [p["gap_over_eps"] for p in points], "o-", color=color, label=Path(r["run"]).name)
         low, high = min(eps_all), max(eps_all)
-        reference = max(max(p["gap"] for p in r["expansion"]["points"]) for r in records)
-        for power, style_ in ((1, ":"), (2, "--")):
-            axes.plot([low, high], [reference * (low / high) ** power, reference], color="gray", ls=style_, lw=1,
+        for power, line in ((1, ":"), (2, "-.")):
+            gaps.plot([low, high], [top * (low / high) ** power, top], color="gray", ls=line, lw=1,
                       label=f"slope {power}")  # fmt: skip
-        axes.set(xscale="log", yscale="log", xlabel="ε (threat radius, [0, 1] pixel units)",
-                 ylabel="|R_SCORE^ℓ1(ε) − R_Std^ℓ1 − 2ε·A| (ℓ1 distance, unitless)",
-                 title="Theorem 4: expansion gap")  # fmt: skip
-        axes.legend(fontsize=8)
+        ticks = sorted(set(eps_all))
+        for axes in (gaps, ratios):
+            axes.set_xscale("log")
+            axes.set_xticks(ticks, labels=[f"{t:.3g}" for t in ticks])
+            axes.minorticks_off()
+            axes.set_xlabel("ε (threat radius, [0, 1] pixel units)")
+        gaps.set(yscale="log", ylabel="gap |R_SCORE^ℓ1(ε) − R_Std^ℓ1 − 2εA| (ℓ1, unitless)",
+                 title="Theorem 4: expansion gap (dashed: general coefficient)")  # fmt: skip
+        ratios.set(ylabel="gap / ε (ℓ1 per unit ε)", title="gap/ε → 0 when the gap is o(ε)")
+        gaps.legend(fontsize=8)
+        ratios.legend(fontsize=8)
         return save_figure(figure, path)
 
 

@@ -161,11 +161,12 @@ class Figure:
 
 CAPTIONS = {
     "theorem4": (
-        "Gap between R_SCORE^ℓ1(ε), measured by PGD on the first test points, and the first-order prediction "
-        "R_Std^ℓ1 + 2ε·A, against the threat radius ε (log-log; ε in [0, 1] pixel units, the gap in ℓ1 units between "
-        "probability vectors). Grey guides: slopes 1 and 2. The theorem predicts gap = o(ε), i.e. a slope above 1 (2 "
-        "for smooth models and an exact maximizer); a flat tail at small ε is the attack's shortfall or the sign "
-        "condition failing (see the table)."
+        "Left: the gap between R_SCORE^ℓ1(ε), measured by PGD on the first test points, and the first-order "
+        "prediction R_Std^ℓ1 + 2ε·A (solid; dashed: with the general coefficient E‖Σ_k sign(f_k)∇f_k‖_q instead of "
+        "2A), against the threat radius ε (log-log; ε in [0, 1] pixel units, the gap in ℓ1 units between probability "
+        "vectors), with guides of slopes 1 and 2. Right: gap/ε. The theorem predicts gap = o(ε): a slope above 1 and "
+        "gap/ε falling to 0 (slope 2 for smooth models and an exact maximizer). A flat tail at small ε would be the "
+        "attack's shortfall or the sign condition failing (see the table)."
     ),
     "theorem5": (
         "Left: dR_G/dσ of the Gaussian-augmented risk R_G(θ; σ) = E[−log p_θ(y|x0 + σn)] (nats per unit of σ, the "
