@@ -45,6 +45,7 @@ def built_report(tmp_path_factory):
     return runs, out, record
 
 
+@pytest.mark.slow
 def test_analyses_are_cached_per_run_and_read_back(built_report, monkeypatch):
     runs, _, _ = built_report
     for name in ("theorem4", "theorem5", "dynamics"):
@@ -67,6 +68,7 @@ def test_analyses_are_cached_per_run_and_read_back(built_report, monkeypatch):
     assert all(e["corollary1_holds"] for e in dyn["epochs"])  # with the exact posterior it must hold
 
 
+@pytest.mark.slow
 def test_report_files_escape_text_and_link_every_figure(built_report):
     _, out, record = built_report
     page = (out / "report.html").read_text()
@@ -83,6 +85,7 @@ def test_report_files_escape_text_and_link_every_figure(built_report):
     assert page.count("<figcaption>") == len(sources_)
 
 
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium_with_every_image(built_report):
     _, out, record = built_report
     if report.find_browser() is None:
@@ -135,6 +138,7 @@ def error_of(capsys, main, argv) -> str:
     return err
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_clear_line(tmp_path, capsys, built_report):
     runs, _, _ = built_report
     (tmp_path / "empty").mkdir()
