@@ -228,7 +228,7 @@ def plot_run(path: Path, record: dict) -> Path:
         cosine.set_ylabel("cosine (unitless)")
         cosine.spines["right"].set_visible(True)
         lines = align.get_legend_handles_labels()[0] + cosine.get_legend_handles_labels()[0]
-        align.legend(lines, [line.get_label() for line in lines])
+        align.legend(lines, [line.get_label() for line in lines], loc="lower right")
         for axes in (acc, risk, madry):
             axes.legend()
         figure.suptitle(f"{Path(record['run']).name} ({record['objective']})")
