@@ -52,10 +52,11 @@ class SmoothingConfig:
                                   sources.DEFAULT_SCORENET)  # fmt: skip
     sigmas: tuple[float, ...] = option("noise stds sigma ([0, 1] data units; variance = sigma^2)",
                                        (0.05, 0.1, 0.2, 0.3, 0.5))  # fmt: skip
-    n_points: int | None = option("first n test points x0 (none: all)", None)
+    n_points: int | None = option("first n test points x0 (none: all)", 1000)
     n_noise: int = option("noise draws per test point", 8)
     fd_step: float = option("finite-difference step h as a fraction of sigma", 0.01)
     seed: int = option("seed of the noise draws", 0)
+    batch_size: int = option("classifier batch size (per-sample values: the batching does not change them)", 1024)
     float64: bool = option("compute in float64 (the classifier is cast; the score net runs in its own dtype)", True)
     data_dir: str = option("where CIFAR is read from", "data")
     out: str = option("directory of the combined figure", "runs/analysis")
@@ -69,8 +70,8 @@ class SmoothingConfig:
             raise ValueError("give at least one noise std (--sigmas)")
         for sigma in self.sigmas:
             check_noise_std(sigma)
-        if (self.n_points is not None and self.n_points < 1) or self.n_noise < 1:
-            raise ValueError("n_points and n_noise must be >= 1")
+        if (self.n_points is not None and self.n_points < 1) or self.n_noise < 1 or self.batch_size < 1:
+            raise ValueError("n_points, n_noise and batch_size must be >= 1")
         if not 0 < self.fd_step < 1:
             raise ValueError(f"fd_step must be in (0, 1) (a fraction of sigma), got {self.fd_step}")
 
@@ -87,19 +88,22 @@ class NoisyPoints:
         self.noise = torch.randn(self.x0.shape, generator=generator, device=x0.device, dtype=dtype)
         self.data, self._scores = data, {}
 
-    def class_score(self, sigma: float):
+    def class_scores(self, sigma: float) -> torch.Tensor:
+        """∇_x log p^σ(x|y) at x = x0 + σn for every sample (computed once per σ)."""
         if sigma not in self._scores:
             with torch.no_grad():
                 self._scores[sigma] = self.data.class_score(sigma)(self.x0 + sigma * self.noise, self.y)
-        cached = self._scores[sigma]
-        return lambda x, y: cached
+        return self._scores[sigma]
 
 
 def analyse(classifier: sources.Classifier, points: NoisyPoints, cfg: SmoothingConfig) -> dict:
     per_sigma = []
     for sigma in cfg.sigmas:
-        samples = gaussian_risk_samples(classifier.model, points.x0, points.y, points.noise, sigma,
-                                        points.class_score(sigma), cfg.fd_step * sigma)  # fmt: skip
+        scores, chunks = points.class_scores(sigma), []
+        for rows in torch.arange(len(points.y)).split(cfg.batch_size):  # per-sample values: batches are independent
+            chunks.append(gaussian_risk_samples(classifier.model, points.x0[rows], points.y[rows], points.noise[rows],
+                                                sigma, lambda x, y, r=rows, s=scores: s[r], cfg.fd_step * sigma))
+        samples = {name: torch.cat([chunk[name] for chunk in chunks]) for name in chunks[0]}  # fmt: skip
         per_sigma.append(smoothing_estimates(samples, sigma))
     return {
         "run": str(classifier.source),

@@ -46,6 +46,7 @@ ANALYSIS_DIR = "analysis"
 DEFAULT_SCORENET = "runs/scorenet-digits"
 DEFAULT_NOISE_STD = AdversarialConfig.noise_std
 DEFAULT_ANCHOR_SMOOTHING = AdversarialConfig.anchor_smoothing
+SCORENET_BATCH = 2048  # UNet inputs per score-net call (B·K inputs per posterior step: CIFAR-100 has K = 100)
 
 
 def compute_device() -> torch.device:
@@ -124,7 +125,7 @@ class DataSource:
                 raise ValueError(f"the score net {scorenet} was trained on images {tuple(net.image_shape)}, the data "
                                  f"are {tuple(test.image_shape)} (C, H, W)")  # fmt: skip
             self.scorenet = net
-            self._provider = scorenet_posterior_provider(net, noise_std, anchor_smoothing)
+            self._provider = scorenet_posterior_provider(net, noise_std, anchor_smoothing, max_batch=SCORENET_BATCH)
         self.description = (
             {"kind": "exact mixture", "dataset": test.name}
             if self.mixture is not None
@@ -147,7 +148,7 @@ class DataSource:
         if self.mixture is not None:
             return lambda x, y: self.mixture.score(x, y, sigma)
         net = self.scorenet
-        return lambda x, y: net.label_scores(x, y, sigma, max_batch=1024)
+        return lambda x, y: net.label_scores(x, y, sigma, max_batch=SCORENET_BATCH)
 
 
 def settings_key(settings: dict) -> str:

@@ -126,6 +126,11 @@ def test_score_net_path_runs_both_theorems(tmp_path):
     records = smoothing.main([str(weights), "--scorenet", str(net), "--sigmas", "0.2", "--n-points", "4",
                               "--n-noise", "2", "--out", str(tmp_path / "out")])  # fmt: skip
     assert records[0]["n_samples"] == 8 and records[0]["settings"]["class_score"] == str(net)
+    batched = smoothing.run_analysis(smoothing.SmoothingConfig(runs=(str(weights),), scorenet=str(net), sigmas=(0.2,),
+                                                               n_points=4, n_noise=2, batch_size=3), recompute=True)
+    for one, many in zip(batched[0]["results"], records[0]["results"], strict=True):  # batching changes no value
+        for name in ("finite_difference", "score", "pathwise"):
+            assert one["d_risk_d_std"][name]["mean"] == pytest.approx(many["d_risk_d_std"][name]["mean"], rel=1e-9)
     assert sources.cache_path(weights, "theorem5").name == "digits.theorem5.json"
 
 

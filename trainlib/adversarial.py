@@ -229,14 +229,16 @@ def _posterior_provider(cfg: AdversarialConfig, train_set: ImageDataset, device:
     return scorenet_posterior_provider(scorenet, cfg.noise_std, cfg.anchor_smoothing, cfg.start_quadrature_points)
 
 
-def scorenet_posterior_provider(scorenet, noise_std: float, anchor_smoothing: float, start_quadrature_points: int = 0):
+def scorenet_posterior_provider(
+    scorenet, noise_std: float, anchor_smoothing: float, start_quadrature_points: int = 0, max_batch: int | None = None
+):
     """(x, y) → the direct-SCORE data posterior of a batch: ``ScoreNetPosterior(scorenet, σ).trajectory`` anchored at
     the clean x with smoothed labels ``anchor_log_probs(y, K, anchor_smoothing)`` (one score-net call at the anchor,
-    then one per new point of the path). Training and the analyses (``analysis.alignment``, ``analysis.dynamics``)
-    use exactly this estimate of p_σ(·|x')."""
+    then one per new point of the path; ``max_batch`` caps the UNet inputs per call). Training and the analyses
+    (``analysis.alignment``, ``analysis.dynamics``) use exactly this estimate of p_σ(·|x')."""
     from scorenets import ScoreNetPosterior, anchor_log_probs
 
-    posterior, points = ScoreNetPosterior(scorenet, noise_std), start_quadrature_points
+    posterior, points = ScoreNetPosterior(scorenet, noise_std, max_batch), start_quadrature_points
     return lambda x, y: posterior.trajectory(x, anchor_log_probs(y, posterior.num_classes, anchor_smoothing), points)
 
 
