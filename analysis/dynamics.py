@@ -196,6 +196,8 @@ def run_analysis(cfg: DynamicsConfig) -> list[dict]:
 # -- figures ----------------------------------------------------------------------------------------------------------
 def plot_run(path: Path, record: dict) -> Path:
     """Four panels against epoch: accuracy; SCORE and standard risks with C^ℓ1; Madry KL with its floor; alignment."""
+    from matplotlib.ticker import ScalarFormatter
+
     from .plotting import PALETTE, plt, save_figure, style
 
     epochs = [e["epoch"] for e in record["epochs"]]
@@ -208,10 +210,10 @@ def plot_run(path: Path, record: dict) -> Path:
         acc.plot(epochs, [100 * e["clean_acc_subset"] for e in record["epochs"]], "o", ms=3,
                  label=f"clean, {record['settings']['n_points']} test points")  # fmt: skip
         acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
-        for distance, color in (("l1", PALETTE[0]), ("kl", PALETTE[3])):
+        for distance, color, shown in (("l1", PALETTE[0], "ℓ1"), ("kl", PALETTE[3], "KL"), ("l2", PALETTE[4], "ℓ2")):
             if f"score_{distance}" in record["epochs"][0]:
                 risk.plot(epochs, [e[f"score_{distance}"] for e in record["epochs"]], "o-", color=color,
-                          label=f"R_SCORE^{distance} (PGD)")  # fmt: skip
+                          label=f"R_SCORE^{shown} (PGD)")  # fmt: skip
         risk.plot(epochs, [e["standard_l1"] for e in record["epochs"]], "s--", color=PALETTE[1], label="R_Std^ℓ1")
         risk.axhline(record["intrinsic_l1"], color="gray", ls=":", label=f"C^ℓ1 = {record['intrinsic_l1']:.3f}")
         risk.set(xlabel="epoch", ylabel="risk (ℓ1: unitless in [0, 2]; KL: nats)", title="estimated SCORE")
@@ -219,6 +221,8 @@ def plot_run(path: Path, record: dict) -> Path:
         madry.axhline(record["madry_kl_floor"], color=PALETTE[1], ls="--",
                       label=f"Corollary 1 floor (C^ℓ1)²/2 = {record['madry_kl_floor']:.3f}")  # fmt: skip
         madry.set(xlabel="epoch", ylabel="KL (nats)", yscale="log", title="Madry KL error vs Corollary 1")
+        madry.yaxis.set_major_formatter(ScalarFormatter())
+        madry.yaxis.set_minor_formatter(ScalarFormatter())
         align.plot(epochs, [e["alignment/alignment"] for e in record["epochs"]], "o-",
                    label="A = E‖∇p_d(Y|x) − ∇p_θ(Y|x)‖_q")  # fmt: skip
         align.set(xlabel="epoch", ylabel="A (probability per pixel unit)", title="gradient alignment (Theorem 4)")
@@ -229,8 +233,12 @@ def plot_run(path: Path, record: dict) -> Path:
         cosine.spines["right"].set_visible(True)
         lines = align.get_legend_handles_labels()[0] + cosine.get_legend_handles_labels()[0]
         align.legend(lines, [line.get_label() for line in lines], loc="lower right")
-        for axes in (acc, risk, madry):
-            axes.legend()
+        acc.legend()
+        top = max(record["intrinsic_l1"], *(v for e in record["epochs"] for k, v in e.items()
+                                            if k.startswith(("score_", "standard_l1"))))  # fmt: skip
+        risk.set_ylim(0, 1.35 * top)  # room for the legend above the curves
+        risk.legend(loc="upper right", ncol=3, fontsize=8)
+        madry.legend()
         figure.suptitle(f"{Path(record['run']).name} ({record['objective']})")
         return save_figure(figure, path)
 
