@@ -30,6 +30,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -48,7 +49,7 @@ class AlignmentConfig:
     """Theorem 4 (gradient alignment and the first-order expansion of R_SCORE^l1) on trained classifiers."""
 
     runs: tuple[str, ...] = positional("training run directories (or weights files)", ())
-    which: str = option("final | best: the run's final EMA weights or best/ (by validation)", "final")
+    which: Literal["final", "best"] = option("the run's final EMA weights or best/ (by validation)", "final")
     scorenet: str | None = option("score net for image data (run directory or scorenet/ folder)",
                                   sources.DEFAULT_SCORENET)  # fmt: skip
     noise_std: float = option("sigma of the score-net posterior p_sigma(y|x) ([0, 1] data units, std)",
@@ -67,8 +68,6 @@ class AlignmentConfig:
     def validate(self) -> None:
         if not self.runs:
             raise ValueError("give at least one run directory")
-        if self.which not in ("final", "best"):
-            raise ValueError(f"which must be final or best, got {self.which!r}")
         check_noise_std(self.noise_std)
         if not 0 < self.anchor_smoothing < 1:
             raise ValueError(f"anchor_smoothing must be in (0, 1), got {self.anchor_smoothing}")

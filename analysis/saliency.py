@@ -20,6 +20,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ class SaliencyConfig:
     """Input gradients of classifiers next to the data gradient for the same test images."""
 
     runs: tuple[str, ...] = positional("training run directories (or weights files)", ())
-    which: str = option("final | best: the run's final EMA weights or best/ (by validation)", "final")
+    which: Literal["final", "best"] = option("the run's final EMA weights or best/ (by validation)", "final")
     scorenet: str | None = option("score net for image data (run directory or scorenet/ folder)",
                                   sources.DEFAULT_SCORENET)  # fmt: skip
     noise_std: float = option("sigma of the score-net posterior ([0, 1] data units, std)", sources.DEFAULT_NOISE_STD)
@@ -48,8 +49,6 @@ class SaliencyConfig:
     def validate(self) -> None:
         if not self.runs:
             raise ValueError("give at least one run directory")
-        if self.which not in ("final", "best"):
-            raise ValueError(f"which must be final or best, got {self.which!r}")
         if self.n_images < 1:
             raise ValueError(f"n_images must be >= 1, got {self.n_images}")
 

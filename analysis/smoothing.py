@@ -28,6 +28,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -47,7 +48,7 @@ class SmoothingConfig:
     """Theorem 5 (derivative of the Gaussian-augmented risk vs gradient alignment) on trained classifiers."""
 
     runs: tuple[str, ...] = positional("training run directories (or weights files)", ())
-    which: str = option("final | best: the run's final EMA weights or best/ (by validation)", "final")
+    which: Literal["final", "best"] = option("the run's final EMA weights or best/ (by validation)", "final")
     scorenet: str | None = option("score net for image data (run directory or scorenet/ folder)",
                                   sources.DEFAULT_SCORENET)  # fmt: skip
     sigmas: tuple[float, ...] = option("noise stds sigma ([0, 1] data units; variance = sigma^2)",
@@ -64,8 +65,6 @@ class SmoothingConfig:
     def validate(self) -> None:
         if not self.runs:
             raise ValueError("give at least one run directory")
-        if self.which not in ("final", "best"):
-            raise ValueError(f"which must be final or best, got {self.which!r}")
         if not self.sigmas:
             raise ValueError("give at least one noise std (--sigmas)")
         for sigma in self.sigmas:
