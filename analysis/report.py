@@ -40,6 +40,7 @@ from . import alignment, dynamics, saliency, smoothing, sources
 FIGURES_DIR = "figures"
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 ROBUST_OBJECTIVES = ("pgd-at", "trades-kl", "trades-se", "pgd-at-se", "direct-score")
+SAME_RELATIVE, SAME_COSINE = 0.05, 0.02  # findings call alignment terms within 5 % / cosines within 0.02 "about equal"
 
 
 @dataclass
@@ -127,8 +128,10 @@ def findings(infos: list[dict], analyses: dict[str, list[dict]]) -> list[str]:
             if objective not in theorem4:
                 continue
             a, cos = theorem4[objective]["terms"]["alignment"], theorem4[objective]["terms"]["cosine"]
-            verdict_a = "smaller (better aligned)" if a < base_a else "larger (worse aligned)"
-            verdict_cos = "higher (better aligned)" if cos > base_cos else "lower (worse aligned)"
+            verdict_a = ("about equal" if abs(a - base_a) < SAME_RELATIVE * base_a
+                         else "smaller (better aligned)" if a < base_a else "larger (worse aligned)")  # fmt: skip
+            verdict_cos = ("about equal" if abs(cos - base_cos) < SAME_COSINE
+                           else "higher (better aligned)" if cos > base_cos else "lower (worse aligned)")  # fmt: skip
             lines.append(f"{objective} vs standard: A = {a:.4g} vs {base_a:.4g}, {verdict_a}; cosine {cos:.3f} vs "
                          f"{base_cos:.3f}, {verdict_cos}.")  # fmt: skip
     if "direct-score" in by_objective and "trades-se" in by_objective:
