@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from scorenets import ScoreNet
-from trainlib.adversarial import AdversarialConfig, build_classifier, scorenet_provider
+from trainlib.adversarial import AdversarialConfig, build_classifier, scorenet_posterior_provider
 from trainlib.config import option, parse_config, run_cli
 
 from .common import (
@@ -85,7 +85,10 @@ def training_steps(cfg: GPUConfig, batch: int, attack_steps: int, device: torch.
     steps = {}
     for name in OBJECTIVES:
         objective_cfg = replace(train_cfg, objective=name)
-        provider = scorenet_provider(scorenet, objective_cfg) if name == "direct-score" else None
+        provider = None
+        if name == "direct-score":  # the trainer's trajectory posterior
+            provider = scorenet_posterior_provider(scorenet, objective_cfg.noise_std, objective_cfg.anchor_smoothing,
+                                                   objective_cfg.start_quadrature_points)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # create_accelerator: "bf16 is not used on the CPU"
             steps[name] = TrainingStep(objective_cfg, model, provider)

@@ -9,7 +9,7 @@ A step is what ``trainlib.adversarial.train`` runs per optimizer step, through t
 from ``build_objective`` attacking the unwrapped model, ``accelerator.backward``, ``optimizer.step``,
 ``zero_grad(set_to_none=True)``, the one-cycle LR step and ``EMA.update`` (only the engine's metric accumulation and
 checkpointing are left out). Score nets are randomly initialised (cost does not depend on the weights) and wired in
-with ``trainlib.adversarial.scorenet_provider``, the trainer's trajectory posterior.
+with ``trainlib.adversarial.scorenet_posterior_provider``, the trainer's trajectory posterior.
 
 * digits: the ``recipes/digits-direct-score.json`` shapes for all three objectives (cnn-small, batch 64, PGD-3,
   ε 0.2, 1 thread as the recipe sets), score net ``tiny8``.
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from scorenets import ScoreNet
-from trainlib.adversarial import AdversarialConfig, build_classifier, build_optimizer, scorenet_provider
+from trainlib.adversarial import AdversarialConfig, build_classifier, build_optimizer, scorenet_posterior_provider
 from trainlib.config import load_recipe, option, parse_config, run_cli
 from trainlib.data import load_dataset
 from trainlib.ema import EMA
@@ -146,7 +146,10 @@ def measure(setting: Setting, report: Report, device: torch.device) -> dict:
     steps = {}
     for name in setting.objectives:
         objective_cfg = replace(cfg, objective=name)
-        provider = scorenet_provider(scorenet, objective_cfg) if name == "direct-score" else None
+        provider = None
+        if name == "direct-score":  # the trainer's trajectory posterior
+            provider = scorenet_posterior_provider(scorenet, objective_cfg.noise_std, objective_cfg.anchor_smoothing,
+                                                   objective_cfg.start_quadrature_points)
         steps[name] = TrainingStep(objective_cfg, model, provider)
     x, y = setting.x.to(device), setting.y.to(device)
 

@@ -2,10 +2,13 @@
 
 Distances between categorical distributions, the data-posterior interface, closed-form toy
 distributions, self-consistent losses with the full data gradient, PGD / grid inner maximizers,
-and batch estimators of the standard, Madry and SCORE risks with the bounds of Theorem 1.
+batch estimators of the standard, Madry and SCORE risks with the bounds of Theorem 1, the
+gradient-alignment expansion of Theorem 4 (``alignment``) and the Gaussian-augmented risk
+derivatives of Theorem 5 (``smoothing``).
 No I/O lives here; everything else in the project builds on it.
 """
 
+from .alignment import AlignmentTerms, alignment_terms, dual_exponent, expansion_check, loglog_slope
 from .attacks import PGD, GridSearch, pgd, project, uniform_in_ball
 from .distances import DISTANCES, Distance, get_distance
 from .losses import madry_distance, self_consistent_distance, self_consistent_kl
@@ -18,29 +21,39 @@ from .risks import (
     score_risk,
     standard_risk,
 )
+from .smoothing import MeanEstimate, gaussian_risk_samples, noisy_loss, smoothing_estimates
 from .toys import GaussianMixture, seed_toy
 
 __all__ = [
     "DISTANCES",
     "PGD",
+    "AlignmentTerms",
     "DataPosterior",
     "Distance",
     "GaussianMixture",
     "GridSearch",
+    "MeanEstimate",
+    "alignment_terms",
     "attach_log_posterior",
     "check_corollary1",
     "check_num_classes",
     "check_theorem1",
+    "dual_exponent",
+    "expansion_check",
+    "gaussian_risk_samples",
     "get_distance",
     "intrinsic_risk",
+    "loglog_slope",
     "madry_distance",
     "madry_risk",
+    "noisy_loss",
     "pgd",
     "project",
     "score_risk",
     "seed_toy",
     "self_consistent_distance",
     "self_consistent_kl",
+    "smoothing_estimates",
     "standard_risk",
     "uniform_in_ball",
 ]

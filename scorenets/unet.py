@@ -160,19 +160,38 @@ class ScoreNet(nn.Module):
         Returns [B, K(+1), C, H, W] in x's dtype. All B·K(+1) inputs go through the UNet in ONE call, or in
         ceil(B·K/max_batch) calls when ``max_batch`` is given.
         """
+        self._check_images(x)
+        num_labels = self.num_classes + int(include_null)
+        inputs = repeat(x, "b c h w -> (b k) c h w", k=num_labels)
+        labels = repeat(torch.arange(num_labels, device=x.device), "k -> (b k)", b=x.shape[0])
+        scores = self._scores(inputs, labels, noise_std, max_batch)  # [B·K', C, H, W]
+        return rearrange(scores, "(b k) c h w -> b k c h w", k=num_labels)
+
+    def label_scores(self, x: Tensor, labels: Tensor, noise_std: float, max_batch: int | None = None) -> Tensor:
+        """∇_x log p_σ(x | y_b) for each example's own label y_b (K = the null class: the unconditional score).
+
+        x: [B, C, H, W] in [0, 1] units, labels [B] in [0, K]. Returns [B, C, H, W] in x's dtype from ONE call over
+        B inputs: K times cheaper than ``class_scores`` when only the label's class is needed.
+        """
+        self._check_images(x)
+        labels = torch.as_tensor(labels, device=x.device).long()
+        if labels.shape != (x.shape[0],) or bool((labels < 0).any()) or bool((labels > self.num_classes).any()):
+            raise ValueError(f"labels must be a [B] tensor in [0, {self.num_classes}], got shape {tuple(labels.shape)}")
+        return self._scores(x, labels, noise_std, max_batch)
+
+    def _check_images(self, x: Tensor) -> None:
         if tuple(x.shape[1:]) != self.image_shape:
             raise ValueError(f"expected images [B, {', '.join(map(str, self.image_shape))}], got {tuple(x.shape)}")
-        num_labels = self.num_classes + int(include_null)
+
+    def _scores(self, x: Tensor, labels: Tensor, noise_std: float, max_batch: int | None) -> Tensor:
+        """−ε_θ(u_t(x), t(σ), labels)/σ for images x [N, C, H, W] and labels [N], in chunks of ``max_batch``."""
         t = self.schedule.sigma_to_t(noise_std)  # also validates σ
-        u_t = model_input(x, noise_std).to(self._param_dtype(x.dtype))
-        inputs = repeat(u_t, "b c h w -> (b k) c h w", k=num_labels)
-        labels = repeat(torch.arange(num_labels, device=x.device), "k -> (b k)", b=x.shape[0])
+        inputs = model_input(x, noise_std).to(self._param_dtype(x.dtype))
         timesteps = torch.full((inputs.shape[0],), t, device=x.device, dtype=torch.float32)
         chunk = max_batch or inputs.shape[0]
         chunks = zip(inputs.split(chunk), timesteps.split(chunk), labels.split(chunk), strict=True)
-        eps = torch.cat([self(u, s, y) for u, s, y in chunks])  # [B·K', C, H, W]
-        scores = eps_to_score(eps.to(x.dtype), noise_std)
-        return rearrange(scores, "(b k) c h w -> b k c h w", k=num_labels)
+        eps = torch.cat([self(u, s, y) for u, s, y in chunks])
+        return eps_to_score(eps.to(x.dtype), noise_std)
 
     # -- persistence ----------------------------------------------------------------------------------------
     def settings(self) -> dict:

@@ -19,6 +19,7 @@ from trainlib.adversarial import (
     EvaluateConfig,
     build_classifier,
     evaluate_checkpoint,
+    list_snapshots,
     resolve_weights,
     train,
 )
@@ -102,7 +103,8 @@ def test_evaluate_command_on_run_and_checkpoint(finished_run, tmp_path):
 def test_interrupted_then_resumed_run_ends_with_the_same_weights(tmp_path, accumulation):
     """3 steps/epoch × 2 epochs straight vs. stopped after 4 steps (mid-epoch) and resumed: identical weights, with BN
     buffers, random PGD starts and gradient accumulation."""
-    options = dict(model="mlp-bn", epoch_size=96, grad_accumulation=accumulation, checkpoint_every=2, n_test=16)
+    options = dict(model="mlp-bn", epoch_size=96, grad_accumulation=accumulation, checkpoint_every=2, n_test=16,
+                   snapshot_every=1)
     train(tiny(tmp_path, "straight", **options))
     assert train(tiny(tmp_path, "resumed", max_steps=4, **options)) is None  # stopped early: no results
     assert not (tmp_path / "resumed" / "results.json").exists()
@@ -112,6 +114,15 @@ def test_interrupted_then_resumed_run_ends_with_the_same_weights(tmp_path, accum
         straight, resumed = load_weights(tmp_path / "straight" / name), load_weights(tmp_path / "resumed" / name)
         assert all(torch.equal(straight[k], resumed[k]) for k in straight), name
     assert results["best_val"] == json.loads((tmp_path / "straight" / "results.json").read_text())["best_val"]
+    # per-epoch snapshots: epoch 1 before the interruption, epoch 2 after resuming mid-epoch; equal to the straight ones
+    snapshots = {run: list_snapshots(tmp_path / run) for run in ("straight", "resumed")}
+    assert [epoch for epoch, _ in snapshots["straight"]] == [epoch for epoch, _ in snapshots["resumed"]] == [1, 2]
+    for (epoch, straight), (_, resumed) in zip(snapshots["straight"], snapshots["resumed"], strict=True):
+        a, b = load_weights(straight), load_weights(resumed)
+        assert all(torch.equal(a[k], b[k]) for k in a), epoch
+        assert json.loads(load_weights_metadata(resumed)["trainlib"])["epoch"] == epoch
+    assert all(torch.equal(v, load_weights(tmp_path / "straight" / "ema.safetensors")[k])
+               for k, v in load_weights(snapshots["straight"][-1][1]).items())  # the last snapshot is the final EMA
 
 
 def test_direct_score_with_analytic_posterior_lowers_the_score_risk(tmp_path):

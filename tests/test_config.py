@@ -11,7 +11,7 @@ from typing import Literal
 import pytest
 import torch
 
-from trainlib.config import build_parser, config_hash, config_to_dict, parse_config, run_cli, save_config
+from trainlib.config import build_parser, config_hash, config_to_dict, parse_config, positional, run_cli, save_config
 
 
 @dataclass
@@ -174,3 +174,20 @@ def test_entry_point_subprocess_prints_no_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode == 2 and result.stderr.startswith("error: unknown dataset 'x'; valid names: digits")
     assert result.stderr.count("\n") == 1
+
+
+@dataclass
+class WithRuns:
+    runs: tuple[str, ...] = positional("run directories", ("default",))
+    out: str = "o"
+
+
+def test_positional_field_takes_the_words_that_are_not_options(tmp_path):
+    assert parse_config(WithRuns, ["a", "b", "--out", "x"]) == WithRuns(("a", "b"), "x")
+    assert parse_config(WithRuns, ["--out", "x", "a"]) == WithRuns(("a",), "x")
+    assert parse_config(WithRuns, []) == WithRuns()
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"runs": ["r1", "r2"]}))
+    assert parse_config(WithRuns, ["--config", str(recipe)]).runs == ("r1", "r2")
+    assert parse_config(WithRuns, ["--config", str(recipe), "c"]).runs == ("c",)  # words override the recipe
+    assert "RUNS" in build_parser(WithRuns).format_usage()

@@ -63,6 +63,20 @@ def test_class_scores_is_one_batched_call_matching_per_class_calls():
         torch.testing.assert_close(chunked, scores[:, :3], rtol=1e-5, atol=1e-5)
 
 
+def test_label_scores_are_the_own_label_column_of_class_scores_from_one_call():
+    net = tiny_net()
+    x = torch.rand(6, *SHAPE, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 2, 1, 3, 3, 0])  # 3 = the null class
+    with torch.no_grad():
+        every = net.class_scores(x, 0.2, include_null=True)
+        calls = net.forward_calls
+        own = net.label_scores(x, labels, 0.2)
+    assert net.forward_calls - calls == 1 and own.shape == x.shape
+    torch.testing.assert_close(own, every[torch.arange(6), labels], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="labels must be a"):
+        net.label_scores(x, torch.tensor([0, 4, 0, 0, 0, 0]), 0.2)
+
+
 def test_class_scores_validates_inputs():
     net = tiny_net()
     with pytest.raises(ValueError, match="noise_std"):

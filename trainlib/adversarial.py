@@ -9,8 +9,10 @@ paper's values). ``train(cfg)`` runs the loop, top to bottom:
     step     loss = objective(model (DDP-wrapped), attack_model (unwrapped), x, y, generator(seed, step, rank));
              backward through accelerate (gradient accumulation, mixed precision on GPUs); SGD-Nesterov step;
              one-cycle cosine LR step; EMA update (BN statistics copied)
-    epoch    validation on the EMA model: clean and PGD-40 (CW margin) accuracy on the first ``n_val`` points of
-             the val split, shared out across processes; the best EMA weights by robust accuracy go to ``best/``
+    epoch    with ``snapshot_every`` N, the EMA weights to ``snapshots/epoch_NNNN.safetensors`` every N epochs (main
+             process; a resumed epoch writes its snapshot when it ends); validation on the EMA model: clean and PGD-40
+             (CW margin) accuracy on the first ``n_val`` points of the val split, shared out across processes; the
+             best EMA weights by robust accuracy go to ``best/``
     end      ``ema.safetensors`` and ``model.safetensors`` in the run directory, then (main process) clean + PGD
              (+ optional AutoAttack) on the first ``n_test`` test points → results.json
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -57,6 +60,8 @@ from .objectives import OBJECTIVES, Objective, build_objective, fixed_posterior
 
 WEIGHTS_METADATA_KEY = "trainlib"  # safetensors metadata: JSON with model name, dataset, class count, image shape
 _STREAM_TRAIN, _STREAM_VAL = 0, 1
+SNAPSHOTS_DIR = "snapshots"
+SNAPSHOT_PATTERN = re.compile(r"epoch_(\d{4,})\.safetensors")
 
 
 @dataclass
@@ -125,6 +130,8 @@ class AdversarialConfig:
     resume: str = option("none | latest | PATH of a checkpoint folder", "none")
     checkpoint_every: int = option("save a checkpoint every N optimizer steps (0: at the end only)", 500)
     keep_last: int = option("step checkpoints to keep", 2)
+    snapshot_every: int = option("write the EMA weights to <out>/snapshots/epoch_NNNN.safetensors every N epochs and "
+                                 "after the last (0: off; analysis.dynamics reads them)", 0)
     log_every: int = option("average and log training metrics every N steps", 20)
     val_every: int = option("validate every N epochs (0: never)", 1)
     # final test evaluation
@@ -163,8 +170,8 @@ class AdversarialConfig:
         for name in ("warmup_fraction", "ema_warmup_fraction"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
-        if self.weight_decay < 0 or self.checkpoint_every < 0 or self.val_every < 0:
-            raise ValueError("weight_decay, checkpoint_every and val_every must be >= 0")
+        if self.weight_decay < 0 or self.checkpoint_every < 0 or self.val_every < 0 or self.snapshot_every < 0:
+            raise ValueError("weight_decay, checkpoint_every, val_every and snapshot_every must be >= 0")
         if not 0 < self.anchor_smoothing < 1:
             raise ValueError(f"anchor_smoothing must be in (0, 1), got {self.anchor_smoothing}")
         if self.start_quadrature_points < 0:
@@ -219,6 +226,19 @@ def weights_metadata(cfg: AdversarialConfig, num_classes: int, image_shape: tupl
     return {WEIGHTS_METADATA_KEY: json.dumps(info)}
 
 
+def snapshot_path(run_dir: str | Path, epoch: int) -> Path:
+    """``<run>/snapshots/epoch_NNNN.safetensors``: the EMA weights after ``epoch`` completed epochs."""
+    return Path(run_dir) / SNAPSHOTS_DIR / f"epoch_{epoch:04d}.safetensors"
+
+
+def list_snapshots(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(epoch, path) of every per-epoch snapshot of a run, in epoch order (temporary files never match)."""
+    directory = Path(run_dir) / SNAPSHOTS_DIR
+    found = [(int(m.group(1)), p) for p in directory.glob("epoch_*.safetensors")
+             if (m := SNAPSHOT_PATTERN.fullmatch(p.name))]  # fmt: skip
+    return sorted(found)
+
+
 def _posterior_provider(cfg: AdversarialConfig, train_set: ImageDataset, device: torch.device):
     """(x, y) → p_d for the batch; None unless direct SCORE. Loads the score net here (clear errors, no files)."""
     if cfg.objective != "direct-score":
@@ -231,16 +251,20 @@ def _posterior_provider(cfg: AdversarialConfig, train_set: ImageDataset, device:
     if tuple(scorenet.image_shape) != tuple(train_set.image_shape):
         raise ValueError(f"score net {cfg.scorenet} was trained on images {tuple(scorenet.image_shape)}, the data are "
                          f"{tuple(train_set.image_shape)} (C, H, W)")  # fmt: skip
-    return scorenet_provider(scorenet, cfg)
+    return scorenet_posterior_provider(scorenet, cfg.noise_std, cfg.anchor_smoothing, cfg.start_quadrature_points)
 
 
-def scorenet_provider(scorenet, cfg: AdversarialConfig):
-    """(x, y) → the trajectory posterior of a frozen score net anchored at (x, smoothed y): one batched call now."""
+def scorenet_posterior_provider(
+    scorenet, noise_std: float, anchor_smoothing: float, start_quadrature_points: int = 0, max_batch: int | None = None
+):
+    """(x, y) → the direct-SCORE data posterior of a batch: ``ScoreNetPosterior(scorenet, σ).trajectory`` anchored at
+    the clean x with smoothed labels ``anchor_log_probs(y, K, anchor_smoothing)`` (one score-net call at the anchor,
+    then one per new point of the path; ``max_batch`` caps the UNet inputs per call). Training and the analyses
+    (``analysis.alignment``, ``analysis.dynamics``) use exactly this estimate of p_σ(·|x')."""
     from scorenets import ScoreNetPosterior, anchor_log_probs
 
-    posterior = ScoreNetPosterior(scorenet, cfg.noise_std)
-    num_classes, smoothing, points = scorenet.num_classes, cfg.anchor_smoothing, cfg.start_quadrature_points
-    return lambda x, y: posterior.trajectory(x, anchor_log_probs(y, num_classes, smoothing), points)
+    posterior, points = ScoreNetPosterior(scorenet, noise_std, max_batch), start_quadrature_points
+    return lambda x, y: posterior.trajectory(x, anchor_log_probs(y, posterior.num_classes, anchor_smoothing), points)
 
 
 @dataclass
@@ -400,6 +424,10 @@ def train(cfg: AdversarialConfig) -> dict | None:
                 break
         if stopped_early:
             break
+        snapshot_due = cfg.snapshot_every and ((epoch + 1) % cfg.snapshot_every == 0 or epoch + 1 == cfg.epochs)
+        if snapshot_due and accelerator.is_main_process:  # a resumed epoch writes it when it ends, as an unbroken one
+            save_weights(snapshot_path(session.run.path, epoch + 1), ema.model.state_dict(),
+                         weights_metadata(cfg, num_classes, image_shape, epoch=epoch + 1, step=step))
         if cfg.val_every and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
             session.check_finite()  # before best/ could receive non-finite weights
             metrics = validate_robust(ema.model, data.val, cfg, accelerator, epoch)
@@ -515,9 +543,9 @@ def resolve_weights(cfg: EvaluateConfig) -> tuple[dict[str, torch.Tensor], dict,
     return load_weights(directory / name), settings, source / "eval"
 
 
-def evaluate_checkpoint(cfg: EvaluateConfig) -> dict:
-    """Evaluate (``EvaluateConfig``); writes robustbench.json, evaluation.json and accuracy_vs_eps.png."""
-    cfg.validate()
+def load_classifier(cfg: EvaluateConfig) -> tuple[nn.Module, dict, ImageDataset, Path]:
+    """(model on the CPU, settings with the resolved model / dataset / norm / eps, test split, default output directory)
+    for ``cfg.checkpoint``: a run directory (``cfg.which``, ``cfg.weights``), a checkpoint folder or a weights file."""
     state, settings, default_out = resolve_weights(cfg)
     model_name, dataset = cfg.model or settings.get("model"), cfg.dataset or settings.get("dataset")
     norm = cfg.norm or settings.get("norm", "linf")
@@ -531,6 +559,14 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> dict:
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise ValueError(f"weights of {cfg.checkpoint} do not fit model {model_name!r} on {dataset}: {first}") from None
+    return model, settings | dict(model=model_name, dataset=dataset, norm=norm, eps=eps), test, default_out
+
+
+def evaluate_checkpoint(cfg: EvaluateConfig) -> dict:
+    """Evaluate (``EvaluateConfig``); writes robustbench.json, evaluation.json and accuracy_vs_eps.png."""
+    cfg.validate()
+    model, settings, test, default_out = load_classifier(cfg)
+    model_name, dataset, norm, eps = settings["model"], settings["dataset"], settings["norm"], settings["eps"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.cpu_threads is not None and device.type == "cpu":
         torch.set_num_threads(cfg.cpu_threads)

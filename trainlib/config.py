@@ -8,6 +8,7 @@ documentation of the options. ``parse_config(Cfg)`` builds the parser from the f
     tuple[T, ...]              --widths 16 32 64        (tuple[T, T] takes exactly two values)
     Literal["a", "b"]          --norm a                 (choices)
     Optional[T] / T | None     --max-steps none         ("none" gives None)
+    positional(...) tuple      RUN1 RUN2 ...            (words that are not options; at most one such field)
 
 Values are resolved in order: dataclass defaults < recipe file (``--config FILE.json``, a JSON object
 with field names as keys; keys starting with "_" are comments; a run directory's ``config.json`` works
@@ -188,6 +189,11 @@ def option(help: str, default):
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+def positional(help: str, default: tuple = ()):
+    """A tuple field filled from the words that are not options: ``runs: tuple[str, ...] = positional("...")``."""
+    return dataclasses.field(default=default, metadata={"help": help, "positional": True})
+
+
 def fail(message: str) -> NoReturn:
     """Print ``error: <message>`` on stderr and exit with status 2 (bad input)."""
     print(f"error: {message}", file=sys.stderr)
@@ -207,10 +213,18 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
     parser = OneLineErrorParser(prog=prog, description=description or (cls.__doc__ or "").strip() or None)
     parser.add_argument("--config", metavar="FILE.json", help="recipe file (JSON object of options); flags override it")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit")
+    if sum(bool(f.metadata.get("positional")) for f in fields) > 1:
+        raise TypeError(f"{cls.__name__} has more than one positional field")
     for f in fields:
         default = _default(f)
         shown = "required" if default is dataclasses.MISSING else f"default: {json.dumps(_to_jsonable(default))}"
         help_text = f"{f.metadata.get('help', '')} ({shown})".strip().replace("%", "%%")
+        if f.metadata.get("positional"):
+            items = _tuple_items(hints[f.name])
+            if items is None or items[-1] is not Ellipsis:
+                raise TypeError(f"positional field {f.name!r} must be a tuple[T, ...]")
+            parser.add_argument(f.name, nargs="*", default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_text)
+            continue
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,

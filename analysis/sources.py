@@ -1,0 +1,185 @@
+"""What the theorem and dynamics analyses read: classifiers, the data posterior, fixed test points, cached results.
+
+Classifiers come from training run directories (``trainlib.adversarial``: ``ema.safetensors`` or ``best/``) or from
+single weights files such as the per-epoch snapshots ``<run>/snapshots/epoch_NNNN.safetensors``, through
+``trainlib.adversarial.load_classifier``; a directory that holds no run is a clear error.
+
+The data posterior p_d(·|x) (``DataSource``):
+
+* Gaussian-mixture toys (``gmm-*``): the exact mixture (``datagrad.GaussianMixture``), p_d itself (σ = 0); Theorem 5's
+  class score ∇_x log p^σ(x|y) is its closed form at σ.
+* images: the score net, EXACTLY as direct SCORE training uses it
+  (``trainlib.adversarial.scorenet_posterior_provider``): p_σ(·|x') at noise std σ (``--noise-std``, data units,
+  default 0.2) from a trajectory posterior anchored at the clean point with smoothed labels
+  p = (1 − α)·onehot(y) + α/K (``--anchor-smoothing``, default 1e-4), extended along every attack path. So
+  Y_d(x) = y at the test points, and with a confident anchor ∇_x p_d(Y|x) = p_d(Y|x)·G̃_Y is small (G̃_Y ≈
+  Σ_{k≠Y} (α/K)(s_Y − s_k)): the alignment term is then dominated by the model gradient, while the cosine compares
+  directions, which stay well defined. Its accuracy on a mixture with known truth is measured by
+  ``analysis.validate_posterior`` (median gradient cosine 0.998 and median trajectory TV error 0.031 at σ = 0.2 on
+  gmm-8x8; README). Theorem 5's class score is ``ScoreNet.label_scores`` (the label's class only: one network call
+  over B inputs instead of B·K).
+
+Test points: the first n of the test split, in order and unclamped (a mixture's samples are not clipped; digits and
+CIFAR are in [0, 1] already), so every epoch and every run sees the same points.
+
+Cached results: ``<run>/analysis/<name>.json`` with the settings they were computed with; a cache with other settings
+is recomputed, so the report never mixes settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from datagrad import DataPosterior, GaussianMixture
+from trainlib.adversarial import AdversarialConfig, EvaluateConfig, load_classifier, scorenet_posterior_provider
+from trainlib.data import ImageDataset
+from trainlib.files import atomic_write_json
+
+ANALYSIS_DIR = "analysis"
+DEFAULT_SCORENET = "runs/scorenet-digits"
+DEFAULT_NOISE_STD = AdversarialConfig.noise_std
+DEFAULT_ANCHOR_SMOOTHING = AdversarialConfig.anchor_smoothing
+SCORENET_BATCH = 2048  # UNet inputs per score-net call (B·K inputs per posterior step: CIFAR-100 has K = 100)
+
+
+def compute_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class Classifier:
+    """A trained classifier in eval mode, its settings (model, dataset, norm, eps, objective, ...), its test split."""
+
+    source: Path
+    model: nn.Module
+    settings: dict
+    test: ImageDataset
+
+    @property
+    def num_classes(self) -> int:
+        return self.test.num_classes
+
+    @property
+    def name(self) -> str:
+        return self.source.stem if self.source.is_file() else self.source.name
+
+
+def check_run_dir(run: str | Path) -> Path:
+    """The run directory, or a clear error when it is missing, empty or not a training run."""
+    run = Path(run)
+    if not run.is_dir():
+        raise FileNotFoundError(f"run directory not found: {run}")
+    if not any(run.iterdir()):
+        raise ValueError(f"run directory {run} is empty (expected a training run: config.json, ema.safetensors, ...)")
+    if not (run / "config.json").is_file():
+        raise ValueError(f"{run} is not a training run directory: config.json is missing")
+    return run
+
+
+def open_classifier(source: str | Path, which: str = "final", dtype=torch.float64, data_dir="data") -> Classifier:
+    """Load a run directory's final (or ``which="best"``) EMA classifier, or a weights file, onto the compute device."""
+    source = Path(source)
+    if source.is_dir():
+        check_run_dir(source)
+    model, settings, test, _ = load_classifier(EvaluateConfig(checkpoint=str(source), which=which, data_dir=data_dir))
+    model = model.to(device=compute_device(), dtype=dtype).eval().requires_grad_(False)
+    return Classifier(source, model, settings, test)
+
+
+def test_points(test: ImageDataset, n: int, dtype=torch.float64) -> tuple[Tensor, Tensor]:
+    """The first n test points (x [n, C, H, W] unclamped, y [n]) on the compute device."""
+    x, y = test.get(range(min(n, len(test))), compute_device())
+    return x.to(dtype), y
+
+
+class DataSource:
+    """p_d(·|x) for attacks and alignment, and ∇_x log p^σ(x|y) for Theorem 5 (module docstring)."""
+
+    def __init__(
+        self,
+        test: ImageDataset,
+        scorenet: str | None,
+        noise_std: float = DEFAULT_NOISE_STD,
+        anchor_smoothing: float = DEFAULT_ANCHOR_SMOOTHING,
+    ):
+        self.num_classes = test.num_classes
+        self.mixture: GaussianMixture | None = test.mixture
+        self.scorenet = None
+        if self.mixture is None:
+            from trainlib.scorenet_training import load_scorenet
+
+            if scorenet is None:
+                raise ValueError(f"{test.name} has no closed-form posterior: give a score net (--scorenet DIR)")
+            net = load_scorenet(scorenet, device=compute_device())
+            if net.num_classes != test.num_classes:
+                raise ValueError(f"class-count mismatch: the classifier's data ({test.name}) has {test.num_classes} "
+                                 f"classes but the score net {scorenet} has {net.num_classes}")  # fmt: skip
+            if tuple(net.image_shape) != tuple(test.image_shape):
+                raise ValueError(f"the score net {scorenet} was trained on images {tuple(net.image_shape)}, the data "
+                                 f"are {tuple(test.image_shape)} (C, H, W)")  # fmt: skip
+            self.scorenet = net
+            self._provider = scorenet_posterior_provider(net, noise_std, anchor_smoothing, max_batch=SCORENET_BATCH)
+        self.description = (
+            {"kind": "exact mixture", "dataset": test.name}
+            if self.mixture is not None
+            else {"kind": "score net (trajectory posterior, as in direct SCORE training)", "scorenet": str(scorenet),
+                  "noise_std": noise_std, "anchor_smoothing": anchor_smoothing}
+        )  # fmt: skip
+
+    def check(self, classifier: Classifier) -> None:
+        """A clear error when the classifier and the posterior disagree on the class count."""
+        if classifier.num_classes != self.num_classes:
+            raise ValueError(f"class-count mismatch: checkpoint {classifier.source} has {classifier.num_classes} "
+                             f"classes but the data posterior has {self.num_classes}")  # fmt: skip
+
+    def posterior(self, x: Tensor, y: Tensor) -> DataPosterior:
+        """The data posterior for the batch (x, y); fresh for every attack (a trajectory posterior is stateful)."""
+        return self.mixture if self.mixture is not None else self._provider(x, y)
+
+    def class_score(self, sigma: float) -> Callable[[Tensor, Tensor], Tensor]:
+        """(x, y) → ∇_x log p^σ(x|y) at noise std σ (exact for a mixture, else the score net's label score)."""
+        if self.mixture is not None:
+            return lambda x, y: self.mixture.score(x, y, sigma)
+        net = self.scorenet
+        return lambda x, y: net.label_scores(x, y, sigma, max_batch=SCORENET_BATCH)
+
+
+def settings_key(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cache_path(source: str | Path, name: str) -> Path:
+    """``<run>/analysis/<name>.json`` for a run directory, ``<dir>/analysis/<stem>.<name>.json`` for a weights file."""
+    source = Path(source)
+    if source.is_file():
+        return source.parent / ANALYSIS_DIR / f"{source.stem}.{name}.json"
+    return source / ANALYSIS_DIR / f"{name}.json"
+
+
+def read_cache(path: Path, settings: dict) -> dict | None:
+    """The cached result at ``path`` if it was computed with these settings, else None."""
+    if not path.is_file():
+        return None
+    try:
+        cached = json.loads(path.read_text())
+    except ValueError:
+        return None
+    return cached if cached.get("settings_key") == settings_key(settings) else None
+
+
+def write_cache(path: Path, settings: dict, result: dict) -> dict:
+    record = {"settings": settings, "settings_key": settings_key(settings), **result}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, record)
+    return record
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]

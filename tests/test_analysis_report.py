@@ -1,0 +1,173 @@
+"""The analysis commands end to end on tiny runs: Theorem 4 / 5 CLIs, dynamics from snapshots, saliency, the report
+(HTML + Markdown, escaping, caching), the headless-Chromium check, the score-net code path, and bad input."""
+
+import html
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from analysis import alignment, dynamics, report, smoothing, sources
+from scorenets import ScoreNet
+from trainlib.adversarial import AdversarialConfig, build_classifier, train
+from trainlib.checkpoint import save_weights
+from trainlib.config import run_cli
+
+REQUIRE_BROWSER = os.environ.get("SCORE_DATAGRAD_REQUIRE_BROWSER") == "1"  # set by .ci/run
+
+
+def tiny_run(directory: Path, objective: str) -> Path:
+    """A gmm-4x4 run (exact mixture posterior) of two epochs with per-epoch snapshots, in seconds."""
+    cfg = AdversarialConfig(
+        dataset="gmm-4x4", model="mlp", objective=objective, eps=0.1, step_size=0.05, steps=2, batch_size=64,
+        epoch_size=128, epochs=2, n_val=32, n_test=32, cpu_threads=1, checkpoint_every=0, snapshot_every=1,
+        log_every=1, eval_batch_size=64, out=str(directory),
+    )  # fmt: skip
+    train(cfg)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def built_report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    runs = [tiny_run(root / "standard<b>", "standard"), tiny_run(root / "trades-se", "trades-se")]
+    names = [str(r) for r in runs]
+    out = root / "out"
+    alignment.main([*names, "--n-points", "48", "--eps-scales", "1", "0.5", "0.25", "--pgd-steps", "5",
+                    "--out", str(out)])  # fmt: skip
+    # the library calls behind the other two commands (their figures are drawn by the report below)
+    smoothing.run_analysis(smoothing.SmoothingConfig(runs=tuple(names), sigmas=(0.1, 0.3), n_points=200, n_noise=4))
+    dynamics.run_analysis(dynamics.DynamicsConfig(runs=tuple(names), n_points=48, pgd_steps=3))
+    record = report.main([*names, "--out", str(out), "--n-images", "3"])
+    return runs, out, record
+
+
+@pytest.mark.slow
+def test_analyses_are_cached_per_run_and_read_back(built_report, monkeypatch):
+    runs, _, _ = built_report
+    for name in ("theorem4", "theorem5", "dynamics"):
+        assert sources.cache_path(runs[0], name).is_file(), name
+    monkeypatch.setattr(alignment, "analyse", lambda *a: pytest.fail("recomputed a cached analysis"))
+    again = alignment.run_analysis(alignment.AlignmentConfig(runs=tuple(map(str, runs)), n_points=48,
+                                                             eps_scales=(1.0, 0.5, 0.25), pgd_steps=5))  # fmt: skip
+    assert [r["objective"] for r in again] == ["standard", "trades-se"]
+    theorem4 = again[1]
+    assert theorem4["dual_norm_q"] == 1.0 and len(theorem4["expansion"]["points"]) == 3
+    assert theorem4["settings"]["posterior"]["kind"] == "exact mixture"
+    assert 0 <= theorem4["terms"]["sign_condition"] <= 1 and -1 <= theorem4["terms"]["cosine"] <= 1
+    theorem5 = json.loads(sources.cache_path(runs[0], "theorem5").read_text())
+    per_sigma = theorem5["results"][1]
+    assert per_sigma["sigma"] == 0.3 and per_sigma["variance"] == pytest.approx(0.09)
+    assert per_sigma["d_risk_d_var"]["score"]["mean"] == pytest.approx(per_sigma["d_risk_d_std"]["score"]["mean"] / 0.6)
+    dyn = json.loads(sources.cache_path(runs[1], "dynamics").read_text())
+    assert [e["epoch"] for e in dyn["epochs"]] == [1, 2] and sorted(dyn["validation"]) == ["1", "2"]
+    assert dyn["madry_kl_floor"] == pytest.approx(dyn["intrinsic_l1"] ** 2 / 2)
+    assert all(e["corollary1_holds"] for e in dyn["epochs"])  # with the exact posterior it must hold
+
+
+@pytest.mark.slow
+def test_report_files_escape_text_and_link_every_figure(built_report):
+    _, out, record = built_report
+    page = (out / "report.html").read_text()
+    markdown = (out / "report.md").read_text()
+    sources_ = [html.unescape(src) for src in re.findall(r'<img src="([^"]+)"', page)]
+    assert len(sources_) == len(record["figures"]) >= 6  # theorem 4, 5, two dynamics, alignment vs robustness, saliency
+    for src in sources_:
+        assert not src.startswith(("http:", "https:", "/")) and (out / src).stat().st_size > 1000, src
+        assert f"]({src})" in markdown
+    assert "standard&lt;b&gt;" in page and "standard<b>" not in page  # run names are escaped
+    assert "<script src" not in page and "http" not in page.split("<script>")[0]  # nothing fetched
+    for heading in ("Accuracy", "Theorem 4: gradient alignment", "Theorem 5", "Training dynamics"):
+        assert heading in page and heading in markdown
+    assert page.count("<figcaption>") == len(sources_)
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium_with_every_image(built_report):
+    _, out, record = built_report
+    if report.find_browser() is None:
+        if REQUIRE_BROWSER:
+            pytest.fail("SCORE_DATAGRAD_REQUIRE_BROWSER=1 but no Chromium found (apt-get install chromium)")
+        pytest.skip("no Chromium on this machine (apt-get install chromium); CI installs it and requires this test")
+    status = report.check_in_browser(out / "report.html")
+    assert status["ok"], status
+    assert status["images"] == status["loaded"] == len(record["figures"])
+    broken = out / "broken.html"
+    broken.write_text((out / "report.html").read_text().replace('src="figures/saliency.png"', 'src="figures/none.png"'))
+    status = report.check_in_browser(broken)  # the check sees a missing image
+    assert not status["ok"] and status["loaded"] == status["images"] - 1
+
+
+def weights_file(path: Path, dataset: str, num_classes: int, image_shape) -> Path:
+    model = build_classifier("mlp", dataset, num_classes, image_shape)
+    info = dict(model="mlp", dataset=dataset, num_classes=num_classes, image_shape=list(image_shape), norm="linf",
+                eps=0.2, objective="standard")  # fmt: skip
+    save_weights(path, model.state_dict(), {"trainlib": json.dumps(info)})
+    return path
+
+
+def tiny_scorenet(directory: Path, num_classes: int) -> Path:
+    torch.manual_seed(0)
+    ScoreNet.build("tiny8", num_classes, (1, 8, 8), block_out_channels=(16, 32), norm_num_groups=8).save_pretrained(
+        directory)
+    return directory
+
+
+def test_score_net_path_runs_both_theorems(tmp_path):
+    weights = weights_file(tmp_path / "digits.safetensors", "digits", 10, (1, 8, 8))
+    net = tiny_scorenet(tmp_path / "sn", 10)
+    records = alignment.main([str(weights), "--scorenet", str(net), "--n-points", "4", "--eps-scales", "1",
+                              "--pgd-steps", "1", "--out", str(tmp_path / "out")])  # fmt: skip
+    assert records[0]["settings"]["posterior"]["anchor_smoothing"] == 1e-4
+    assert records[0]["label_agreement"] == 1.0  # Y_d(x) is the label under the confident anchor
+    records = smoothing.main([str(weights), "--scorenet", str(net), "--sigmas", "0.2", "--n-points", "4",
+                              "--n-noise", "2", "--out", str(tmp_path / "out")])  # fmt: skip
+    assert records[0]["n_samples"] == 8 and records[0]["settings"]["class_score"] == str(net)
+    batched = smoothing.run_analysis(smoothing.SmoothingConfig(runs=(str(weights),), scorenet=str(net), sigmas=(0.2,),
+                                                               n_points=4, n_noise=2, batch_size=3), recompute=True)
+    for one, many in zip(batched[0]["results"], records[0]["results"], strict=True):  # batching changes no value
+        for name in ("finite_difference", "score", "pathwise"):
+            assert one["d_risk_d_std"][name]["mean"] == pytest.approx(many["d_risk_d_std"][name]["mean"], rel=1e-9)
+    assert sources.cache_path(weights, "theorem5").name == "digits.theorem5.json"
+
+
+def error_of(capsys, main, argv) -> str:
+    with pytest.raises(SystemExit) as info:
+        run_cli(lambda: main(argv))
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    return err
+
+
+@pytest.mark.slow
+def test_bad_input_is_one_clear_line(tmp_path, capsys, built_report):
+    runs, _, _ = built_report
+    (tmp_path / "empty").mkdir()
+    assert "is empty" in error_of(capsys, report.main, [str(tmp_path / "empty"), "--out", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()
+    assert "give at least one run" in error_of(capsys, report.main, ["--out", str(tmp_path / "r")])
+    assert "noise_std σ must be a positive" in error_of(capsys, smoothing.main, [str(runs[0]), "--sigmas", "0.1", "0"])
+    assert "noise_std σ must be a positive" in error_of(capsys, smoothing.main, [str(runs[0]), "--sigmas", "-0.2"])
+    weights = weights_file(tmp_path / "digits.safetensors", "digits", 10, (1, 8, 8))
+    net = tiny_scorenet(tmp_path / "sn3", 3)
+    message = error_of(capsys, alignment.main, [str(weights), "--scorenet", str(net), "--out", str(tmp_path)])
+    assert "class-count mismatch" in message and "10" in message and "3" in message
+    no_snapshots = tmp_path / "copy"
+    no_snapshots.mkdir()
+    (no_snapshots / "config.json").write_text((runs[0] / "config.json").read_text())
+    assert "no per-epoch snapshots" in error_of(capsys, dynamics.main, [str(no_snapshots)])
+
+
+def test_saliency_figure_handles_colour_images(tmp_path):
+    """CIFAR-shaped input (3 channels): images shown in RGB, gradient maps summed over channels."""
+    from analysis.saliency import plot_saliency
+
+    rng = torch.Generator().manual_seed(0)
+    maps = lambda: torch.randn(2, 32, 32, generator=rng).numpy()
+    result = {"images": torch.rand(2, 32, 32, 3, generator=rng).numpy(), "labels": [3, 7], "data": maps(),
+              "models": {"a": {"grad": maps(), "cosine": [0.1, -0.2]}, "b": {"grad": maps(), "cosine": [0.3, 0.4]}}}
+    assert plot_saliency(tmp_path / "s.png", result).stat().st_size > 1000
