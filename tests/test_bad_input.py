@@ -42,6 +42,11 @@ ENTRY_POINTS = {
     "compare_objectives": ("analysis.compare_objectives", True),
     "validate_posterior": ("analysis.validate_posterior", True),
     "toy_demo": ("analysis.toy_demo", False),
+    "alignment": ("analysis.alignment", True),
+    "smoothing": ("analysis.smoothing", True),
+    "dynamics": ("analysis.dynamics", True),
+    "saliency": ("analysis.saliency", True),
+    "report": ("analysis.report", True),
 }
 
 
@@ -174,6 +179,25 @@ ROWS = [
     row("toy_demo", "threads must be >= 1, got 0", "--out", "{out}", "--threads", "0"),
     row("toy_demo", "argument --iterations: invalid int value: 'many'", "--out", "{out}", "--iterations", "many"),
     row("toy_demo", "the following arguments are required: --out", "--quick", subprocess=True),
+    # readouts of trained runs: run directories, class counts of classifier and score net, σ
+    row("alignment", "give at least one run directory", "--out", "{out}"),
+    row("alignment", "checkpoint not found", "{in}/missing-run", "--out", "{out}"),
+    row("alignment", "is empty", "{in}/empty-run", "--out", "{out}"),
+    row("alignment", "class-count mismatch", "{in}/classifier-digits.safetensors", "--scorenet", "{in}/sn-3class-8x8",
+        "--out", "{out}"),
+    row("alignment", "anchor_smoothing must be in (0, 1)", "{in}/run-config-only", "--anchor-smoothing", "0",
+        "--out", "{out}"),
+    row("smoothing", "noise_std σ must be a positive finite number", "{in}/classifier-digits.safetensors",
+        "--scorenet", "{in}/sn-3class-8x8", "--sigmas", "0.1", "0", "--out", "{out}"),
+    row("smoothing", "give at least one noise std", "{in}/run-config-only", "--sigmas", "--out", "{out}"),
+    row("smoothing", "is not a training run directory: config.json is missing", "{in}/npz", "--out", "{out}"),
+    row("dynamics", "has no per-epoch snapshots", "{in}/run-config-only", "--out", "{out}"),
+    row("dynamics", "is empty", "{in}/empty-run", "--out", "{out}"),
+    row("saliency", "give at least one run directory", "--out", "{out}"),
+    row("saliency", "n_images must be >= 1, got 0", "{in}/run-config-only", "--n-images", "0", "--out", "{out}"),
+    row("report", "has no results.json", "{in}/run-config-only", "--out", "{out}"),
+    row("report", "a run directory is given twice", "{in}/run-config-only", "{in}/run-config-only", "--out", "{out}"),
+    row("report", "run directory not found", "{in}/missing-run", "--out", "{out}"),
 ]  # fmt: skip
 
 
@@ -226,7 +250,7 @@ def inputs(tmp_path_factory) -> Path:
     save_npz(root / "generated" / "4x4" / "shard_00000.npz", image=images(4, side=4), label=labels)
     save_npz(root / "generated" / "digits" / "shard_00000.npz", image=images(20), label=np.arange(20) % 10)
     (root / "recipes").mkdir()
-    (root / "recipes" / "unknown-key.json").write_text(json.dumps({"seed": 0, "bogus_option": 1}))
+    (root / "recipes" / "unknown-key.json").write_text(json.dumps({"bogus_option": 1}))
     (root / "recipes" / "malformed.json").write_text('{"seed": 0,')
     (root / "pickle.safetensors").write_bytes(b"\x80\x04K\x01.")  # a pickle, not safetensors
     save_classifier(root / "classifier-digits.safetensors", "digits", 10, (1, 8, 8))
@@ -235,6 +259,9 @@ def inputs(tmp_path_factory) -> Path:
     save_scorenet(root / "sn-3class-8x8", 3, (1, 8, 8))
     save_scorenet(root / "sn-10class-4x4", 10, (1, 4, 4))
     (root / "sn-corrupt").mkdir()
+    (root / "empty-run").mkdir()
+    (root / "run-config-only").mkdir()  # a run directory that never trained (no weights, snapshots or results)
+    (root / "run-config-only" / "config.json").write_text(json.dumps({"config": {}, "run": {}}))
     (save_scorenet(root / "sn-bad-config", 3, (1, 8, 8)) / "scorenet_config.json").write_text("{")
     generate(GenerateConfig(scorenet=str(root / "sn-3class-8x8"), out=str(root / "generated-run"), num_images=3,
                             shard_size=3, steps=1, grid_columns=0))  # fmt: skip
