@@ -36,8 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from datagrad import PGD, alignment_terms, dual_exponent, expansion_check
-from scorenets import check_noise_std
-from trainlib.config import config_to_dict, option, parse_config, positional, run_cli
+from trainlib.config import config_to_dict, option, parse_config, run_cli
 
 from . import sources
 
@@ -45,32 +44,20 @@ RESULT_NAME = "theorem4"
 
 
 @dataclass
-class AlignmentConfig:
+class AlignmentConfig(sources.PosteriorOptions):
     """Theorem 4 (gradient alignment and the first-order expansion of R_SCORE^l1) on trained classifiers."""
 
-    runs: tuple[str, ...] = positional("training run directories (or weights files)", ())
     which: Literal["final", "best"] = option("the run's final EMA weights or best/ (by validation)", "final")
-    scorenet: str | None = option("score net for image data (run directory or scorenet/ folder)",
-                                  sources.DEFAULT_SCORENET)  # fmt: skip
-    noise_std: float = option("sigma of the score-net posterior p_sigma(y|x) ([0, 1] data units, std)",
-                              sources.DEFAULT_NOISE_STD)  # fmt: skip
-    anchor_smoothing: float = option("label smoothing of the clean anchor of the score-net posterior",
-                                     sources.DEFAULT_ANCHOR_SMOOTHING)  # fmt: skip
     n_points: int = option("first n test points", 100)
     eps_scales: tuple[float, ...] = option("radii of the expansion check, as multiples of the run's eps",
                                            (1.0, 0.5, 0.25, 0.125))  # fmt: skip
     pgd_steps: int = option("PGD steps (step eps/4, from x, best iterate; deterministic) of the R_SCORE^l1 attack", 10)
     clamp: bool = option("intersect the ball with [0, 1] (off: the expansion is about the ball itself)", False)
     float64: bool = option("compute in float64 (the classifier is cast; the score net runs in its own dtype)", True)
-    data_dir: str = option("where CIFAR is read from", "data")
     out: str = option("directory of the combined figure", "runs/analysis")
 
     def validate(self) -> None:
-        if not self.runs:
-            raise ValueError("give at least one run directory")
-        check_noise_std(self.noise_std)
-        if not 0 < self.anchor_smoothing < 1:
-            raise ValueError(f"anchor_smoothing must be in (0, 1), got {self.anchor_smoothing}")
+        super().validate()
         if self.n_points < 1 or self.pgd_steps < 1:
             raise ValueError("n_points and pgd_steps must be >= 1")
         if not self.eps_scales or any(not s > 0 for s in self.eps_scales):
@@ -116,9 +103,7 @@ def run_analysis(cfg: AlignmentConfig, recompute: bool = False) -> list[dict]:
             data = sources.DataSource(classifier.test, cfg.scorenet, cfg.noise_std, cfg.anchor_smoothing)
             data_key = classifier.test.name
         settings = cfg.settings(classifier, data)
-        path = sources.cache_path(run, RESULT_NAME)
-        cached = None if recompute else sources.read_cache(path, settings)
-        records.append(cached or sources.write_cache(path, settings, analyse(classifier, data, cfg)))
+        records.append(sources.cached(run, RESULT_NAME, settings, analyse, classifier, data, cfg, recompute=recompute))
     return records
 
 

@@ -39,7 +39,6 @@ import torch
 from tqdm.auto import tqdm
 
 from datagrad import PGD, alignment_terms, intrinsic_risk, madry_risk, score_risk, standard_risk
-from scorenets import check_noise_std
 from trainlib.adversarial import list_snapshots
 from trainlib.config import config_to_dict, option, parse_config, positional, run_cli
 
@@ -50,16 +49,10 @@ VAL_METRICS = ("val/clean_acc", "val/pgd40_cw_acc")
 
 
 @dataclass
-class DynamicsConfig:
+class DynamicsConfig(sources.PosteriorOptions):
     """Per-epoch accuracy, SCORE, Madry KL vs the Corollary 1 floor, and alignment, from each run's snapshots."""
 
     runs: tuple[str, ...] = positional("training run directories with snapshots/", ())
-    scorenet: str | None = option("score net for image data (run directory or scorenet/ folder)",
-                                  sources.DEFAULT_SCORENET)  # fmt: skip
-    noise_std: float = option("sigma of the score-net posterior p_sigma(y|x) ([0, 1] data units, std)",
-                              sources.DEFAULT_NOISE_STD)  # fmt: skip
-    anchor_smoothing: float = option("label smoothing of the clean anchor of the score-net posterior",
-                                     sources.DEFAULT_ANCHOR_SMOOTHING)  # fmt: skip
     n_points: int = option("first n test points (the same for every epoch and run)", 100)
     max_snapshots: int = option("snapshots analysed per run, evenly spaced incl. first and last (0: all)", 10)
     pgd_steps: int = option("PGD steps (step eps/4, uniform start, clamp [0, 1], best iterate) of every attack", 10)
@@ -67,15 +60,10 @@ class DynamicsConfig:
                                               ("l1",))  # fmt: skip
     seed: int = option("seed of the attacks' random starts (the same for every epoch)", 0)
     float64: bool = option("compute in float64 (the classifier is cast; the score net runs in its own dtype)", True)
-    data_dir: str = option("where CIFAR is read from", "data")
     out: str = option("directory of the figures", "runs/analysis")
 
     def validate(self) -> None:
-        if not self.runs:
-            raise ValueError("give at least one run directory")
-        check_noise_std(self.noise_std)
-        if not 0 < self.anchor_smoothing < 1:
-            raise ValueError(f"anchor_smoothing must be in (0, 1), got {self.anchor_smoothing}")
+        super().validate()
         if self.n_points < 1 or self.pgd_steps < 1 or self.max_snapshots < 0:
             raise ValueError("n_points and pgd_steps must be >= 1 and max_snapshots >= 0")
         if "l1" not in self.score_distances or not set(self.score_distances) <= {"kl", "l1", "l2"}:

@@ -44,20 +44,17 @@ SAME_RELATIVE, SAME_COSINE = 0.05, 0.02  # findings call alignment terms within 
 
 
 @dataclass
-class ReportConfig:
+class ReportConfig(sources.ReadoutOptions):
     """Build report.html / report.md from run directories (no retraining)."""
 
     runs: tuple[str, ...] = positional("training run directories", ())
     out: str = option("output directory (report.html, report.md, figures/)", "runs/report")
-    scorenet: str | None = option("score net for the analyses of image data", sources.DEFAULT_SCORENET)
     compute: bool = option("compute missing analyses from the saved weights (default settings)", True)
     n_images: int = option("saliency: first n test images", 6)
     check_browser: bool = option("render report.html in headless Chromium and check that every image loads", False)
-    data_dir: str = option("where CIFAR is read from", "data")
 
     def validate(self) -> None:
-        if not self.runs:
-            raise ValueError("give at least one run directory")
+        super().validate()
         if self.n_images < 1:
             raise ValueError(f"n_images must be >= 1, got {self.n_images}")
 

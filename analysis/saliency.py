@@ -26,29 +26,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from trainlib.config import option, parse_config, positional, run_cli
+from trainlib.config import option, parse_config, run_cli
 from trainlib.files import atomic_write_json
 
 from . import sources
 
 
 @dataclass
-class SaliencyConfig:
+class SaliencyConfig(sources.PosteriorOptions):
     """Input gradients of classifiers next to the data gradient for the same test images."""
 
-    runs: tuple[str, ...] = positional("training run directories (or weights files)", ())
     which: Literal["final", "best"] = option("the run's final EMA weights or best/ (by validation)", "final")
-    scorenet: str | None = option("score net for image data (run directory or scorenet/ folder)",
-                                  sources.DEFAULT_SCORENET)  # fmt: skip
-    noise_std: float = option("sigma of the score-net posterior ([0, 1] data units, std)", sources.DEFAULT_NOISE_STD)
-    anchor_smoothing: float = option("label smoothing of the clean anchor", sources.DEFAULT_ANCHOR_SMOOTHING)
     n_images: int = option("first n test images (one figure row each)", 6)
-    data_dir: str = option("where CIFAR is read from", "data")
     out: str = option("output directory", "runs/analysis")
 
     def validate(self) -> None:
-        if not self.runs:
-            raise ValueError("give at least one run directory")
+        super().validate()
         if self.n_images < 1:
             raise ValueError(f"n_images must be >= 1, got {self.n_images}")
 

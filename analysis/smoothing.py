@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from datagrad import gaussian_risk_samples, smoothing_estimates
 from scorenets import check_noise_std
-from trainlib.config import config_to_dict, option, parse_config, positional, run_cli
+from trainlib.config import config_to_dict, option, parse_config, run_cli
 from trainlib.engine import rank_generator
 
 from . import sources
@@ -44,13 +44,10 @@ RESULT_NAME = "theorem5"
 
 
 @dataclass
-class SmoothingConfig:
+class SmoothingConfig(sources.ReadoutOptions):
     """Theorem 5 (derivative of the Gaussian-augmented risk vs gradient alignment) on trained classifiers."""
 
-    runs: tuple[str, ...] = positional("training run directories (or weights files)", ())
     which: Literal["final", "best"] = option("the run's final EMA weights or best/ (by validation)", "final")
-    scorenet: str | None = option("score net for image data (run directory or scorenet/ folder)",
-                                  sources.DEFAULT_SCORENET)  # fmt: skip
     sigmas: tuple[float, ...] = option("noise stds sigma ([0, 1] data units; variance = sigma^2)",
                                        (0.05, 0.1, 0.2, 0.3, 0.5))  # fmt: skip
     n_points: int | None = option("first n test points x0 (none: all)", 1000)
@@ -59,12 +56,10 @@ class SmoothingConfig:
     seed: int = option("seed of the noise draws", 0)
     batch_size: int = option("classifier batch size (per-sample values: the batching does not change them)", 1024)
     float64: bool = option("compute in float64 (the classifier is cast; the score net runs in its own dtype)", True)
-    data_dir: str = option("where CIFAR is read from", "data")
     out: str = option("directory of the combined figure", "runs/analysis")
 
     def validate(self) -> None:
-        if not self.runs:
-            raise ValueError("give at least one run directory")
+        super().validate()
         if not self.sigmas:
             raise ValueError("give at least one noise std (--sigmas)")
         for sigma in self.sigmas:
@@ -131,9 +126,8 @@ def run_analysis(cfg: SmoothingConfig, recompute: bool = False) -> list[dict]:
         keep = ("which", "sigmas", "n_points", "n_noise", "fd_step", "seed", "float64")
         settings = {k: v for k, v in config_to_dict(cfg).items() if k in keep}
         settings["class_score"] = "exact mixture" if points.data.mixture is not None else str(cfg.scorenet)
-        path = sources.cache_path(run, RESULT_NAME)
-        cached = None if recompute else sources.read_cache(path, settings)
-        records.append(cached or sources.write_cache(path, settings, analyse(classifier, points, cfg)))
+        records.append(sources.cached(run, RESULT_NAME, settings, analyse, classifier, points, cfg,
+                                      recompute=recompute))
     return records
 
 

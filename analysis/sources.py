@@ -38,7 +38,9 @@ import torch
 from torch import Tensor, nn
 
 from datagrad import DataPosterior, GaussianMixture
+from scorenets import check_noise_std
 from trainlib.adversarial import AdversarialConfig, EvaluateConfig, load_classifier, scorenet_posterior_provider
+from trainlib.config import option, positional
 from trainlib.data import ImageDataset
 from trainlib.files import atomic_write_json
 
@@ -47,6 +49,35 @@ DEFAULT_SCORENET = "runs/scorenet-digits"
 DEFAULT_NOISE_STD = AdversarialConfig.noise_std
 DEFAULT_ANCHOR_SMOOTHING = AdversarialConfig.anchor_smoothing
 SCORENET_BATCH = 2048  # UNet inputs per score-net call (B·K inputs per posterior step: CIFAR-100 has K = 100)
+
+
+@dataclass
+class ReadoutOptions:
+    """The options every readout command shares (its config dataclass adds its own after these)."""
+
+    runs: tuple[str, ...] = positional("training run directories (or weights files)", ())
+    scorenet: str | None = option("score net for image data (run directory or scorenet/ folder)", DEFAULT_SCORENET)
+    data_dir: str = option("where CIFAR is read from", "data")
+
+    def validate(self) -> None:
+        if not self.runs:
+            raise ValueError("give at least one run directory")
+
+
+@dataclass
+class PosteriorOptions(ReadoutOptions):
+    """``ReadoutOptions`` plus the score-net data posterior's settings (``DataSource``)."""
+
+    noise_std: float = option("sigma of the score-net posterior p_sigma(y|x) ([0, 1] data units, std)",
+                              DEFAULT_NOISE_STD)  # fmt: skip
+    anchor_smoothing: float = option("label smoothing of the clean anchor of the score-net posterior",
+                                     DEFAULT_ANCHOR_SMOOTHING)  # fmt: skip
+
+    def validate(self) -> None:
+        super().validate()
+        check_noise_std(self.noise_std)
+        if not 0 < self.anchor_smoothing < 1:
+            raise ValueError(f"anchor_smoothing must be in (0, 1), got {self.anchor_smoothing}")
 
 
 def compute_device() -> torch.device:
@@ -172,6 +203,16 @@ def read_cache(path: Path, settings: dict) -> dict | None:
     except ValueError:
         return None
     return cached if cached.get("settings_key") == settings_key(settings) else None
+
+
+def cached(
+    source: str | Path, name: str, settings: dict, compute: Callable[..., dict], *args, recompute: bool = False
+) -> dict:
+    """The result cached for ``source`` under ``name`` with these settings, else ``compute(*args)``, written to the
+    cache first."""
+    path = cache_path(source, name)
+    found = None if recompute else read_cache(path, settings)
+    return found or write_cache(path, settings, compute(*args))
 
 
 def write_cache(path: Path, settings: dict, result: dict) -> dict:
