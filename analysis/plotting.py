@@ -8,14 +8,13 @@ Usage::
         save_figure(fig, out_dir / "curve.png")
 
 Importing this module selects matplotlib's non-interactive Agg backend, so scripts run without a display.
-Every output file is written to a temporary file in its destination folder and moved into place with
-``os.replace``, so a crash never leaves a half-written file under the final name.
+Figures are written with ``trainlib.files.atomic_path`` (a temporary sibling, fsynced, then renamed), so a crash
+never leaves a half-written file under the final name.
 """
 
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +25,8 @@ matplotlib.use("Agg")
 from matplotlib import cycler
 from matplotlib import pyplot as plt
 from matplotlib.figure import Figure
+
+from trainlib.files import atomic_path
 
 # Okabe–Ito colours: distinguishable with the common forms of colour blindness.
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
@@ -56,28 +57,12 @@ def style() -> Iterator[None]:
         yield
 
 
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success move it onto ``path`` (``os.replace``), else delete it.
-
-    The temporary name is hidden, unique and keeps the final suffix (writers that infer the format from it still
-    work); the caller creates the file, so it gets the usual permissions (umask), unlike ``tempfile.mkstemp``'s 0600.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: float | None = None) -> Path:
     """Save ``fig`` atomically as PNG at ``path`` (resolution ``dpi``, default ``savefig.dpi``), then close it."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"figures are saved as PNG; expected a path ending in .png, got {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=dpi)

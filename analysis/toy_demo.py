@@ -78,8 +78,9 @@ from datagrad import (
     standard_risk,
 )
 from trainlib.config import OneLineErrorParser
+from trainlib.files import atomic_write_text
 
-from .plotting import atomic_path, plt, save_figure, style
+from .plotting import plt, save_figure, style
 
 FORMS = ("expectation", "finite_sample")
 METHODS = ("standard", "madry", "score")
@@ -384,8 +385,7 @@ def _run_demo(cfg: ToyDemoConfig, out_dir: Path) -> dict:
         "results": results,
         "wall_seconds": time.perf_counter() - started,
     }
-    with atomic_path(out_dir / "toy_demo.json") as tmp:
-        tmp.write_text(json.dumps(record, indent=1, allow_nan=False))
+    atomic_write_text(out_dir / "toy_demo.json", json.dumps(record, indent=1, allow_nan=False))
     return record
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from analysis import toy_demo
-from analysis.plotting import atomic_path, plt, save_figure
+from analysis.plotting import plt, save_figure
 from datagrad import seed_toy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,16 +163,23 @@ def test_config_rejects_bad_values():
         toy_demo.objective("trades", None, torch.zeros(1, 1), seed_toy(), None, None)
 
 
-def test_atomic_path_leaves_nothing_on_failure(tmp_path):
-    target = tmp_path / "sub" / "file.json"
-    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
-        tmp.write_text("partial")
+def test_save_figure_is_atomic(tmp_path):
+    target = tmp_path / "sub" / "figure.png"
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+
+    def crash_midway(path, **kwargs):
+        Path(path).write_bytes(b"partial png")
         raise RuntimeError("crash while writing")
+
+    fig.savefig = crash_midway
+    with pytest.raises(RuntimeError, match="crash while writing"):
+        save_figure(fig, target)
     assert not target.exists() and list(target.parent.iterdir()) == []
-    with atomic_path(target) as tmp:
-        assert tmp.suffix == ".json" and tmp.parent == target.parent
-        tmp.write_text("done")
-    assert target.read_text() == "done" and list(target.parent.iterdir()) == [target]
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    assert save_figure(fig, target) == target
+    assert target.read_bytes()[:8] == PNG_SIGNATURE and list(target.parent.iterdir()) == [target]
     umask = os.umask(0)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # ordinary permissions, not mkstemp's 0600
