@@ -1,8 +1,11 @@
 """The seed's 1-D toy demo: SCORE recovers p_d(y|x), Madry's robust error does not (FACTS §1–2).
 
-    python -m analysis.toy_demo --out runs/toy_demo            # full setting, a few minutes on 2 CPU cores
-    python -m analysis.toy_demo --out /tmp/toy --quick         # reduced setting used by the tests
-    python -m analysis.toy_demo --out runs/toy_demo --threads 1  # on a CPU shared with other jobs (see below)
+    python -m analysis.toy_demo --out runs/toy_demo                                  # full setting, minutes on 2 cores
+    python -m analysis.toy_demo --config recipes/toy-demo-quick.json --out /tmp/toy  # reduced setting of the tests
+    python -m analysis.toy_demo --out runs/toy_demo --threads 1                      # on a CPU shared with other jobs
+
+Options are the fields of ``ToyDemoConfig`` (``--help`` lists them; ``trainlib.config``: defaults < ``--config``
+recipe < flags); the resolved config is recorded in ``toy_demo.json``.
 
 Data: ``datagrad.seed_toy()``, p(y=0) = 5/6, p(y=1) = 1/6, x|y=0 ~ N(−1, 2²), x|y=1 ~ N(1, 1²) (stds).
   expectation form    60,000 pairs: exactly 50,000 of class 0 and 10,000 of class 1
@@ -77,7 +80,7 @@ from datagrad import (
     self_consistent_kl,
     standard_risk,
 )
-from trainlib.config import OneLineErrorParser
+from trainlib.config import option, parse_config, run_cli
 from trainlib.files import atomic_write_text
 
 from .plotting import plt, save_figure, style
@@ -91,21 +94,24 @@ ACCEPTANCE_DEVIATION = 0.02  # expectation-form SCORE must stay below this on th
 
 @dataclass(frozen=True)
 class ToyDemoConfig:
-    seed: int = 0  # seeds the data, the shared initialisation and every run's minibatch/PGD generator
-    expectation_counts: tuple[int, int] = (50_000, 10_000)  # pairs of class 0 and class 1
-    finite_counts: tuple[int, int] = (5, 1)
-    hidden: int = 100  # width of both hidden layers
-    iterations: int = 2000  # Adam steps per run (see the module docstring)
-    batch_size: int = 6000  # i.i.d. minibatch size; forms with fewer pairs use them all
-    lr: float = 1e-3
-    eps: float = 1.0  # radius of B(x) = [x − ε, x + ε]
-    pgd_steps: int = 10
-    pgd_step_size: float = 0.1
-    grid: tuple[float, float, int] = (-6.0, 6.0, 1201)  # (low, high, points) where curves are compared
-    eval_points: int = 2000  # expectation-form points on which the theorems are checked
-    check_points: int = 401  # GridSearch candidates per ball
-    device: str = "cpu"
-    threads: int | None = None  # CPU intra-op threads for the run; None keeps torch's setting
+    """The 1-D toy demo: six (form, method) runs, the Theorem 1 / Corollary 1 checks and the figures."""
+
+    out: str = option("output folder (created if missing)", "runs/toy_demo")
+    seed: int = option("seeds the data, the shared initialisation and every run's minibatch/PGD generator", 0)
+    expectation_counts: tuple[int, int] = option("expectation form: pairs of class 0 and class 1", (50_000, 10_000))
+    finite_counts: tuple[int, int] = option("finite-sample form: pairs of class 0 and class 1", (5, 1))
+    hidden: int = option("width of both hidden layers of the MLP", 100)
+    iterations: int = option("Adam steps per run (see the module docstring)", 2000)
+    batch_size: int = option("i.i.d. minibatch size; forms with fewer pairs use them all", 6000)
+    lr: float = option("Adam learning rate", 1e-3)
+    eps: float = option("radius ε of the l-inf ball B(x) = [x − ε, x + ε]", 1.0)
+    pgd_steps: int = option("PGD steps of the inner maximisation", 10)
+    pgd_step_size: float = option("PGD step size", 0.1)
+    grid: tuple[float, float, int] = option("(low, high, points) where the curves are compared", (-6.0, 6.0, 1201))
+    eval_points: int = option("expectation-form points on which the theorems are checked", 2000)
+    check_points: int = option("GridSearch candidates per ball", 401)
+    device: str = option("torch device, e.g. cpu or cuda", "cpu")
+    threads: int | None = option("CPU intra-op threads (none: torch's); 1 is robust on a busy machine", None)
 
     def __post_init__(self):
         for name in ("iterations", "batch_size", "hidden", "eval_points"):
@@ -141,17 +147,6 @@ class ToyDemoConfig:
             raise ValueError(f"unknown device {self.device!r}; use e.g. cpu or cuda") from None
         if device_type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} requested but CUDA is not available")
-
-
-# Reduced setting for tests: a 6,000-pair expectation form, fewer and smaller steps, a coarser check grid.
-QUICK = {
-    "expectation_counts": (5_000, 1_000),
-    "iterations": 300,
-    "batch_size": 1_000,
-    "grid": (-6.0, 6.0, 241),
-    "eval_points": 200,
-    "check_points": 101,
-}
 
 
 # -- data, model, objectives -------------------------------------------------------------------------------
@@ -291,13 +286,13 @@ def plot_form(
 
 
 # -- the whole demo ------------------------------------------------------------------------------------------
-def run_demo(cfg: ToyDemoConfig, out_dir: str | Path) -> dict:
-    """Train the six (form, method) models, check the theorems, write figures and ``toy_demo.json``; return it."""
+def run_demo(cfg: ToyDemoConfig) -> dict:
+    """Train the six (form, method) models, check the theorems, write figures and ``toy_demo.json`` to ``cfg.out``."""
     previous_threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
-        return _run_demo(cfg, Path(out_dir))
+        return _run_demo(cfg, Path(cfg.out))
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -415,38 +410,14 @@ def format_summary(record: dict) -> str:
 
 
 # -- command line --------------------------------------------------------------------------------------------
-def parse_args(argv: Sequence[str] | None = None) -> tuple[ToyDemoConfig, Path]:
-    """Build the config from the command line: defaults, then ``--quick``'s reductions, then explicit flags."""
-    parser = OneLineErrorParser(prog="python -m analysis.toy_demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="output folder (created if missing)")
-    parser.add_argument("--quick", action="store_true", help="reduced setting for tests (about 15 s on 2 CPU cores)")
-    parser.add_argument("--seed", type=int, help="seed for data, initialisation and minibatches/PGD (default 0)")
-    parser.add_argument("--iterations", type=int, help="Adam steps per run (default 2000)")
-    parser.add_argument("--batch-size", type=int, help="minibatch size (default 6000)")
-    parser.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
-    parser.add_argument("--eps", type=float, help="radius of the l-inf ball B(x) (default 1)")
-    parser.add_argument("--pgd-steps", type=int, help="PGD steps (default 10)")
-    parser.add_argument("--pgd-step-size", type=float, help="PGD step size (default 0.1)")
-    parser.add_argument("--eval-points", type=int, help="points for the theorem checks (default 2000)")
-    parser.add_argument("--device", help="torch device, e.g. cpu or cuda (default cpu)")
-    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's); 1 is robust on a busy machine")
-    args = vars(parser.parse_args(argv))
-    out, quick = args.pop("out"), args.pop("quick")
-    overrides = {**(QUICK if quick else {}), **{k: v for k, v in args.items() if v is not None}}
-    return ToyDemoConfig(**overrides), out
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        cfg, out = parse_args(argv)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    record = run_demo(cfg, out)
+def main(argv: Sequence[str] | None = None) -> dict:
+    cfg = parse_config(ToyDemoConfig, None if argv is None else list(argv), prog="python -m analysis.toy_demo")
+    record = run_demo(cfg)
+    out = Path(cfg.out)
     print(format_summary(record))
     print(f"wrote {out / 'toy_demo.json'} and {', '.join(str(out / f) for f in record['figures'].values())}")
-    return 0
+    return record
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(lambda: main(sys.argv[1:]))

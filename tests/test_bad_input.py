@@ -41,7 +41,7 @@ ENTRY_POINTS = {
     "quality": ("trainlib.quality", True),
     "compare_objectives": ("analysis.compare_objectives", True),
     "validate_posterior": ("analysis.validate_posterior", True),
-    "toy_demo": ("analysis.toy_demo", False),
+    "toy_demo": ("analysis.toy_demo", True),
     "alignment": ("analysis.alignment", True),
     "smoothing": ("analysis.smoothing", True),
     "dynamics": ("analysis.dynamics", True),
@@ -178,7 +178,6 @@ ROWS = [
     row("toy_demo", "eps must be >= 0, got -1.0", "--out", "{out}", "--eps", "-1"),
     row("toy_demo", "threads must be >= 1, got 0", "--out", "{out}", "--threads", "0"),
     row("toy_demo", "argument --iterations: invalid int value: 'many'", "--out", "{out}", "--iterations", "many"),
-    row("toy_demo", "the following arguments are required: --out", "--quick", subprocess=True),
     # readouts of trained runs: run directories, class counts of classifier and score net, σ
     row("alignment", "give at least one run directory", "--out", "{out}"),
     row("alignment", "checkpoint not found", "{in}/missing-run", "--out", "{out}"),

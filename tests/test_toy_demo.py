@@ -16,6 +16,8 @@ from datagrad import seed_toy
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+QUICK_RECIPE = REPO / "recipes" / "toy-demo-quick.json"
+QUICK = json.loads(QUICK_RECIPE.read_text())
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +25,11 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy_demo")
     # One thread: as fast on an idle 2-core machine and ~10x faster when other processes share the cores.
     threads = torch.get_num_threads()
-    assert toy_demo.main(["--out", str(out), "--quick", "--threads", "1"]) == 0
+    record = toy_demo.main(["--config", str(QUICK_RECIPE), "--out", str(out), "--threads", "1"])
     assert torch.get_num_threads() == threads, "the demo must restore the thread count"
-    return out, json.loads((out / "toy_demo.json").read_text())
+    saved = json.loads((out / "toy_demo.json").read_text())
+    assert saved["config"] == json.loads(json.dumps(record["config"]))
+    return out, saved
 
 
 def _all_numbers(obj):
@@ -45,14 +49,14 @@ def test_json_structure_and_values(quick_run):
     assert set(record["results"]) == set(toy_demo.FORMS)
     assert all(set(methods) == set(toy_demo.METHODS) for methods in record["results"].values())
     assert all(math.isfinite(v) for v in _all_numbers(record))
-    assert record["config"]["iterations"] == toy_demo.QUICK["iterations"]
+    assert record["config"]["iterations"] == QUICK["iterations"]
     assert record["environment"]["torch"] == torch.__version__
     assert record["environment"]["threads"] == 1 == record["config"]["threads"]
     assert record["wall_seconds"] > 0
 
     # True curve against the closed-form log-odds of FACTS §2, computed independently of datagrad.
     x = torch.tensor(record["grid"]["x"], dtype=torch.float64)
-    low, high, points = toy_demo.QUICK["grid"]
+    low, high, points = QUICK["grid"]
     assert len(x) == points and x[0] == low and x[-1] == high
     log_odds = -0.375 * x**2 + 1.25 * x + 0.5 * math.log(4) - math.log(5) - 0.375
     true = torch.tensor(record["grid"]["true_posterior"], dtype=torch.float64)
@@ -144,13 +148,13 @@ def test_tiny_run_is_deterministic(tmp_path):
         expectation_counts=(40, 8), iterations=4, batch_size=16, hidden=8, grid=(-6.0, 6.0, 13),
         eval_points=10, check_points=5,
     )
-    first = toy_demo.run_demo(cfg, tmp_path / "a")
-    second = toy_demo.run_demo(cfg, tmp_path / "b")
+    first = toy_demo.run_demo(dataclasses.replace(cfg, out=str(tmp_path / "a")))
+    second = toy_demo.run_demo(dataclasses.replace(cfg, out=str(tmp_path / "b")))
     for form in toy_demo.FORMS:
         for method in toy_demo.METHODS:
             assert first["results"][form][method]["curve"] == second["results"][form][method]["curve"]
             assert first["results"][form][method]["train_loss"] == second["results"][form][method]["train_loss"]
-    other = toy_demo.run_demo(dataclasses.replace(cfg, seed=1), tmp_path / "c")
+    other = toy_demo.run_demo(dataclasses.replace(cfg, seed=1, out=str(tmp_path / "c")))
     assert other["results"]["expectation"]["score"]["curve"] != first["results"]["expectation"]["score"]["curve"]
 
 
