@@ -132,6 +132,16 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(run_with_two_checkpoin
         resolve_resume(str(newest), run_dir)
 
 
+def test_resume_latest_refuses_when_every_checkpoint_is_damaged(run_with_two_checkpoints, tmp_path):
+    run_dir = copy_run(run_with_two_checkpoints[0], tmp_path)
+    for step in ("step_000003", "step_000005"):
+        (run_dir / "checkpoints" / step / "manifest.json").unlink()
+    with pytest.warns(CheckpointWarning, match="skipping checkpoint"):
+        assert latest_checkpoint(run_dir) is None
+    with pytest.warns(CheckpointWarning), pytest.raises(ValueError, match=r"none of the 2 checkpoint\(s\) under"):
+        resolve_resume("latest", run_dir)
+
+
 def test_leftover_temporary_is_ignored_and_cleaned(run_with_two_checkpoints, tmp_path):
     run_dir = copy_run(run_with_two_checkpoints[0], tmp_path)
     leftover = temporary_path(run_dir / "checkpoints" / "step_000007", "save")

@@ -190,7 +190,17 @@ def _resolve_resume(resume: str, run_dir: str | os.PathLike) -> Path | None:
     if resume == "none":
         return None
     if resume == "latest":
-        return latest_checkpoint(run_dir)
+        path = latest_checkpoint(run_dir)
+        found = list_checkpoints(Path(run_dir) / "checkpoints")
+        if path is None and found:
+            # Never a crash (checkpoints appear by rename only when complete): damage on disk. Starting over would
+            # prune them and silently throw the run away, so stop and let the user decide.
+            raise ValueError(
+                f"--resume latest: none of the {len(found)} checkpoint(s) under {Path(run_dir) / 'checkpoints'} "
+                "passes its manifest check (see the warnings); repair one and resume it by path, or move the run "
+                "directory away to start over"
+            )
+        return path
     path = Path(resume)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint to resume from not found: {path}")
@@ -202,6 +212,9 @@ def _resolve_resume(resume: str, run_dir: str | os.PathLike) -> Path | None:
 
 def resolve_resume(resume: str, run_dir: str | os.PathLike, accelerator=None) -> Path | None:
     """Turn ``--resume latest|PATH|none`` into a verified checkpoint folder (None: start fresh).
+
+    ``latest`` skips damaged checkpoints (with a warning) for the newest good one, starts fresh where there is
+    none, and raises ValueError where every checkpoint is damaged (restarting would prune them).
 
     With an accelerator, the main process resolves (hashing the files once) and broadcasts the answer,
     so every rank resumes from the same folder or raises the same error.
