@@ -145,6 +145,25 @@ def test_resume_cuts_a_partial_last_metrics_line(tmp_path, tail, steps):
     assert "partial last line of metrics.jsonl" in (tmp_path / "run" / "log.txt").read_text()
 
 
+def test_rewind_metrics_cuts_back_to_a_saved_size(tmp_path):
+    run = RunDir(tmp_path / "run", Cfg())
+    for step in (1, 2):
+        run.log_metrics({"loss": 1.0 / step}, step=step)
+    saved = run.metrics_size()  # as a checkpoint at step 2 records it
+    for step in (3, 4):
+        run.log_metrics({"loss": 1.0 / step}, step=step)
+    run.close()
+    resumed = RunDir(tmp_path / "run", Cfg(), resume=True)
+    with pytest.raises(ValueError, match="not the end of a record"):
+        resumed.rewind_metrics(saved - 1)
+    assert resumed.rewind_metrics(saved) == 2
+    assert resumed.rewind_metrics(saved) == 0  # nothing more to cut
+    for step in (3, 4):
+        resumed.log_metrics({"loss": 0.5 / step}, step=step)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 0.5), (3, 0.5 / 3), (4, 0.125)]
+
+
 def test_run_dir_on_other_ranks_writes_nothing(tmp_path):
     run = RunDir(tmp_path / "run", None, is_main_process=False)
     run.log("x")

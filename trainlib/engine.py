@@ -77,7 +77,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .checkpoint import CheckpointMeta, load_checkpoint, resolve_resume, save_step_checkpoint
+from .checkpoint import CheckpointMeta, load_checkpoint, read_meta, resolve_resume, save_step_checkpoint
 from .config import NONFINITE_EXIT_CODE, RunFault, config_hash
 from .files import cleanup_temporaries
 from .rundir import RunDir
@@ -207,6 +207,7 @@ class NonFiniteError(RunFault):
 
 _NONE = torch.iinfo(torch.int64).max  # "no bad step yet"
 _SKIPPED_KEY = "nonfinite_skipped"  # CheckpointMeta.extra: steps skipped so far (mode "skip")
+_METRICS_SIZE_KEY = "metrics_bytes"  # CheckpointMeta.extra: size of metrics.jsonl when the checkpoint was saved
 _WHAT = {1: "loss", 2: "gradient norm", 3: "loss and gradient norm"}
 
 
@@ -288,7 +289,7 @@ class StartPosition:
     epoch: int = 0
     batch_in_epoch: int = 0
     checkpoint: Path | None = None  # the checkpoint it was restored from (None: fresh start)
-    extra: dict = dataclasses.field(default_factory=dict)  # CheckpointMeta.extra of that checkpoint
+    extra: dict = dataclasses.field(default_factory=dict)  # the caller's CheckpointMeta.extra of that checkpoint
 
     def batch_for(self, epoch: int) -> int:
         """The first batch to run in ``epoch``: ``batch_in_epoch`` in the resumed epoch, 0 in later ones."""
@@ -343,6 +344,8 @@ class TrainingSession:
         if accelerator.is_main_process:
             for path in cleanup_temporaries(self.run.checkpoints_dir):
                 self.run.log(f"removed temporary {path.name} left by an interrupted save")
+            if resume != "none":
+                self._rewind_metrics()
         accelerator.wait_for_everyone()
         self.guard = NonFiniteGuard(accelerator, nonfinite, log=self.run.log)
         self._sums: dict[str, Tensor] = {}
@@ -354,6 +357,24 @@ class TrainingSession:
         self._tick = time.perf_counter()
 
     # -- start / resume -------------------------------------------------------------------------------------
+    def _rewind_metrics(self) -> None:
+        """Cut metrics.jsonl back to the resumed checkpoint: the resumed run writes the rest again."""
+        if self._checkpoint is None:
+            size, step = 0, 0  # nothing to resume: every record is rewritten from step 0
+        else:
+            meta = read_meta(self._checkpoint)
+            if _METRICS_SIZE_KEY not in meta.extra:
+                return  # a checkpoint from before this was recorded: keep every record
+            size, step = int(meta.extra[_METRICS_SIZE_KEY]), meta.step
+        try:
+            dropped = self.run.rewind_metrics(size)
+        except ValueError as error:  # metrics.jsonl was edited by hand: keep it, the resumed run appends
+            self.run.log(f"note: kept metrics.jsonl as it is ({error})")
+            return
+        if dropped:
+            self.run.log(f"removed {dropped} metrics record(s) written after step {step}; the resumed run writes them "
+                         "again")  # fmt: skip
+
     def start(self, *stateful: Any) -> StartPosition:
         """Register extra state (e.g. the EMA) for checkpointing, then restore the resolved checkpoint, if any.
 
@@ -367,7 +388,8 @@ class TrainingSession:
             meta = load_checkpoint(self.accelerator, self._checkpoint)
             if meta.config_hash and meta.config_hash != config_hash(self.config):
                 self.run.log(f"note: {self._checkpoint.name} was written with different options (see config.json)")
-            position = StartPosition(meta.step, meta.epoch, meta.batch_in_epoch, self._checkpoint, dict(meta.extra))
+            extra = {key: value for key, value in meta.extra.items() if key not in (_SKIPPED_KEY, _METRICS_SIZE_KEY)}
+            position = StartPosition(meta.step, meta.epoch, meta.batch_in_epoch, self._checkpoint, extra)
             self._last_saved, self._last_checkpoint = meta.step, self._checkpoint
             self.guard.skipped = int(meta.extra.get(_SKIPPED_KEY, 0))
             self.run.log(f"resumed from {self._checkpoint} at step {meta.step} (epoch {meta.epoch}, "
@@ -395,6 +417,7 @@ class TrainingSession:
         if step == self._last_saved:
             return None
         extra = dict(extra or {}) | ({_SKIPPED_KEY: self.guard.skipped} if self.guard.mode == "skip" else {})
+        extra[_METRICS_SIZE_KEY] = self.run.metrics_size()  # what a resume from here rewinds metrics.jsonl to
         meta = CheckpointMeta(step, epoch, batch_in_epoch, config_hash(self.config), extra=extra)
         path = save_step_checkpoint(self.accelerator, self.run.checkpoints_dir, meta, self.keep_last)
         self._last_saved, self._last_checkpoint = step, path

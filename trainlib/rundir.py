@@ -12,8 +12,9 @@ Only the main process writes; on other ranks every method is a no-op, so callers
 An existing run directory is never deleted: starting again with ``resume=True`` appends to the log and
 metrics (and records changed options in the log); starting a fresh run into a directory that already
 holds one is refused with a ValueError. A resume first cuts a partial last line that a crash in the middle of an
-append left in metrics.jsonl, so the file stays valid JSON lines (steps after the last checkpoint are then
-recorded twice, the resumed run's records last).
+append left in metrics.jsonl, so the file stays valid JSON lines. ``metrics_size``/``rewind_metrics`` let a
+training session cut metrics.jsonl back to what it held when the resumed checkpoint was saved (the resumed run
+writes those records again), so every step appears once.
 """
 
 from __future__ import annotations
@@ -168,6 +169,32 @@ class RunDir:
         tqdm.write(message)
         with open(self.path / "log.txt", "a") as f:
             f.write(f"[{_now()}] {message}\n")
+
+    def metrics_size(self) -> int:
+        """Bytes in metrics.jsonl now (0 where there is none, and on other ranks): a position to rewind to."""
+        path = self.path / "metrics.jsonl"
+        return path.stat().st_size if self.is_main_process and path.is_file() else 0
+
+    def rewind_metrics(self, size: int) -> int:
+        """Cut metrics.jsonl back to its first ``size`` bytes (a ``metrics_size()`` taken earlier); returns the number
+        of records removed (main process only).
+
+        Used on resume: everything written after the resumed checkpoint is recomputed by the resumed run. (TensorBoard
+        needs no help: its reader drops the older events when a step repeats after a restart.)
+        """
+        path = self.path / "metrics.jsonl"
+        if not self.is_main_process or not path.is_file() or path.stat().st_size <= size:
+            return 0
+        with open(path, "rb+") as f:
+            if size:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    raise ValueError(f"{path}: byte {size} is not the end of a record; was the file edited?")
+            f.seek(size)
+            dropped = f.read().count(b"\n")
+            f.truncate(size)
+            os.fsync(f.fileno())
+        return dropped
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
         """Append {"step", "time", **metrics} to metrics.jsonl and numeric values to TensorBoard."""
