@@ -141,10 +141,9 @@ class AdversarialConfig:
 
     def validate(self) -> None:
         """Check values that need no files (``--dry-run`` runs this too)."""
-        from .data import DATASET_NAMES, TOY_MIXTURES
+        from .data import TOY_MIXTURES, check_dataset_name
 
-        if not (self.dataset in DATASET_NAMES or self.dataset.startswith("npz:")):
-            raise ValueError(f"unknown dataset {self.dataset!r}; valid: {', '.join(DATASET_NAMES)}")
+        check_dataset_name(self.dataset)
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; valid: {', '.join(OBJECTIVES)}")
         positive = dict(eps=self.eps, step_size=self.step_size, steps=self.steps, batch_size=self.batch_size,

@@ -363,20 +363,25 @@ def _load_npz_split(path: str, split: str, num_classes: int | None) -> ImageData
 DATASET_NAMES = ("digits", "cifar10", "cifar100", *TOY_MIXTURES, "npz:PATH")
 
 
+def check_dataset_name(name: str) -> None:
+    """ValueError naming the valid choices unless ``name`` is a known dataset or ``npz:PATH`` (no files read)."""
+    if not (name in DATASET_NAMES or name.startswith("npz:")):
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+
+
 def load_dataset(
     name: str, split: str = "train", data_dir: str | os.PathLike = "data", num_classes: int | None = None
 ) -> ImageDataset:
     """Load a named dataset split (see module docstring); ``num_classes`` bounds labels of npz data."""
     _check_split(split)
+    check_dataset_name(name)
     if name.startswith("npz:"):
         return _load_npz_split(name[len("npz:") :], split, num_classes)
     if name == "digits":
         return _load_digits(split, data_dir)
     if name in ("cifar10", "cifar100"):
         return _load_cifar(name, split, data_dir)
-    if name in TOY_MIXTURES:
-        return _load_toy(name, split, data_dir)
-    raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    return _load_toy(name, split, data_dir)  # TOY_MIXTURES, the remaining names
 
 
 # -- sampling ----------------------------------------------------------------------------------------------------------

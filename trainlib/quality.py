@@ -39,7 +39,7 @@ from tqdm.auto import trange
 from .adversarial import WEIGHTS_METADATA_KEY, build_classifier
 from .checkpoint import load_weights, load_weights_metadata, save_weights
 from .config import config_to_dict, option, parse_config, run_cli
-from .data import DATASET_NAMES, BatchLoader, ImageDataset, load_dataset, load_generated, ordered_batches
+from .data import BatchLoader, ImageDataset, check_dataset_name, load_dataset, load_generated, ordered_batches
 from .files import atomic_write_json
 
 CLASSIFIER_FILE = "classifier.safetensors"
@@ -64,8 +64,7 @@ class QualityConfig:
     out: str | None = option("output directory (none: <generated>/quality)", None)
 
     def validate(self) -> None:
-        if not (self.dataset in DATASET_NAMES or self.dataset.startswith("npz:")):
-            raise ValueError(f"unknown dataset {self.dataset!r}; valid: {', '.join(DATASET_NAMES)}")
+        check_dataset_name(self.dataset)
         for name in ("epochs", "batch_size", "lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

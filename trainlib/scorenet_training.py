@@ -38,7 +38,7 @@ from scorenets import PRESETS, ScoreNet, dsm_loss
 from scorenets.unet import CONFIG_NAME
 
 from .config import option
-from .data import DATASET_NAMES, BatchLoader, ImageDataset, load_dataset
+from .data import BatchLoader, ImageDataset, check_dataset_name, load_dataset
 from .ema import EMA
 from .engine import (
     DEFAULT_COLLECTIVE_TIMEOUT,
@@ -92,8 +92,7 @@ class ScoreNetConfig:
 
     def validate(self) -> None:
         """Check values that need no files (``--dry-run`` runs this too)."""
-        if not (self.dataset in DATASET_NAMES or self.dataset.startswith("npz:")):
-            raise ValueError(f"unknown dataset {self.dataset!r}; valid: {', '.join(DATASET_NAMES)}")
+        check_dataset_name(self.dataset)
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"unknown UNet preset {self.preset!r}; valid presets: {', '.join(PRESETS)}")
         positive = dict(batch_size=self.batch_size, steps=self.steps, lr=self.lr, log_every=self.log_every,
