@@ -39,6 +39,7 @@ from datagrad import PGD, alignment_terms, dual_exponent, expansion_check
 from trainlib.config import config_to_dict, option, parse_config, run_cli
 
 from . import sources
+from .markdown import markdown_table
 
 RESULT_NAME = "theorem4"
 
@@ -109,16 +110,16 @@ def run_analysis(cfg: AlignmentConfig, recompute: bool = False) -> list[dict]:
 
 def format_table(records: list[dict]) -> str:
     """Markdown: per run the alignment terms and the expansion slope."""
-    header = ("| run | objective | A = E‖∇p_d − ∇p_θ‖_q | general coeff. | sign cond. | cos(∇log p_θ, ∇log p_d) | "
-              "E‖∇p_θ‖_q | E‖∇p_d‖_q | R_Std^ℓ1 | gap slope (2εA) | gap slope (general) |")  # fmt: skip
-    lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
+    header = ["run", "objective", "A = E‖∇p_d − ∇p_θ‖_q", "general coeff.", "sign cond.", "cos(∇log p_θ, ∇log p_d)",
+              "E‖∇p_θ‖_q", "E‖∇p_d‖_q", "R_Std^ℓ1", "gap slope (2εA)", "gap slope (general)"]
+    rows = []
     for r in records:
         t, e = r["terms"], r["expansion"]
-        lines.append(f"| {Path(r['run']).name} | {r['objective']} | {t['alignment']:.4f} | {t['general']:.4f} | "
-                     f"{t['sign_condition']:.2f} | {t['cosine']:.3f} | {t['model_grad_norm']:.4f} | "
-                     f"{t['data_grad_norm']:.2e} | {t['standard_l1']:.4f} | {e['slope']:.2f} | "
-                     f"{e['slope_general']:.2f} |")  # fmt: skip
-    return "\n".join(lines) + "\n"
+        rows.append([Path(r["run"]).name, r["objective"], f"{t['alignment']:.4f}", f"{t['general']:.4f}",
+                     f"{t['sign_condition']:.2f}", f"{t['cosine']:.3f}", f"{t['model_grad_norm']:.4f}",
+                     f"{t['data_grad_norm']:.2e}", f"{t['standard_l1']:.4f}", f"{e['slope']:.2f}",
+                     f"{e['slope_general']:.2f}"])  # fmt: skip
+    return markdown_table(header, rows) + "\n"
 
 
 def plot_expansion(path: Path, records: list[dict]) -> Path:

@@ -21,6 +21,8 @@ from trainlib import adversarial, scorenet_training
 from trainlib.config import load_recipe, parse_config, run_cli
 from trainlib.files import atomic_write_json, atomic_write_text
 
+from .markdown import markdown_table
+
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 DIGITS_RECIPES = tuple(
     str(RECIPES_DIR / f"digits-{name}.json")
@@ -101,14 +103,13 @@ def _evaluate(training: adversarial.AdversarialConfig, cfg: CompareConfig) -> di
 def format_table(rows: list[dict]) -> str:
     """A Markdown table: one row per recipe, accuracies in percent, and whether the sanity checks passed."""
     header = ["recipe", "objective", *(title for _, title in COLUMNS), "sanity checks"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    cells = []
     for row in rows:
         record = row["record"]
-        cells = [row["recipe"], row["objective"], *(str(record.get(key) or "—") for key, _ in COLUMNS)]
         failed = [c["name"] for c in record.get("sanity_checks", []) if not c["passed"]]
-        cells.append("passed" if not failed else "failed: " + ", ".join(failed))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        cells.append([row["recipe"], row["objective"], *(str(record.get(key) or "—") for key, _ in COLUMNS),
+                      "passed" if not failed else "failed: " + ", ".join(failed)])
+    return markdown_table(header, cells) + "\n"
 
 
 def compare(cfg: CompareConfig) -> list[dict]:

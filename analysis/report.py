@@ -36,6 +36,7 @@ from trainlib.files import atomic_write_json, atomic_write_text
 from trainlib.rundir import git_revision
 
 from . import alignment, dynamics, saliency, smoothing, sources
+from .markdown import markdown_table
 
 FIGURES_DIR = "figures"
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -354,14 +355,11 @@ def render_html(title: str, meta: list[str], notes: list[str], table_list, figur
 
 
 def render_markdown(title: str, meta: list[str], notes: list[str], table_list, figures: list[Figure]) -> str:
-    cell = lambda text: str(text).replace("|", "\\|")
     lines = [f"# {title}", ""] + [f"- {line}" for line in meta] + [""]
     if notes:
         lines += ["## Findings", ""] + [f"- {line}" for line in notes] + [""]
     for heading, caption, header, rows in table_list:
-        lines += [f"## {heading}", "", caption, "", "| " + " | ".join(cell(h) for h in header) + " |",
-                  "|" + "---|" * len(header)]  # fmt: skip
-        lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows] + [""]
+        lines += [f"## {heading}", "", caption, "", markdown_table(header, rows), ""]
     lines += ["## Figures", ""]
     for index, figure in enumerate(figures, start=1):
         lines += [f"![{figure.title}]({figure.file})", "", f"**Figure {index}. {figure.title}.** {figure.caption}", ""]

@@ -39,6 +39,7 @@ from trainlib.config import config_to_dict, option, parse_config, run_cli
 from trainlib.engine import rank_generator
 
 from . import sources
+from .markdown import markdown_table
 
 RESULT_NAME = "theorem5"
 
@@ -133,17 +134,16 @@ def run_analysis(cfg: SmoothingConfig, recompute: bool = False) -> list[dict]:
 
 def format_table(records: list[dict]) -> str:
     """Markdown: per run and σ, dR_G/dσ by the three estimators (± standard error) and dR_G/ds from the score side."""
-    header = ("| run | σ (std) | R_G | dR_G/dσ finite diff. | dR_G/dσ score side | dR_G/dσ pathwise | rel. error | "
-              "0 in 95 % CI of score − FD | dR_G/ds score side (s = σ²) |")  # fmt: skip
-    lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
+    header = ["run", "σ (std)", "R_G", "dR_G/dσ finite diff.", "dR_G/dσ score side", "dR_G/dσ pathwise", "rel. error",
+              "0 in 95 % CI of score − FD", "dR_G/ds score side (s = σ²)"]
+    rows = []
     for r in records:
         for e in r["results"]:
             cell = lambda name, d=e["d_risk_d_std"]: f"{d[name]['mean']:.4g} ± {d[name]['stderr']:.2g}"
-            lines.append(f"| {Path(r['run']).name} | {e['sigma']:g} | {e['risk']['mean']:.4f} | "
-                         f"{cell('finite_difference')} | {cell('score')} | {cell('pathwise')} | "
-                         f"{e['relative_error']:.3f} | {'yes' if e['agree_within_interval'] else 'no'} | "
-                         f"{e['d_risk_d_var']['score']['mean']:.4g} |")  # fmt: skip
-    return "\n".join(lines) + "\n"
+            rows.append([Path(r["run"]).name, f"{e['sigma']:g}", f"{e['risk']['mean']:.4f}", cell("finite_difference"),
+                         cell("score"), cell("pathwise"), f"{e['relative_error']:.3f}",
+                         "yes" if e["agree_within_interval"] else "no", f"{e['d_risk_d_var']['score']['mean']:.4g}"])
+    return markdown_table(header, rows) + "\n"
 
 
 def plot_derivatives(path: Path, records: list[dict]) -> Path:
