@@ -1,9 +1,9 @@
 """datagrad: the exact core of self-consistent robustness (SCORE).
 
 Distances between categorical distributions, the data-posterior interface, closed-form toy
-distributions, self-consistent losses with the full data gradient, PGD / grid inner maximizers,
-batch estimators of the standard, Madry and SCORE risks with the bounds of Theorem 1, the
-gradient-alignment expansion of Theorem 4 (``alignment``) and the Gaussian-augmented risk
+distributions and exact kernel (training-set) posteriors, self-consistent losses with the full data
+gradient, PGD / grid inner maximizers, batch estimators of the standard, Madry and SCORE risks with
+the bounds of Theorem 1, the gradient-alignment expansion of Theorem 4 (``alignment``) and the Gaussian-augmented risk
 derivatives of Theorem 5 (``smoothing``).
 No I/O lives here; everything else in the project builds on it.
 """
@@ -11,8 +11,15 @@ No I/O lives here; everything else in the project builds on it.
 from .alignment import AlignmentTerms, alignment_terms, dual_exponent, expansion_check, loglog_slope
 from .attacks import PGD, GridSearch, pgd, project, uniform_in_ball
 from .distances import DISTANCES, Distance, get_distance
+from .kernels import KernelMixture
 from .losses import madry_distance, self_consistent_distance, self_consistent_kl
-from .posteriors import DataPosterior, attach_log_posterior, check_num_classes
+from .posteriors import (
+    DataPosterior,
+    attach_log_posterior,
+    autograd_grad_log_posterior,
+    check_num_classes,
+    is_differentiable,
+)
 from .risks import (
     check_corollary1,
     check_theorem1,
@@ -22,7 +29,7 @@ from .risks import (
     standard_risk,
 )
 from .smoothing import MeanEstimate, gaussian_risk_samples, noisy_loss, smoothing_estimates
-from .toys import GaussianMixture, seed_toy
+from .toys import GaussianMixture, MixturePosterior, seed_toy
 
 __all__ = [
     "DISTANCES",
@@ -32,9 +39,12 @@ __all__ = [
     "Distance",
     "GaussianMixture",
     "GridSearch",
+    "KernelMixture",
     "MeanEstimate",
+    "MixturePosterior",
     "alignment_terms",
     "attach_log_posterior",
+    "autograd_grad_log_posterior",
     "check_corollary1",
     "check_num_classes",
     "check_theorem1",
@@ -43,6 +53,7 @@ __all__ = [
     "gaussian_risk_samples",
     "get_distance",
     "intrinsic_risk",
+    "is_differentiable",
     "loglog_slope",
     "madry_distance",
     "madry_risk",

@@ -12,12 +12,17 @@ keeps it a mixture with variances v_y = s_y² + σ²:
 
 Inputs may have any trailing shape that flattens to d (e.g. 1×8×8 images for d = 64); the mixture's
 ``event_shape`` is the shape ``sample`` returns. Computation happens in the input's dtype (float64 works).
+
+The mixture itself is the σ = 0 ``DataPosterior`` with the closed-form gradient above; ``mixture.at(σ)`` is p_σ(y|x)
+at a fixed noise std, and with ``differentiable=True`` (the default there) losses take its input gradient by autograd
+through ``log_posterior`` instead (``datagrad.posteriors``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -116,6 +121,11 @@ class GaussianMixture:
             out = class_scores[torch.arange(x.shape[0], device=x.device), y]
         return out.reshape(x.shape)
 
+    def at(self, noise_std: float, differentiable: bool = True) -> MixturePosterior:
+        """p_σ(y|x) at the fixed noise std σ = ``noise_std`` as a ``DataPosterior`` (σ = 0: p_d itself)."""
+        self._variances(noise_std, self.stds)  # validates σ
+        return MixturePosterior(self, float(noise_std), differentiable)
+
     def sample(
         self,
         n: int,
@@ -132,6 +142,27 @@ class GaussianMixture:
         std = self._variances(noise_std, noise).sqrt()
         x = self.means.to(device)[y] + std[y, None] * noise
         return x.to(dtype).reshape(n, *self.event_shape), y
+
+
+@dataclass(frozen=True)
+class MixturePosterior:
+    """p_σ(y|x) of a ``GaussianMixture`` at a fixed noise std σ: a ``DataPosterior`` (``GaussianMixture.at``)."""
+
+    mixture: GaussianMixture
+    noise_std: float
+    differentiable: bool = True
+
+    @property
+    def num_classes(self) -> int:
+        return self.mixture.num_classes
+
+    def log_posterior(self, x: Tensor) -> Tensor:
+        """log p_σ(y|x): [B, K], differentiable in x by autograd."""
+        return self.mixture.log_posterior(x, self.noise_std)
+
+    def grad_log_posterior(self, x: Tensor) -> Tensor:
+        """∇_x log p_σ(y|x) in closed form: [B, K, *x.shape[1:]]."""
+        return self.mixture.grad_log_posterior(x, self.noise_std)
 
 
 def seed_toy() -> GaussianMixture:

@@ -9,9 +9,11 @@ Conventions shared by every module (details in :mod:`scorenets.noise`):
 
 Modules: ``noise`` (schedule and conversions), ``unet`` (UNet presets and ``ScoreNet``), ``dsm`` (training loss),
 ``sampling`` (DDPM / DDIM / DPM-Solver++ with guidance and per-sample seeds), ``posterior`` (``ScoreNetPosterior``:
-p_σ(y|x) and ∇_x log p_σ(y|x) for ``datagrad``).
+p_σ(y|x) and ∇_x log p_σ(y|x) for ``datagrad`` from scores and an anchor), ``posterior_net`` (``PosteriorNet``: the
+noise-conditional classifier p_φ(y|x̃, σ), a differentiable data posterior with no anchor) and ``dlsm`` (its loss).
 """
 
+from .dlsm import dlsm_loss
 from .dsm import dsm_loss
 from .noise import (
     NoiseSchedule,
@@ -33,24 +35,30 @@ from .posterior import (
     anchor_log_probs,
     quadrature,
 )
+from .posterior_net import POSTERIOR_PRESETS, PosteriorNet, PosteriorNetPosterior, build_posterior_net
 from .sampling import DEFAULT_STEPS, SAMPLERS, make_scheduler, sample, to_uint8_nhwc
 from .unet import PRESETS, ScoreNet, build_unet
 
 __all__ = [
     "DEFAULT_STEPS",
+    "POSTERIOR_PRESETS",
     "PRESETS",
     "QUADRATURE_RULES",
     "SAMPLERS",
     "AnchoredPosterior",
     "ClassScoreModel",
     "NoiseSchedule",
+    "PosteriorNet",
+    "PosteriorNetPosterior",
     "ScoreNet",
     "ScoreNetPosterior",
     "TrajectoryPosterior",
     "alpha_bar_from_sigma",
     "anchor_log_probs",
+    "build_posterior_net",
     "build_unet",
     "check_noise_std",
+    "dlsm_loss",
     "dsm_loss",
     "eps_to_score",
     "make_scheduler",

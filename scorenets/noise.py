@@ -134,6 +134,16 @@ class NoiseSchedule:
         """σ(t) = exp(−λ(t)/2)/2 in data units, for float t."""
         return torch.exp(-self.log_snr_at(t) / 2) / 2
 
+    def t_at_sigma(self, sigma: Tensor) -> Tensor:
+        """The float timesteps t with σ(t) = σ for a tensor of σ (data units; same device/dtype), the inverse of
+        ``sigma_at``; σ outside [σ_min, σ_max] maps to the end of the schedule (callers validate the range)."""
+        table = -self.log_snr.to(device=sigma.device, dtype=sigma.dtype)  # −λ_t, increasing in t
+        target = 2.0 * torch.log(2.0 * sigma)  # −λ(σ)
+        lower = (torch.searchsorted(table, target.contiguous(), right=True) - 1).clamp(0, self.num_train_timesteps - 2)
+        low, high = table[lower], table[lower + 1]
+        frac = ((target - low) / (high - low)).clamp(0.0, 1.0)
+        return lower.to(sigma.dtype) + frac
+
     @lru_cache(maxsize=64)  # noqa: B019 (schedules are few, small and immutable)
     def sigma_to_t(self, sigma: float) -> float:
         """The float timestep t with σ(t) = σ (data units); raises outside [σ_min, σ_max]. Cached: a score-net call

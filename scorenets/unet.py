@@ -10,7 +10,7 @@ diffusion units at float timesteps t; noise std σ is quoted in [0, 1] data unit
     ∇_x log p_σ(x | y) = −ε_θ(u_t(x), t(σ), y)/σ,   u_t(x) = (2x − 1)/sqrt(1 + 4σ²).
 
 Attention uses diffusers' classic ``AttnProcessor`` instead of the default SDPA processor: SDPA has no double
-backward (FACTS §5), and a gradient through the scores (e.g. a Hessian-vector product of log p_σ, or training a
+backward, and a gradient through the scores (e.g. a Hessian-vector product of log p_σ, or training a
 model through score-based terms) would fail with it. At the preset resolutions (≤ 16×16 tokens) the cost is small.
 The choice is a runtime setting, not part of the weights: plain ``UNet2DModel.from_pretrained(dir / "unet")``
 loads the same network with its default processor.
@@ -74,6 +74,14 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def use_classic_attention(module: nn.Module) -> None:
+    """Give every diffusers ``Attention`` inside ``module`` the classic ``AttnProcessor``: SDPA has no double
+    backward, and gradients through scores or input gradients (Hessian-vector products, DLSM) need one."""
+    for submodule in module.modules():
+        if isinstance(submodule, Attention):
+            submodule.set_processor(AttnProcessor())
+
+
 def _check_image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
     shape = tuple(int(v) for v in image_shape)
     if len(shape) != 3 or min(shape) < 1 or shape[1] != shape[2]:
@@ -124,9 +132,7 @@ class ScoreNet(nn.Module):
         self.preset = preset
         self.schedule = schedule or NoiseSchedule()
         self.forward_calls = 0
-        for module in unet.modules():  # classic attention: double backward works (module docstring)
-            if isinstance(module, Attention):
-                module.set_processor(AttnProcessor())
+        use_classic_attention(unet)
 
     @classmethod
     def build(cls, preset: str, num_classes: int, image_shape: Sequence[int], **overrides) -> ScoreNet:

@@ -11,14 +11,9 @@ import pytest
 import torch
 
 from scorenets import ScoreNet
+from trainlib.adam_loop import learning_rate_factor
 from trainlib.config import parse_config, run_cli
-from trainlib.scorenet_training import (
-    ScoreNetConfig,
-    learning_rate_factor,
-    load_scorenet,
-    resolve_preset,
-    train,
-)
+from trainlib.scorenet_training import ScoreNetConfig, load_scorenet, resolve_preset, train
 
 ROOT = Path(__file__).resolve().parent.parent
 

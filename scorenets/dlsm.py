@@ -1,0 +1,82 @@
+"""Training loss of the posterior network: cross-entropy plus denoising likelihood score matching (DLSM).
+
+For images x ∈ [0, 1] with labels y, σ drawn log-uniformly in [σ_min, σ_max] per example and n ~ N(0, I):
+
+    x̃      = x + σ·n                                                  (data units; not clamped)
+    CE      = −log p_φ(y | x̃, σ)                                       optimum: p_φ = p_σ(y|x̃)
+    ε̂_y     = ε_θ(x̃, σ, ∅) − σ·∇_x̃ log p_φ(y | x̃, σ)
+    DLSM    = mean_{c,h,w} (ε̂_y − n)²
+    loss    = mean_b [ w_CE·CE + w_DLSM·DLSM ]
+
+DLSM (Chao et al., ICLR 2022) matches the class-conditional score that the classifier implies,
+∇ log p_σ(x̃|y) = ∇ log p_σ(y|x̃) + ∇ log p_σ(x̃), to the denoising target ∇_x̃ log N(x̃; x, σ²I) = −n/σ, with the
+unconditional score s(x̃, σ) = −ε_θ(x̃, σ, ∅)/σ from the frozen score net (its null class). Written in ε units (scores
+times −σ, the σ²-weighting of denoising score matching) it is the ε-prediction loss of the classifier-guided score
+net. Given exact s its minimiser is ∇ log p_φ = ∇ log p_σ(y|x̃), so it trains the network's INPUT GRADIENT toward the
+data gradient, where cross-entropy only constrains its values. It needs the input gradient inside the loss (a
+double backward through the posterior net) and one score-net call over B inputs.
+
+The score net's input for x̃ is its diffusion state u_t = (2x̃ − 1)·sqrt(ᾱ(t)) at t = t(σ) (``scorenets.noise``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .noise import NoiseSchedule, to_model_range
+
+EpsModel = Callable[[Tensor, Tensor, Tensor], Tensor]  # (u_t [B,C,H,W], t [B], labels [B]) -> ε̂ [B,C,H,W]
+
+
+def log_uniform(low: float, high: float, n: int, generator: torch.Generator | None = None, device=None) -> Tensor:
+    """n values drawn log-uniformly in [low, high]: [n] float32."""
+    u = torch.rand(n, generator=generator, device=device)
+    return torch.exp(math.log(low) + u * (math.log(high) - math.log(low)))
+
+
+def dlsm_loss(
+    posterior_net: Callable[[Tensor, Tensor], Tensor],
+    x: Tensor,
+    labels: Tensor,
+    sigma_range: tuple[float, float],
+    *,
+    scorenet: EpsModel | None = None,
+    schedule: NoiseSchedule | None = None,
+    null_class: int | None = None,
+    dlsm_weight: float = 1.0,
+    ce_weight: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The loss of the module docstring on a batch x [B, C, H, W] in [0, 1] with labels [B]; (loss, detached stats).
+
+    ``posterior_net(x̃, σ [B]) -> logits [B, K]`` (a ``PosteriorNet`` or its DDP wrapper). With ``dlsm_weight > 0``,
+    ``scorenet(u_t, t, labels)`` is the frozen ε-model (a ``ScoreNet``), ``schedule`` its noise schedule and
+    ``null_class`` its unconditional label K. ``generator`` (on x's device) draws σ and n.
+    """
+    if dlsm_weight > 0 and (scorenet is None or schedule is None or null_class is None):
+        raise ValueError("DLSM (dlsm_weight > 0) needs the frozen score net, its schedule and its null class")
+    batch = x.shape[0]
+    sigma = log_uniform(*sigma_range, batch, generator, x.device).to(x.dtype)  # [B]
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    x_noisy = (x + sigma.view(-1, 1, 1, 1) * noise).requires_grad_(dlsm_weight > 0)
+    log_p = posterior_net(x_noisy, sigma).log_softmax(dim=1, dtype=torch.float32)  # [B, K]
+    log_p_label = log_p.gather(1, labels.view(-1, 1)).squeeze(1)  # [B]
+    ce = -log_p_label
+    loss = ce_weight * ce.mean()
+    stats = {"ce": ce.detach().mean(), "acc": (log_p.detach().argmax(dim=1) == labels).float().mean()}
+    if dlsm_weight > 0:
+        (grad,) = torch.autograd.grad(log_p_label.sum(), x_noisy, create_graph=True)  # ∇_x̃ log p_φ(y|x̃, σ)
+        with torch.no_grad():
+            t = schedule.t_at_sigma(sigma.double()).float()
+            u_t = to_model_range(x_noisy.detach()) * schedule.alpha_bar_at(t).sqrt().to(x.dtype).view(-1, 1, 1, 1)
+            eps_null = scorenet(u_t, t, torch.full_like(labels, null_class)).to(x.dtype)
+        eps_label = eps_null - sigma.view(-1, 1, 1, 1) * grad
+        dlsm = (eps_label - noise).pow(2).flatten(1).mean(dim=1)  # [B]
+        loss = loss + dlsm_weight * dlsm.mean()
+        stats["dlsm"] = dlsm.detach().mean()
+    stats["loss"] = loss.detach()
+    return loss, stats

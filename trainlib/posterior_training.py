@@ -1,0 +1,187 @@
+"""Training the posterior network p_φ(y | x̃, σ) (``train/train_posterior.py``): cross-entropy plus DLSM.
+
+``PosteriorNetConfig``'s fields, with their help strings, are the documentation of the recipe. ``train(cfg)`` loads
+the data (real train split, optionally mixed with generated shards as in classifier training), the frozen score net
+whose unconditional score the DLSM term needs, builds ``scorenets.PosteriorNet`` and runs the fixed-step Adam loop
+``trainlib.adam_loop.fit`` (shared with the score net) with ``scorenets.dlsm_loss``: σ log-uniform in
+[``sigma_min``, ``sigma_max``] per example, x̃ = x + σn, loss = CE + w·DLSM. The EMA network goes to
+``<out>/posterior_net/`` (diffusers ``save_pretrained``: config.json + safetensors, replaced atomically);
+``load_posterior_net(path)`` reads it back from the run directory or that folder, in one call.
+
+What it estimates: p_σ(y|x) of the TRAINING distribution at noise std σ, and its input gradient. Trained on a finite
+set, the optimum of the cross-entropy is the exact smoothed posterior of that set (``datagrad.KernelMixture`` with
+bandwidth σ), which ``analysis.validate_posterior`` uses as the truth on real data.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from scorenets import POSTERIOR_PRESETS, PosteriorNet, build_posterior_net, dlsm_loss
+
+from .adam_loop import AdamLoopOptions, fit, resolve_mixed_precision
+from .config import option
+from .data import BatchLoader, load_dataset, load_generated, shard_paths
+from .engine import create_accelerator
+from .files import atomic_directory
+
+POSTERIOR_SUBDIR = "posterior_net"  # <run>/posterior_net: the EMA posterior net, PosteriorNet.from_pretrained
+PRESET_BY_IMAGE_SIZE = {8: "tiny8", 16: "small16", 32: "cifar32"}
+FLIP_DATASETS = ("cifar10", "cifar100")
+
+
+@dataclass
+class PosteriorNetConfig(AdamLoopOptions):
+    """Train a noise-conditional posterior network p_phi(y | x, sigma) by cross-entropy + DLSM."""
+
+    preset: str | None = option("posterior-net preset tiny8 | small16 | cifar32 (none: by image size)", None)
+    scorenet: str | None = option("frozen score net whose unconditional score the DLSM term uses (none: no DLSM)",
+                                  "runs/scorenet-digits")
+    sigma_min: float = option("smallest noise std sigma trained on ([0, 1] data units)", 0.02)
+    sigma_max: float = option("largest noise std sigma trained on (sigma is log-uniform in between)", 1.0)
+    ce_weight: float = option("weight of the cross-entropy term", 1.0)
+    dlsm_weight: float = option("weight of the denoising likelihood score matching term (0: cross-entropy only)", 1.0)
+    generated: str | None = option("generated pseudo-data mixed into each batch: an .npz, a directory or a glob", None)
+    unsup_fraction: float = option("fraction of each batch drawn (with replacement) from --generated", 0.7)
+    batch_size: int = option("global batch size (all processes, after accumulation)", 128)
+    out: str = option("run directory (the EMA posterior net goes to <out>/posterior_net)", "runs/posterior-digits")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.preset is not None and self.preset not in POSTERIOR_PRESETS:
+            raise ValueError(f"unknown posterior-net preset {self.preset!r}; valid: {', '.join(POSTERIOR_PRESETS)}")
+        if not (math.isfinite(self.sigma_min) and 0 < self.sigma_min < self.sigma_max < math.inf):
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min} and {self.sigma_max}")
+        if self.ce_weight < 0 or self.dlsm_weight < 0 or self.ce_weight + self.dlsm_weight == 0:
+            raise ValueError(f"ce_weight and dlsm_weight must be >= 0 and not both 0, got {self.ce_weight}, "
+                             f"{self.dlsm_weight}")
+        if self.ce_weight == 0:
+            raise ValueError("ce_weight must be > 0: DLSM alone fixes the posterior only up to a function of x")
+        if self.dlsm_weight > 0 and not self.scorenet:
+            raise ValueError("the DLSM term needs a score net (--scorenet DIR); use --dlsm-weight 0 to train without")
+        if not 0 <= self.unsup_fraction < 1:
+            raise ValueError(f"unsup_fraction must be in [0, 1), got {self.unsup_fraction}")
+
+
+def find_posterior_dir(path: str | os.PathLike) -> Path:
+    """The saved posterior net at ``path``: a ``save_pretrained`` folder, or a run directory holding posterior_net/."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"posterior net not found: {path} (train one with train/train_posterior.py)")
+    if (path / POSTERIOR_SUBDIR).is_dir() and not (path / PosteriorNet.config_name).exists():
+        return path / POSTERIOR_SUBDIR
+    return path
+
+
+def load_posterior_net(
+    path: str | os.PathLike, expected_num_classes: int | None = None, device: torch.device | str | None = None
+) -> PosteriorNet:
+    """The posterior net saved at ``path`` (run directory or folder), frozen and in eval mode; clear errors."""
+    directory = find_posterior_dir(path)
+    if not (directory / PosteriorNet.config_name).is_file():
+        raise ValueError(f"{directory} is not a saved posterior net: {PosteriorNet.config_name} is missing")
+    try:
+        net = PosteriorNet.from_pretrained(directory, use_safetensors=True)  # never unpickles a .bin
+    except (OSError, ValueError, TypeError, RuntimeError, KeyError) as err:
+        raise ValueError(f"could not load the posterior net from {directory}: {str(err).splitlines()[0]}") from None
+    if expected_num_classes is not None and net.num_classes != int(expected_num_classes):
+        raise ValueError(f"{directory} holds a posterior net for {net.num_classes} classes, expected "
+                         f"{expected_num_classes}")
+    net = net.requires_grad_(False).eval()
+    return net.to(device) if device is not None else net
+
+
+def _save_posterior_net(ema_model: PosteriorNet, out: Path) -> None:
+    with atomic_directory(out / POSTERIOR_SUBDIR) as tmp:
+        ema_model.save_pretrained(tmp, safe_serialization=True)
+
+
+def train(cfg: PosteriorNetConfig) -> dict | None:
+    """Train as configured (module docstring); returns a summary on the main process, None elsewhere."""
+    from .scorenet_training import load_scorenet
+
+    cfg.validate()
+    accelerator = create_accelerator(
+        mixed_precision=resolve_mixed_precision(cfg.mixed_precision), gradient_accumulation_steps=cfg.grad_accumulation,
+        seed=cfg.seed, num_processes=cfg.num_processes, collective_timeout=cfg.collective_timeout,
+    )
+    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    micro_batch = cfg.batch_size // cfg.grad_accumulation
+    if micro_batch % world:
+        raise ValueError(f"batch_size / grad_accumulation = {micro_batch} must be divisible by {world} processes")
+
+    # Everything that can fail on bad input happens before the run directory is written.
+    with accelerator.main_process_first():
+        train_set = load_dataset(cfg.dataset, "train", cfg.data_dir)
+    num_classes, image_shape = train_set.num_classes, train_set.image_shape
+    generated = None
+    if cfg.generated is not None and cfg.unsup_fraction > 0:
+        shard_paths(cfg.generated)
+        generated = load_generated(cfg.generated, num_classes)
+    scorenet = None
+    if cfg.dlsm_weight > 0:
+        scorenet = load_scorenet(cfg.scorenet, expected_num_classes=num_classes, device=device)
+        if tuple(scorenet.image_shape) != tuple(image_shape):
+            raise ValueError(f"score net {cfg.scorenet} was trained on images {tuple(scorenet.image_shape)}, the data "
+                             f"are {tuple(image_shape)} (C, H, W)")
+        for sigma in (cfg.sigma_min, cfg.sigma_max):
+            scorenet.schedule.sigma_to_t(sigma)  # a clear error outside the score net's range
+    size = image_shape[1]
+    preset = cfg.preset or PRESET_BY_IMAGE_SIZE.get(size)
+    if preset is None:
+        raise ValueError(f"no default posterior-net preset for {size}x{size} images; choose one with --preset")
+    schedule = scorenet.schedule.scheduler_config() if scorenet is not None else None
+    model = build_posterior_net(preset, num_classes, image_shape, cfg.sigma_min, cfg.sigma_max, schedule=schedule)
+    out = Path(cfg.out)
+    if cfg.resume != "none":
+        _check_resumed(out, model)
+    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    loader = BatchLoader(
+        train_set, micro_batch, generated=generated, unsup_fraction=cfg.unsup_fraction if generated else 0,
+        epoch_size=steps_per_epoch * cfg.batch_size, seed=cfg.seed, world_size=world, rank=rank, device=device,
+        augment=cfg.augment == "on" or (cfg.augment == "auto" and cfg.dataset in FLIP_DATASETS), padding=0,
+    )
+    loss_fn = partial(_loss, sigma_range=(cfg.sigma_min, cfg.sigma_max), scorenet=scorenet,
+                      dlsm_weight=cfg.dlsm_weight, ce_weight=cfg.ce_weight)
+    parameters = sum(p.numel() for p in model.parameters())
+    terms = f"CE + {cfg.dlsm_weight:g}·DLSM (score net {cfg.scorenet})" if scorenet is not None else "CE"
+    summary = (f"posterior net on {train_set.name} ({len(train_set)} images {image_shape}"
+               f"{f' + {len(generated)} generated' if generated else ''}, {num_classes} classes), {preset} "
+               f"({parameters / 1e6:.2f}M parameters), {terms}, sigma in [{cfg.sigma_min:g}, {cfg.sigma_max:g}], "
+               f"{cfg.steps} steps of {cfg.batch_size} on {world} process(es), {device}")
+    results = {"posterior_net": str(out / POSTERIOR_SUBDIR), "preset": preset, "parameters": parameters,
+               "dataset": cfg.dataset, "num_classes": num_classes, "image_shape": list(image_shape),
+               "sigma_range": [cfg.sigma_min, cfg.sigma_max]}
+    return fit(cfg, accelerator, loader, model, loss_fn, _save_posterior_net, description="posterior net",
+               summary=summary, results=results, saved_message=f"saved the EMA posterior net to "
+               f"{out / POSTERIOR_SUBDIR} (load it with trainlib.posterior_training.load_posterior_net)")
+
+
+def _loss(net, x, y, generator, *, sigma_range, scorenet, dlsm_weight, ce_weight):
+    """``scorenets.dlsm_loss`` with the frozen score net's schedule and null class."""
+    schedule, null_class = (scorenet.schedule, scorenet.null_class) if scorenet is not None else (None, None)
+    return dlsm_loss(net, x, y, sigma_range, scorenet=scorenet, schedule=schedule, null_class=null_class,
+                     dlsm_weight=dlsm_weight, ce_weight=ce_weight, generator=generator)
+
+
+def _check_resumed(out: Path, model: PosteriorNet) -> None:
+    """Refuse to resume a run whose saved posterior net has another configuration (a clear error, not a size one)."""
+    saved = out / POSTERIOR_SUBDIR / PosteriorNet.config_name
+    if not saved.is_file():
+        return
+    found = PosteriorNet.load_config(saved.parent)
+    keys = ("num_classes", "image_shape", "block_out_channels", "down_block_types", "sigma_min", "sigma_max")
+    mismatch = [k for k in keys if list(_as_list(found.get(k))) != list(_as_list(model.config[k]))]
+    if mismatch:
+        raise ValueError(f"{out} holds a posterior net with other settings ({', '.join(mismatch)}); choose another "
+                         "--out")
+
+
+def _as_list(value):
+    return value if isinstance(value, list | tuple) else [value]
