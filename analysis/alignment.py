@@ -101,7 +101,7 @@ def run_analysis(cfg: AlignmentConfig, recompute: bool = False) -> list[dict]:
     for run in tqdm(cfg.runs, desc="Theorem 4", disable=len(cfg.runs) < 2):
         classifier = sources.open_classifier(run, cfg.which, dtype, cfg.data_dir)
         if data is None or data_key != classifier.test.name:  # one posterior (score net) per dataset
-            data = sources.DataSource(classifier.test, cfg.scorenet, cfg.noise_std, cfg.anchor_smoothing)
+            data = sources.DataSource(classifier, cfg)
             data_key = classifier.test.name
         settings = cfg.settings(classifier, data)
         records.append(sources.cached(run, RESULT_NAME, settings, analyse, classifier, data, cfg, recompute=recompute))

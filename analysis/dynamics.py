@@ -174,7 +174,7 @@ def run_analysis(cfg: DynamicsConfig) -> list[dict]:
                                         data_dir=cfg.data_dir)  # fmt: skip
         key = (first.test.name, first.settings["norm"], first.settings["eps"])
         if key not in evaluators:
-            data = sources.DataSource(first.test, cfg.scorenet, cfg.noise_std, cfg.anchor_smoothing)
+            data = sources.DataSource(first, cfg)
             evaluators[key] = Evaluator(first, data, cfg)
         evaluator = evaluators[key]
         records.append(analyse_run(run, evaluator, cfg, cfg.settings(evaluator.data)))

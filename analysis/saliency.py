@@ -65,7 +65,7 @@ def compute(cfg: SaliencyConfig) -> dict:
     cfg.validate()
     classifiers = [sources.open_classifier(run, cfg.which, torch.float64, cfg.data_dir) for run in cfg.runs]
     first = classifiers[0]
-    data = sources.DataSource(first.test, cfg.scorenet, cfg.noise_std, cfg.anchor_smoothing)
+    data = sources.DataSource(first, cfg)
     x, y = sources.test_points(first.test, cfg.n_images, torch.float64)
     rows = torch.arange(len(y), device=x.device)
     with torch.no_grad():

@@ -118,7 +118,7 @@ def run_analysis(cfg: SmoothingConfig, recompute: bool = False) -> list[dict]:
     for run in tqdm(cfg.runs, desc="Theorem 5", disable=len(cfg.runs) < 2):
         classifier = sources.open_classifier(run, cfg.which, dtype, cfg.data_dir)
         if points is None or key != classifier.test.name:
-            data = sources.DataSource(classifier.test, cfg.scorenet)
+            data = sources.DataSource(classifier, cfg)
             if data.scorenet is not None:
                 for sigma in cfg.sigmas:
                     data.scorenet.schedule.sigma_to_t(sigma)  # outside the trained range: a clear error now

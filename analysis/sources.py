@@ -8,16 +8,14 @@ The data posterior p_d(·|x) (``DataSource``):
 
 * Gaussian-mixture toys (``gmm-*``): the exact mixture (``datagrad.GaussianMixture``), p_d itself (σ = 0); Theorem 5's
   class score ∇_x log p^σ(x|y) is its closed form at σ.
-* images: the score net, EXACTLY as direct SCORE training uses it
-  (``trainlib.adversarial.scorenet_posterior_provider``): p_σ(·|x') at noise std σ (``--noise-std``, data units,
-  default 0.2) from a trajectory posterior anchored at the clean point with smoothed labels
-  p = (1 − α)·onehot(y) + α/K (``--anchor-smoothing``, default 1e-4), extended along every attack path. So
-  Y_d(x) = y at the test points, and with a confident anchor ∇_x p_d(Y|x) = p_d(Y|x)·G̃_Y is small (G̃_Y ≈
-  Σ_{k≠Y} (α/K)(s_Y − s_k)): the alignment term is then dominated by the model gradient, while the cosine compares
-  directions, which stay well defined. Its accuracy on a mixture with known truth is measured by
-  ``analysis.validate_posterior`` (median gradient cosine 0.998 and median trajectory TV error 0.031 at σ = 0.2 on
-  gmm-8x8; README). Theorem 5's class score is ``ScoreNet.label_scores`` (the label's class only: one network call
-  over B inputs instead of B·K).
+* images: the estimate direct SCORE training uses, built by the same function
+  (``trainlib.data_posterior.posterior_provider``): by default the posterior net p_φ(·|x, σ) at noise std σ
+  (``--noise-std``, data units, default 0.2), differentiable in x; or, with ``--posterior scorenet``, the score-net
+  trajectory posterior anchored at the clean point (at p_φ(·|x, σ), or at smoothed labels with ``--anchor label``),
+  extended along every attack path; or the exact smoothed posterior of the training split (``--posterior
+  empirical``). How close each is to the truth is measured by ``analysis.validate_posterior`` along the recipe's own
+  attack path (README). Theorem 5's class score is ``ScoreNet.label_scores`` (the label's class only: one network
+  call over B inputs instead of B·K).
 
 Test points: the first n of the test split, in order and unclamped (a mixture's samples are not clipped; digits and
 CIFAR are in [0, 1] already), so every epoch and every run sees the same points.
@@ -39,15 +37,15 @@ from torch import Tensor, nn
 
 from datagrad import DataPosterior, GaussianMixture
 from scorenets import check_noise_std
-from trainlib.adversarial import AdversarialConfig, EvaluateConfig, load_classifier, scorenet_posterior_provider
+from trainlib.adversarial import DirectScoreConfig, EvaluateConfig, load_classifier
 from trainlib.config import option, positional
-from trainlib.data import ImageDataset
+from trainlib.data import ImageDataset, load_dataset
+from trainlib.data_posterior import ANCHORS, POSTERIORS, PosteriorSpec, check_posterior_options, posterior_provider
 from trainlib.files import atomic_write_json
 
 ANALYSIS_DIR = "analysis"
-DEFAULT_SCORENET = "runs/scorenet-digits"
-DEFAULT_NOISE_STD = AdversarialConfig.noise_std
-DEFAULT_ANCHOR_SMOOTHING = AdversarialConfig.anchor_smoothing
+DEFAULT_SCORENET = DirectScoreConfig.scorenet
+DEFAULT_NOISE_STD = DirectScoreConfig.noise_std
 SCORENET_BATCH = 2048  # UNet inputs per score-net call (B·K inputs per posterior step: CIFAR-100 has K = 100)
 
 
@@ -66,16 +64,23 @@ class ReadoutOptions:
 
 @dataclass
 class PosteriorOptions(ReadoutOptions):
-    """``ReadoutOptions`` plus the score-net data posterior's settings (``DataSource``)."""
+    """``ReadoutOptions`` plus the data posterior's settings (``DataSource``; the direct-SCORE training options)."""
 
-    noise_std: float = option("sigma of the score-net posterior p_sigma(y|x) ([0, 1] data units, std)",
-                              DEFAULT_NOISE_STD)  # fmt: skip
-    anchor_smoothing: float = option("label smoothing of the clean anchor of the score-net posterior",
-                                     DEFAULT_ANCHOR_SMOOTHING)  # fmt: skip
+    posterior: str = option(f"p_d on image data: {' | '.join(POSTERIORS[:3])} (as in direct SCORE training)",
+                            DirectScoreConfig.posterior)
+    posterior_net: str | None = option("posterior net (run directory or posterior_net/ folder)",
+                                       DirectScoreConfig.posterior_net)
+    noise_std: float = option("sigma of p_sigma(y|x) ([0, 1] data units, std)", DEFAULT_NOISE_STD)
+    anchor: str = option(f"posterior=scorenet: the anchor, {' | '.join(ANCHORS)}", DirectScoreConfig.anchor)
+    anchor_smoothing: float = option("anchor=label: its smoothing", DirectScoreConfig.anchor_smoothing)
 
     def validate(self) -> None:
         super().validate()
         check_noise_std(self.noise_std)
+        if self.posterior == "analytic":
+            raise ValueError("posterior=analytic is implied on gmm-* data; on image data choose "
+                             f"{', '.join(POSTERIORS[:3])}")
+        check_posterior_options(self.posterior, self.anchor, self.scorenet, self.posterior_net, "", True)
         if not 0 < self.anchor_smoothing < 1:
             raise ValueError(f"anchor_smoothing must be in (0, 1), got {self.anchor_smoothing}")
 
@@ -131,38 +136,40 @@ def test_points(test: ImageDataset, n: int, dtype=torch.float64) -> tuple[Tensor
 
 
 class DataSource:
-    """p_d(·|x) for attacks and alignment, and ∇_x log p^σ(x|y) for Theorem 5 (module docstring)."""
+    """p_d(·|x) for attacks and alignment, and ∇_x log p^σ(x|y) for Theorem 5 (module docstring).
 
-    def __init__(
-        self,
-        test: ImageDataset,
-        scorenet: str | None,
-        noise_std: float = DEFAULT_NOISE_STD,
-        anchor_smoothing: float = DEFAULT_ANCHOR_SMOOTHING,
-    ):
+    ``options``: a ``PosteriorOptions`` (the data posterior is built) or a ``ReadoutOptions`` (class scores only).
+    """
+
+    def __init__(self, classifier: Classifier, options: ReadoutOptions):
+        test = classifier.test
         self.num_classes = test.num_classes
         self.mixture: GaussianMixture | None = test.mixture
         self.scorenet = None
-        if self.mixture is None:
+        self._provider = None
+        if self.mixture is not None:
+            self.description = {"kind": "exact mixture", "dataset": test.name}
+            return
+        if options.scorenet is not None and Path(options.scorenet).exists():
             from trainlib.scorenet_training import load_scorenet
 
-            if scorenet is None:
-                raise ValueError(f"{test.name} has no closed-form posterior: give a score net (--scorenet DIR)")
-            net = load_scorenet(scorenet, device=compute_device())
+            net = load_scorenet(options.scorenet, device=compute_device())
             if net.num_classes != test.num_classes:
                 raise ValueError(f"class-count mismatch: the classifier's data ({test.name}) has {test.num_classes} "
-                                 f"classes but the score net {scorenet} has {net.num_classes}")  # fmt: skip
+                                 f"classes but the score net {options.scorenet} has {net.num_classes}")
             if tuple(net.image_shape) != tuple(test.image_shape):
-                raise ValueError(f"the score net {scorenet} was trained on images {tuple(net.image_shape)}, the data "
-                                 f"are {tuple(test.image_shape)} (C, H, W)")  # fmt: skip
+                raise ValueError(f"the score net {options.scorenet} was trained on images {tuple(net.image_shape)}, "
+                                 f"the data are {tuple(test.image_shape)} (C, H, W)")
             self.scorenet = net
-            self._provider = scorenet_posterior_provider(net, noise_std, anchor_smoothing, max_batch=SCORENET_BATCH)
-        self.description = (
-            {"kind": "exact mixture", "dataset": test.name}
-            if self.mixture is not None
-            else {"kind": "score net (trajectory posterior, as in direct SCORE training)", "scorenet": str(scorenet),
-                  "noise_std": noise_std, "anchor_smoothing": anchor_smoothing}
-        )  # fmt: skip
+        spec = PosteriorSpec.of(options) if isinstance(options, PosteriorOptions) else None
+        if spec is not None:
+            split = load_dataset(classifier.settings["dataset"], "train", options.data_dir) if (
+                spec.posterior == "empirical") else test
+            self._provider = posterior_provider(spec, split, compute_device(), max_batch=SCORENET_BATCH)
+        elif self.scorenet is None:
+            raise ValueError(f"{test.name} has no closed-form posterior: give a score net (--scorenet DIR)")
+        self.description = {"kind": "estimate, as in direct SCORE training", **(spec.describe() if spec else {}),
+                            "scorenet": options.scorenet}
 
     def check(self, classifier: Classifier) -> None:
         """A clear error when the classifier and the posterior disagree on the class count."""
@@ -172,13 +179,19 @@ class DataSource:
 
     def posterior(self, x: Tensor, y: Tensor) -> DataPosterior:
         """The data posterior for the batch (x, y); fresh for every attack (a trajectory posterior is stateful)."""
-        return self.mixture if self.mixture is not None else self._provider(x, y)
+        if self.mixture is not None:
+            return self.mixture
+        if self._provider is None:
+            raise ValueError("this analysis was not given a data posterior (PosteriorOptions)")
+        return self._provider(x, y)
 
     def class_score(self, sigma: float) -> Callable[[Tensor, Tensor], Tensor]:
         """(x, y) → ∇_x log p^σ(x|y) at noise std σ (exact for a mixture, else the score net's label score)."""
         if self.mixture is not None:
             return lambda x, y: self.mixture.score(x, y, sigma)
         net = self.scorenet
+        if net is None:
+            raise ValueError("Theorem 5's class score on image data needs a score net (--scorenet DIR)")
         return lambda x, y: net.label_scores(x, y, sigma, max_batch=SCORENET_BATCH)
 
 

@@ -28,8 +28,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from scorenets import ScoreNet
-from trainlib.adversarial import AdversarialConfig, build_classifier, scorenet_posterior_provider
+from trainlib.adversarial import AdversarialConfig, build_classifier
 from trainlib.config import option, parse_config, run_cli
+from trainlib.data_posterior import trajectory_provider
 
 from .common import (
     BenchConfig,
@@ -87,8 +88,8 @@ def training_steps(cfg: GPUConfig, batch: int, attack_steps: int, device: torch.
         objective_cfg = replace(train_cfg, objective=name)
         provider = None
         if name == "direct-score":  # the trainer's trajectory posterior
-            provider = scorenet_posterior_provider(scorenet, objective_cfg.noise_std, objective_cfg.anchor_smoothing,
-                                                   objective_cfg.start_quadrature_points)
+            provider = trajectory_provider(scorenet, objective_cfg.noise_std,
+                                           anchor_smoothing=objective_cfg.anchor_smoothing)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # create_accelerator: "bf16 is not used on the CPU"
             steps[name] = TrainingStep(objective_cfg, model, provider)

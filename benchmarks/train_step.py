@@ -9,7 +9,7 @@ A step is what ``trainlib.adversarial.train`` runs per optimizer step, through t
 from ``build_objective`` attacking the unwrapped model, ``accelerator.backward``, ``optimizer.step``,
 ``zero_grad(set_to_none=True)``, the one-cycle LR step and ``EMA.update`` (only the engine's metric accumulation and
 checkpointing are left out). Score nets are randomly initialised (cost does not depend on the weights) and wired in
-with ``trainlib.adversarial.scorenet_posterior_provider``, the trainer's trajectory posterior.
+with ``trainlib.data_posterior.trajectory_provider``, the trainer's trajectory posterior.
 
 * digits: the ``recipes/digits-direct-score.json`` shapes for all three objectives (cnn-small, batch 64, PGD-3,
   ε 0.2, 1 thread as the recipe sets), score net ``tiny8``.
@@ -33,9 +33,10 @@ import torch
 from torch import nn
 
 from scorenets import ScoreNet
-from trainlib.adversarial import AdversarialConfig, build_classifier, build_optimizer, scorenet_posterior_provider
+from trainlib.adversarial import AdversarialConfig, build_classifier, build_optimizer
 from trainlib.config import load_recipe, option, parse_config, run_cli
 from trainlib.data import load_dataset
+from trainlib.data_posterior import trajectory_provider
 from trainlib.ema import EMA
 from trainlib.engine import create_accelerator, one_cycle_cosine, rank_generator
 from trainlib.objectives import build_objective
@@ -148,8 +149,8 @@ def measure(setting: Setting, report: Report, device: torch.device) -> dict:
         objective_cfg = replace(cfg, objective=name)
         provider = None
         if name == "direct-score":  # the trainer's trajectory posterior
-            provider = scorenet_posterior_provider(scorenet, objective_cfg.noise_std, objective_cfg.anchor_smoothing,
-                                                   objective_cfg.start_quadrature_points)
+            provider = trajectory_provider(scorenet, objective_cfg.noise_std,
+                                           anchor_smoothing=objective_cfg.anchor_smoothing)
         steps[name] = TrainingStep(objective_cfg, model, provider)
     x, y = setting.x.to(device), setting.y.to(device)
 

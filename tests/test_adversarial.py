@@ -1,7 +1,6 @@
 """trainlib.adversarial end to end on tiny runs: run-directory layout, exact resume, direct SCORE (analytic and score
 net), evaluation command, recipes, bad input, and a 2-process CPU run against a 1-process run."""
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -13,7 +12,7 @@ import torch
 
 from analysis.toy_demo import ToyDemoConfig
 from datagrad import PGD, score_risk
-from scorenets import ScoreNet
+from scorenets import PosteriorNet, ScoreNet, build_posterior_net
 from trainlib.adversarial import (
     AdversarialConfig,
     DirectScoreConfig,
@@ -25,7 +24,7 @@ from trainlib.adversarial import (
     train,
 )
 from trainlib.checkpoint import load_weights, load_weights_metadata
-from trainlib.config import parse_config, run_cli
+from trainlib.config import config_to_dict, parse_config, run_cli
 from trainlib.data import load_dataset, toy_mixture
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,6 +149,44 @@ def _save_scorenet(path, num_classes):
     return path
 
 
+def _save_posterior_net(path, num_classes):
+    net = build_posterior_net("tiny8", num_classes, (1, 8, 8), 0.05, 0.5, block_out_channels=(8, 16),
+                              norm_num_groups=4)
+    net.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def test_direct_score_with_the_posterior_net_anchor_calls_it_once_per_batch(tmp_path, monkeypatch):
+    """posterior=scorenet with the default anchor: one posterior-net pass over the clean batch (the anchor, no
+    gradient), then the trajectory's calls, the same as with the label anchor."""
+    calls = []
+    original = PosteriorNet.forward
+    monkeypatch.setattr(PosteriorNet, "forward", lambda self, x, s: (calls.append((x.shape[0], torch.is_grad_enabled()))
+                                                                     or original(self, x, s)))
+    cfg = tiny(tmp_path, objective="direct-score", posterior="scorenet",
+               scorenet=str(_save_scorenet(tmp_path / "scorenet", 10)),
+               posterior_net=str(_save_posterior_net(tmp_path / "posterior", 10)), batch_size=8, epoch_size=16,
+               epochs=1, steps=2, val_every=0, n_test=8)
+    train(cfg)
+    assert calls == [(cfg.batch_size, False)] * 2  # two training steps, one anchor each
+
+
+def test_direct_score_with_the_posterior_net_makes_no_scorenet_call(tmp_path, monkeypatch):
+    """posterior=posterior-net: per training step one posterior-net pass per attack step (with an input gradient), one
+    at the last iterate (no gradient), no score net at all; training runs and logs finite losses."""
+    calls = []
+    original = PosteriorNet.forward
+    monkeypatch.setattr(PosteriorNet, "forward", lambda self, x, s: (calls.append((x.shape[0], torch.is_grad_enabled()))
+                                                                     or original(self, x, s)))
+    monkeypatch.setattr(ScoreNet, "from_pretrained", None)  # any score-net load would fail
+    cfg = tiny(tmp_path, objective="direct-score", posterior_net=str(_save_posterior_net(tmp_path / "posterior", 10)),
+               scorenet=None, batch_size=8, epoch_size=16, epochs=1, steps=2, val_every=0, n_test=8)
+    train(cfg)
+    per_step = [(cfg.batch_size, True)] * cfg.steps + [(cfg.batch_size, False)]
+    assert calls == per_step * 2
+    assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in metrics(cfg.out) if "train/loss" in r)
+
+
 def test_direct_score_with_scorenet_makes_one_call_per_attack_step(tmp_path, monkeypatch):
     loaded = []
     original = ScoreNet.from_pretrained.__func__
@@ -163,8 +200,8 @@ def test_direct_score_with_scorenet_makes_one_call_per_attack_step(tmp_path, mon
 
     monkeypatch.setattr(ScoreNet, "from_pretrained", classmethod(spy))
     scorenet_dir = _save_scorenet(tmp_path / "scorenet", 10)
-    cfg = tiny(tmp_path, objective="direct-score", scorenet=str(scorenet_dir), batch_size=8, epoch_size=16, epochs=1,
-               steps=2, val_every=0, n_test=8)  # fmt: skip
+    cfg = tiny(tmp_path, objective="direct-score", posterior="scorenet", anchor="label", scorenet=str(scorenet_dir),
+               batch_size=8, epoch_size=16, epochs=1, steps=2, val_every=0, n_test=8)  # fmt: skip
     train(cfg)
     (scorenet,) = loaded
     training_steps = 2
@@ -187,11 +224,17 @@ def test_bad_input_fails_with_one_line_and_no_files(tmp_path, capsys):
     out = tmp_path / "run"
     base = ["--out", str(out), "--cpu-threads", "1"]
     wrong_classes = _save_scorenet(tmp_path / "three-classes", 3)
+    wrong_posterior = _save_posterior_net(tmp_path / "three-class-posterior", 3)
+    posterior_8 = _save_posterior_net(tmp_path / "posterior", 10)
+    label_anchor = ["--posterior", "scorenet", "--anchor", "label"]
     bad_shard = tmp_path / "shard.npz"
     bad_shard.write_text("not a zip file")
     cases = [
-        (DirectScoreConfig, ["--scorenet", str(tmp_path / "missing")], "score net not found"),
-        (DirectScoreConfig, ["--scorenet", str(wrong_classes)], "3 classes, expected 10"),
+        (DirectScoreConfig, [*label_anchor, "--scorenet", str(tmp_path / "missing")], "score net not found"),
+        (DirectScoreConfig, [*label_anchor, "--scorenet", str(wrong_classes)], "3 classes, expected 10"),
+        (DirectScoreConfig, ["--posterior-net", str(tmp_path / "missing")], "posterior net not found"),
+        (DirectScoreConfig, ["--posterior-net", str(wrong_posterior)], "3 classes, expected 10"),
+        (DirectScoreConfig, ["--posterior-net", str(posterior_8), "--noise-std", "2.0"], "outside the posterior net"),
         (AdversarialConfig, ["--eps", "-0.1"], "eps must be > 0"),
         (AdversarialConfig, ["--objective", "madry"], "unknown objective 'madry'"),
         (AdversarialConfig, ["--dataset", "mnist"], "unknown dataset 'mnist'"),
@@ -256,7 +299,9 @@ def test_two_process_cpu_run_equals_one_process_run(tmp_path):
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
-def test_config_classes_share_fields():
-    assert [f.name for f in dataclasses.fields(DirectScoreConfig)] == [f.name for f in dataclasses.fields(
-        AdversarialConfig)]  # fmt: skip
-    assert DirectScoreConfig().objective == "direct-score" and AdversarialConfig().objective == "trades-se"
+def test_direct_score_defaults_are_the_digits_recipe():
+    """``train/direct_score.py`` with no flags runs recipes/digits-direct-score.json (the README's main command)."""
+    recipe = {k: v for k, v in json.loads((ROOT / "recipes" / "digits-direct-score.json").read_text()).items()
+              if not k.startswith("_")}
+    defaults = config_to_dict(DirectScoreConfig())
+    assert {k: defaults[k] for k in recipe} == recipe

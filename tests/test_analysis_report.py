@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from analysis import alignment, dynamics, report, smoothing, sources
-from scorenets import ScoreNet
+from scorenets import ScoreNet, build_posterior_net
 from trainlib.adversarial import AdversarialConfig, build_classifier, train
 from trainlib.checkpoint import save_weights
 from trainlib.config import run_cli
@@ -119,10 +119,18 @@ def tiny_scorenet(directory: Path, num_classes: int) -> Path:
 def test_score_net_path_runs_both_theorems(tmp_path):
     weights = weights_file(tmp_path / "digits.safetensors", "digits", 10, (1, 8, 8))
     net = tiny_scorenet(tmp_path / "sn", 10)
-    records = alignment.main([str(weights), "--scorenet", str(net), "--n-points", "4", "--eps-scales", "1",
-                              "--pgd-steps", "1", "--out", str(tmp_path / "out")])  # fmt: skip
+    options = ["--n-points", "4", "--eps-scales", "1", "--pgd-steps", "1", "--out", str(tmp_path / "out")]
+    records = alignment.main([str(weights), "--scorenet", str(net), "--posterior", "scorenet", "--anchor", "label",
+                              *options])
     assert records[0]["settings"]["posterior"]["anchor_smoothing"] == 1e-4
     assert records[0]["label_agreement"] == 1.0  # Y_d(x) is the label under the confident anchor
+    posterior_net = tmp_path / "posterior"
+    build_posterior_net("tiny8", 10, (1, 8, 8), 0.05, 0.5, block_out_channels=(8, 16), norm_num_groups=4
+                        ).save_pretrained(posterior_net, safe_serialization=True)
+    records = alignment.main([str(weights), "--posterior-net", str(posterior_net), *options])
+    assert records[0]["settings"]["posterior"] == {
+        "kind": "estimate, as in direct SCORE training", "posterior": "posterior-net", "noise_std": 0.2,
+        "posterior_net": str(posterior_net), "scorenet": "runs/scorenet-digits"}
     records = smoothing.main([str(weights), "--scorenet", str(net), "--sigmas", "0.2", "--n-points", "4",
                               "--n-noise", "2", "--out", str(tmp_path / "out")])  # fmt: skip
     assert records[0]["n_samples"] == 8 and records[0]["settings"]["class_score"] == str(net)

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from scorenets import ScoreNet
+from scorenets import ScoreNet, build_posterior_net
 from trainlib.adversarial import WEIGHTS_METADATA_KEY, build_classifier
 from trainlib.checkpoint import save_weights, write_manifest
 from trainlib.generation import GenerateConfig, generate
@@ -36,6 +36,7 @@ ENTRY_POINTS = {
     "train_scorenet": ("train/train_scorenet.py", True),
     "train_classifier": ("train/train_classifier.py", True),
     "direct_score": ("train/direct_score.py", True),
+    "train_posterior": ("train/train_posterior.py", True),
     "evaluate": ("train/evaluate.py", True),
     "generate": ("train/generate.py", True),
     "quality": ("trainlib.quality", True),
@@ -74,6 +75,7 @@ def generic_rows() -> list[Row]:
 
 GENERIC = generic_rows()
 SN, CLF = ["--out", "{out}", "--steps", "2"], ["--out", "{out}", "--epochs", "1", "--cpu-threads", "1"]
+TRAJ = [*CLF, "--posterior", "scorenet", "--anchor", "label"]  # direct SCORE on the label-anchored score-net path
 ROWS = [
     *GENERIC,
     # score-net training: data files, values, names
@@ -109,15 +111,39 @@ ROWS = [
     row("train_classifier", "generated images are (1, 4, 4), real ones (1, 8, 8)", *CLF, "--generated",
         "{in}/generated/4x4"),
     row("train_classifier", "no .npz shards found", *CLF, "--generated", "{in}/generated/none-*.npz"),
-    row("train_classifier", "posterior=analytic needs a toy dataset", *CLF, "--objective", "direct-score"),
-    # direct SCORE: the score net against the data
-    row("direct_score", "score net not found", *CLF, "--scorenet", "{in}/missing-scorenet"),
-    row("direct_score", "holds a score net for 3 classes, expected 10", *CLF, "--scorenet", "{in}/sn-3class-8x8"),
-    row("direct_score", "was trained on images (1, 4, 4), the data are (1, 8, 8)", *CLF, "--scorenet",
+    row("train_classifier", "posterior=analytic needs a dataset with a closed-form posterior", *CLF, "--objective",
+        "direct-score"),
+    # direct SCORE: the score net and the posterior net against the data
+    row("direct_score", "score net not found", *TRAJ, "--scorenet", "{in}/missing-scorenet"),
+    row("direct_score", "holds a score net for 3 classes, expected 10", *TRAJ, "--scorenet", "{in}/sn-3class-8x8"),
+    row("direct_score", "was trained on images (1, 4, 4), the data are (1, 8, 8)", *TRAJ, "--scorenet",
         "{in}/sn-10class-4x4"),
-    row("direct_score", "is not a saved ScoreNet", *CLF, "--scorenet", "{in}/npz"),
-    row("direct_score", "noise_std must be > 0, got 0.0", *CLF, "--scorenet", "{in}/sn-3class-8x8", "--noise-std", "0"),
+    row("direct_score", "is not a saved ScoreNet", *TRAJ, "--scorenet", "{in}/npz"),
+    row("direct_score", "noise_std must be > 0, got 0.0", *TRAJ, "--scorenet", "{in}/sn-3class-8x8", "--noise-std",
+        "0"),
     row("direct_score", "anchor_smoothing must be in (0, 1)", *CLF, "--anchor-smoothing", "0"),
+    row("direct_score", "posterior net not found", *CLF, "--posterior-net", "{in}/missing-posterior"),
+    row("direct_score", "holds a posterior net for 3 classes, expected 10", *CLF, "--posterior-net",
+        "{in}/pn-3class-8x8"),
+    row("direct_score", "is not a saved posterior net", *CLF, "--posterior-net", "{in}/npz"),
+    row("direct_score", "pn-10class-4x4 was trained on images (1, 4, 4), the data are (1, 8, 8)", *CLF,
+        "--posterior-net", "{in}/pn-10class-4x4"),
+    row("direct_score", "outside the posterior net's trained range [0.05, 0.5]", *CLF, "--posterior-net",
+        "{in}/pn-10class-8x8", "--noise-std", "0.8"),
+    row("direct_score", "posterior net not found", *TRAJ[:-2], "--anchor", "posterior-net", "--scorenet",
+        "{in}/sn-10class-8x8", "--posterior-net", "{in}/missing-posterior"),
+    row("direct_score", "argument --anchor: invalid Literal value: 'oracle'", *CLF, "--posterior", "scorenet",
+        "--anchor", "oracle"),
+    # posterior-net training
+    row("train_posterior", "need 0 < sigma_min < sigma_max", *SN, "--sigma-min", "0.5", "--sigma-max", "0.1"),
+    row("train_posterior", "the DLSM term needs a score net", *SN, "--scorenet", "none"),
+    row("train_posterior", "ce_weight must be > 0", *SN, "--ce-weight", "0"),
+    row("train_posterior", "unknown posterior-net preset 'huge'", *SN, "--preset", "huge"),
+    row("train_posterior", "score net not found", *SN, "--scorenet", "{in}/missing-scorenet"),
+    row("train_posterior", "holds a score net for 3 classes, expected 10", *SN, "--scorenet", "{in}/sn-3class-8x8"),
+    row("train_posterior", "outside the schedule's range", *SN, "--scorenet", "{in}/sn-10class-8x8", "--sigma-max",
+        "100"),
+    row("train_posterior", "steps must be > 0, got 0", *SN, "--scorenet", "{in}/sn-10class-8x8", "--steps", "0"),
     # evaluation: weights against model and data, unsafe or corrupt checkpoints
     row("evaluate", "checkpoint not found", "--out", "{out}", "--checkpoint", "{in}/missing-run"),
     row("evaluate", "refusing to load", "--out", "{out}", "--checkpoint", "{in}/checkpoints/step_000001",
@@ -257,6 +283,11 @@ def inputs(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     save_scorenet(root / "sn-3class-8x8", 3, (1, 8, 8))
     save_scorenet(root / "sn-10class-4x4", 10, (1, 4, 4))
+    save_scorenet(root / "sn-10class-8x8", 10, (1, 8, 8))
+    for name, classes, shape in (("pn-3class-8x8", 3, (1, 8, 8)), ("pn-10class-4x4", 10, (1, 4, 4)),
+                                 ("pn-10class-8x8", 10, (1, 8, 8))):
+        build_posterior_net("tiny8", classes, shape, 0.05, 0.5, block_out_channels=(8, 16), norm_num_groups=8
+                            ).save_pretrained(root / name, safe_serialization=True)
     (root / "sn-corrupt").mkdir()
     (root / "empty-run").mkdir()
     (root / "run-config-only").mkdir()  # a run directory that never trained (no weights, snapshots or results)

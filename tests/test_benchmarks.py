@@ -11,8 +11,9 @@ from torch import nn
 from benchmarks.common import SyncCounter, alternate, count_flops, ratio
 from benchmarks.train_step import RECIPE, TrainingStep
 from scorenets import ScoreNet
-from trainlib.adversarial import AdversarialConfig, build_classifier, scorenet_posterior_provider
+from trainlib.adversarial import AdversarialConfig, build_classifier
 from trainlib.config import load_recipe, parse_config
+from trainlib.data_posterior import trajectory_provider
 
 
 def test_sync_counter_sees_every_kind_of_host_read():
@@ -61,8 +62,8 @@ def test_training_steps_make_no_host_sync(objective):
     provider = None
     if objective == "direct-score":
         net = ScoreNet.build("tiny8", 10, (1, 8, 8), block_out_channels=(8, 16), norm_num_groups=4)
-        provider = scorenet_posterior_provider(net.eval().requires_grad_(False), cfg.noise_std, cfg.anchor_smoothing,
-                                               cfg.start_quadrature_points)
+        provider = trajectory_provider(net.eval().requires_grad_(False), cfg.noise_std,
+                                       anchor_smoothing=cfg.anchor_smoothing)
     step = TrainingStep(cfg, model, provider, total_steps=10)
     x, y = torch.rand(8, 1, 8, 8), torch.arange(8) % 10
     step(x, y)  # first step: lazily created optimizer state

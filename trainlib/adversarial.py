@@ -43,6 +43,13 @@ from . import evaluation
 from .checkpoint import load_pickle_safely, load_weights, load_weights_metadata, save_weights, verify_checkpoint
 from .config import option
 from .data import BatchLoader, ImageDataset, load_dataset, load_generated, shard_paths
+from .data_posterior import (
+    DEFAULT_POSTERIOR_NET,
+    DEFAULT_SCORENET,
+    check_posterior_options,
+    ensure_default_nets,
+    posterior_provider,
+)
 from .ema import EMA
 from .engine import (
     DEFAULT_COLLECTIVE_TIMEOUT,
@@ -92,13 +99,17 @@ class AdversarialConfig:
     eps: float = option("radius of the threat ball in [0, 1] pixel units", 0.2)
     step_size: float = option("PGD step size of the training attack", 0.05)
     steps: int = option("PGD steps of the training attack", 10)
-    # data posterior (direct-score only)
-    posterior: Literal["scorenet", "analytic"] = option("p_d from a score net or the exact mixture (gmm-*)", "analytic")
+    # data posterior (direct-score only; trainlib.data_posterior)
+    posterior: Literal["posterior-net", "scorenet", "empirical", "analytic"] = option(
+        "p_d(.|x'): posterior net | score-net trajectory | exact smoothed training-set posterior | closed form (gmm-*)",
+        "analytic")
+    posterior_net: str | None = option("a posterior-net run directory or saved PosteriorNet folder", None)
     scorenet: str | None = option("a score-net run directory or saved ScoreNet folder (posterior=scorenet)", None)
-    noise_std: float = option("sigma of p_sigma(y|x) from the score net ([0, 1] data units, std; about eps)", 0.2)
-    anchor_smoothing: float = option(
-        "label smoothing of the clean anchor p(.|x) of the score integral (small: clean posteriors are confident; "
-        "0.1 lets PGD flip the estimated class, see README)", 1e-4)
+    noise_std: float = option("sigma of p_sigma(y|x) ([0, 1] data units, std; about eps)", 0.2)
+    anchor: Literal["posterior-net", "label"] = option(
+        "posterior=scorenet: anchor the score integral at p_phi(.|x) of the posterior net, or at the smoothed label "
+        "(an ablation: the target then depends on (x, y, x'))", "posterior-net")
+    anchor_smoothing: float = option("anchor=label: the smoothing a of (1 - a) onehot(y) + a/K", 1e-4)
     start_quadrature_points: int = option(
         "Gauss-Legendre points on the anchor -> random start segment (0: trapezoid)", 0
     )
@@ -179,11 +190,8 @@ class AdversarialConfig:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}")
         check_collective_timeout(self.collective_timeout)
         if self.objective == "direct-score":
-            if self.posterior == "scorenet" and not self.scorenet:
-                raise ValueError("direct-score with posterior=scorenet needs --scorenet DIR (a saved ScoreNet)")
-            if self.posterior == "analytic" and self.dataset not in TOY_MIXTURES:
-                raise ValueError(f"posterior=analytic needs a toy dataset with a known mixture "
-                                 f"({', '.join(TOY_MIXTURES)}), got {self.dataset!r}")  # fmt: skip
+            check_posterior_options(self.posterior, self.anchor, self.scorenet, self.posterior_net, self.dataset,
+                                    self.dataset in TOY_MIXTURES)
         # objective options (beta, clip, clean weight, smoothing, distance): the objective's own checks
         build_objective(self.objective, self, beta=self.beta, clip=self.clip, clip_scope=self.clip_scope,
                         label_smoothing=self.label_smoothing, attack_bn=self.attack_bn, distance=self.distance,
@@ -193,12 +201,30 @@ class AdversarialConfig:
 
 @dataclass
 class DirectScoreConfig(AdversarialConfig):
-    """Direct SCORE training: the inner max and outer min of D(p_d(.|x') || p_theta(.|x')), p_d from a score net."""
+    """Direct SCORE: the inner max and outer min of D(p_d(.|x') || p_theta(.|x')); defaults: the digits recipe."""
 
     objective: str = option("standard | pgd-at | trades-kl | trades-se | pgd-at-se | direct-score", "direct-score")
-    posterior: Literal["scorenet", "analytic"] = option("p_d from a score net or the exact mixture (gmm-*)", "scorenet")
-    scorenet: str | None = option("a score-net run directory or saved ScoreNet folder", "runs/scorenet-digits")
-    out: str = option("run directory", "runs/direct-score-digits")
+    posterior: Literal["posterior-net", "scorenet", "empirical", "analytic"] = option(
+        "p_d(.|x'): posterior net | score-net trajectory | exact smoothed training-set posterior | closed form (gmm-*)",
+        "posterior-net")
+    posterior_net: str | None = option("a posterior-net run directory or saved PosteriorNet folder (trained here "
+                                       "first if it is the missing default)", DEFAULT_POSTERIOR_NET)
+    scorenet: str | None = option("a score-net run directory or saved ScoreNet folder (trained here first if it is "
+                                  "the missing default)", DEFAULT_SCORENET)
+    # the digits recipe (recipes/digits-direct-score.json holds the same values)
+    augment: Literal["auto", "on", "off"] = option("random crop (pad 4) + flip; auto: on for CIFAR only", "off")
+    n_val: int = option("validation points (first n of the val split; PGD-40 CW on the EMA model)", 180)
+    step_size: float = option("PGD step size of the training attack", 0.1)
+    steps: int = option("PGD steps of the training attack", 3)
+    batch_size: int = option("global batch size (all processes, after accumulation)", 64)
+    epochs: int = option("training epochs", 10)
+    cpu_threads: int | None = option("torch threads per process on the CPU (none: torch's default)", 1)
+    checkpoint_every: int = option("save a checkpoint every N optimizer steps (0: at the end only)", 100)
+    snapshot_every: int = option("write the EMA weights to <out>/snapshots/epoch_NNNN.safetensors every N epochs and "
+                                 "after the last (0: off; analysis.dynamics reads them)", 1)
+    log_every: int = option("average and log training metrics every N steps", 10)
+    eval_batch_size: int = option("batch size of validation and evaluation", 360)
+    out: str = option("run directory", "runs/digits-direct-score")
 
 
 # -- building blocks ------------------------------------------------------------------------------------------
@@ -236,34 +262,6 @@ def list_snapshots(run_dir: str | Path) -> list[tuple[int, Path]]:
     found = [(int(m.group(1)), p) for p in directory.glob("epoch_*.safetensors")
              if (m := SNAPSHOT_PATTERN.fullmatch(p.name))]  # fmt: skip
     return sorted(found)
-
-
-def _posterior_provider(cfg: AdversarialConfig, train_set: ImageDataset, device: torch.device):
-    """(x, y) → p_d for the batch; None unless direct SCORE. Loads the score net here (clear errors, no files)."""
-    if cfg.objective != "direct-score":
-        return None
-    if cfg.posterior == "analytic":
-        return fixed_posterior(train_set.mixture)
-    from .scorenet_training import load_scorenet
-
-    scorenet = load_scorenet(cfg.scorenet, expected_num_classes=train_set.num_classes, device=device)  # frozen, eval
-    if tuple(scorenet.image_shape) != tuple(train_set.image_shape):
-        raise ValueError(f"score net {cfg.scorenet} was trained on images {tuple(scorenet.image_shape)}, the data are "
-                         f"{tuple(train_set.image_shape)} (C, H, W)")  # fmt: skip
-    return scorenet_posterior_provider(scorenet, cfg.noise_std, cfg.anchor_smoothing, cfg.start_quadrature_points)
-
-
-def scorenet_posterior_provider(
-    scorenet, noise_std: float, anchor_smoothing: float, start_quadrature_points: int = 0, max_batch: int | None = None
-):
-    """(x, y) → the direct-SCORE data posterior of a batch: ``ScoreNetPosterior(scorenet, σ).trajectory`` anchored at
-    the clean x with smoothed labels ``anchor_log_probs(y, K, anchor_smoothing)`` (one score-net call at the anchor,
-    then one per new point of the path; ``max_batch`` caps the UNet inputs per call). Training and the analyses
-    (``analysis.alignment``, ``analysis.dynamics``) use exactly this estimate of p_σ(·|x')."""
-    from scorenets import ScoreNetPosterior, anchor_log_probs
-
-    posterior, points = ScoreNetPosterior(scorenet, noise_std, max_batch), start_quadrature_points
-    return lambda x, y: posterior.trajectory(x, anchor_log_probs(y, posterior.num_classes, anchor_smoothing), points)
 
 
 @dataclass
@@ -341,6 +339,7 @@ def _save_best(run, ema: EMA, metrics: dict, metadata: dict) -> None:
 def train(cfg: AdversarialConfig) -> dict | None:
     """Train as configured (module docstring); returns the results (main process of a completed run), else None."""
     cfg.validate()
+    ensure_default_nets(cfg)
     accelerator = create_accelerator(
         mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accumulation, seed=cfg.seed,
         num_processes=cfg.num_processes, cpu_threads=cfg.cpu_threads, collective_timeout=cfg.collective_timeout,
@@ -353,7 +352,7 @@ def train(cfg: AdversarialConfig) -> dict | None:
     # Everything that can fail on bad input happens before the run directory is written.
     data = load_data(cfg, accelerator)
     num_classes, image_shape = data.train.num_classes, data.train.image_shape
-    provider = _posterior_provider(cfg, data.train, device)
+    provider = posterior_provider(cfg, data.train, device) if cfg.objective == "direct-score" else None
     objective: Objective = build_objective(
         cfg.objective, cfg, beta=cfg.beta, clip=cfg.clip, clip_scope=cfg.clip_scope,
         label_smoothing=cfg.label_smoothing, attack_bn=cfg.attack_bn, distance=cfg.distance,
