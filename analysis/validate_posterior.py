@@ -1,53 +1,45 @@
-"""Validate ``scorenets.ScoreNetPosterior`` against the closed form on a Gaussian mixture rendered as images.
+"""Validate every data-posterior estimator exactly as direct SCORE training uses it, against exact truth.
 
-    python -m analysis.validate_posterior --out runs/validate-posterior                # trains the score net first
-    python -m analysis.validate_posterior --out runs/validate-posterior --scorenet runs/sn-gmm   # reuse one
+    python -m analysis.validate_posterior --recipe recipes/gmm-8x8-direct-score-posterior-net.json --out runs/v-gmm
+    python -m analysis.validate_posterior --recipe recipes/digits-direct-score.json --out runs/v-digits
 
-Data: ``gmm-8x8`` (default) or ``gmm-4x4`` from ``trainlib.data``; ``toy_mixture(name)`` is the exact mixture, so
-p_σ(y|x) and ∇_x log p_σ(y|x) are known in closed form (``GaussianMixture(..., noise_std=σ)``). Without
-``--scorenet`` a score net is trained on the train split THROUGH THE TRAINING LIBRARY (``trainlib.scorenet_training
-.train``, the function behind ``train/train_scorenet.py``) into ``<out>/scorenet-run`` (re-running resumes it).
+The recipe (a direct-SCORE training recipe) fixes everything the estimate depends on in training: the threat model and
+attack (``norm``, ``eps``, ``steps`` PGD steps of ``step_size`` from a uniform random start, clamped to [0, 1], last
+iterate), the noise std σ (``noise_std``, [0, 1] data units), the posterior net, the score net, the label anchor's
+smoothing, the distance and the seed; the classifier p_θ whose loss the attack maximizes is the recipe's trained run
+(``--classifier``, default the recipe's ``out``). For every estimator and split, on the first ``--n-points`` points,
+the attack is the training attack (``trainlib.objectives.DirectScore``: PGD on D(p̂(·|x') ‖ p_θ(·|x')) with the
+estimate's full gradient, through ``datagrad.self_consistent_distance``), so each estimator is read along the path it
+would itself drive, with its own random start. Estimators (``--estimators``):
 
-For every σ (``--sigmas``; the library default ``--default-sigma`` is always included), on the first ``--n-points``
-test points x (clamped to [0, 1], as images are), with K classes and the estimate built from the score net's
-class-conditional scores s_y:
+    posterior-net        p_φ(·|x', σ) of the posterior net (autograd)
+    trajectory           the score-net trajectory anchored at p_φ(·|x, σ) (the default for --posterior scorenet)
+    trajectory-label     the score-net trajectory anchored at the smoothed label (1 − α)·onehot(y) + α/K (ablation)
+    exact                the truth itself: its own path, where it keeps the label and how far it moves
 
-gradients     Ĝ_y = s_y − Σ_k p̂_k s_k, the centred data gradient every SCORE loss uses (``attach_log_posterior``),
-              against G_y = ∇_x log p_σ(y|x): cosine and relative error ||Ĝ_y − G_y||/||G_y|| over all (point, class)
-              pairs and for the top class argmax_y p_σ(y|x), at the clean x (p̂ = the exact anchor) and at the
-              perturbed x' (p̂ from the trajectory). Also the raw null-class estimate s_y − s_∅
-              (``ScoreNetPosterior.grad_log_posterior``) at x, which is not centred: its top-class direction is
-              dominated by the error of the unconditional score.
-posterior     the TV error ½ Σ_y |p̂(y|x') − p_σ(y|x')| at x' = the last iterate of ℓ∞ PGD (``datagrad.pgd``: radius
-              ``--eps``, ``--pgd-steps`` steps of ``--step-size``, uniform start, clamp to [0, 1]) maximizing the direct
-              SCORE inner loss KL(p_σ(·|x') || p_θ(·|x')) (``datagrad.self_consistent_distance``) with the EXACT
-              posterior, p_θ the Bayes classifier of the clean mixture: the points do not depend on the estimate
-              under test (a poor estimate could otherwise steer PGD to where the posterior hardly changes). At every
-              iterate the estimate, a trajectory posterior anchored at x with the EXACT p_σ(·|x), is extended through
-              ``datagrad.attach_log_posterior`` exactly as in direct SCORE training (``trainlib.objectives``), and
-              p̂(·|x') is its zero-call value at the last iterate, as training uses it. Also: the straight-line anchored
-              estimate (Gauss–Legendre, ``--quadrature-points``) with the exact anchor and with the label-smoothed
-              anchor p = (1 − α)·onehot(y) + α/K (α = ``--anchor-smoothing``; the anchor's own TV error at x is
-              reported next to it), and the true movement ½ Σ_y |p_σ(y|x') − p_σ(y|x)| (how far PGD moved the
-              posterior: an estimate that ignored the path would have this TV error).
+Truth p_σ(y|x): the closed form at σ for datasets that have one (``gmm-*``: the Gaussian mixture; ``digits-mixture``:
+its kernel mixture), and on real data the **exact smoothed posterior of the training split**,
+p_σ(y|x) ∝ Σ_{i: y_i = y} N(x; x_i, σ²I) (``datagrad.KernelMixture``), which is what the score net's DSM and the
+posterior net's cross-entropy converge to on that set.
 
-Outputs in ``--out`` (written atomically): ``validate_posterior.json`` (config, timings, per-σ metrics, per-class
-medians, the acceptance check), ``error_vs_sigma.png``, and a printed table. Acceptance (issue 3) at the default σ:
-median gradient cosine (all classes, clean points) ≥ 0.9 and median trajectory TV error at x' ≤ 0.05.
+At every point x_t of the path (t = 0: the random start, …, t = T: the last iterate, where training reads its target),
+with p̂ the estimate as training sees it there (for the trajectory at x_T: its zero-call left-point value):
 
-The default σ is ``trainlib.adversarial.AdversarialConfig.noise_std`` (read at import, so this command always checks
-the σ that direct SCORE training uses; [0, 1] data units). Why a σ of that size: p_σ(y|x) is the posterior of the
-data blurred by N(0, σ²I). Smaller σ follows p_d(y|x) more closely, but the network must then resolve the class
-differences of the score, (μ_y − μ_k)/(s² + σ²), inside a total score that grows like sqrt(d/(s² + σ²)), and only a
-small share of DSM training (uniform timesteps) falls at such low noise; larger σ is easier to estimate but blurs the
-classes together. Measured with the default command (4,000 steps of 64, 7.8 minutes on one core of the shared
-2-core machine): median gradient cosine ≥ 0.996 at every σ, median trajectory TV error 0.048 / 0.023 / 0.031 / 0.028
-at σ = 0.05 / 0.1 / 0.2 / 0.3. The remaining error is mostly a magnitude error: the network's class differences are
-~7 % too small (relative gradient error ≈ 0.08 at cosine 0.998), and it shrinks with longer training.
+    TV         ½ Σ_y |p̂(y|x_t) − p_σ(y|x_t)|                        (median, p90, mean)
+    agreement  argmax_y p̂(y|x_t) = argmax_y p_σ(y|x_t)                (fraction)
+    label      p̂(y|x_t) and p_σ(y|x_t) of the clean point's label      (medians; does the target keep the label?)
+    cosine     cosine of the centred [K, D] gradient matrices Ĝ and G, G_y = ∇ log p_σ(y|x_t) − Σ_k p_σ(k|x_t) ∇ log
+               p_σ(k|x_t) (median, p10); at x_T the trajectory is extended by one step to read Ĝ (training does not
+               use a gradient there)
+
+Outputs in ``--out`` (atomic): ``validate_posterior.json``, ``validate_posterior.md`` (the tables), and
+``error_along_path.png``; the table is printed. ``--max-tv`` / ``--min-cosine`` are the thresholds the acceptance block
+reports at the last point (for every learned estimator: median TV and median cosine).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -57,318 +49,257 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from datagrad import GaussianMixture, attach_log_posterior, get_distance, pgd, self_consistent_distance
-from scorenets import ClassScoreModel, ScoreNetPosterior, anchor_log_probs, check_noise_std
+from datagrad import KernelMixture, self_consistent_distance
+from scorenets import check_noise_std
 from trainlib.adversarial import AdversarialConfig
-from trainlib.config import config_to_dict, option, parse_config, run_cli
-from trainlib.data import TOY_MIXTURES, load_dataset, toy_mixture
-from trainlib.files import atomic_write_json
+from trainlib.config import config_to_dict, load_recipe, option, parse_config, run_cli
+from trainlib.data import load_dataset
+from trainlib.data_posterior import PosteriorSpec, posterior_provider
+from trainlib.engine import rank_generator
+from trainlib.files import atomic_write_json, atomic_write_text
+from trainlib.objectives import attack_from_threat, attack_mode
 from trainlib.rundir import git_revision, package_versions
-from trainlib.scorenet_training import ScoreNetConfig, load_scorenet
-from trainlib.scorenet_training import train as train_scorenet
 
-DEFAULT_SIGMA = AdversarialConfig.noise_std  # the σ direct SCORE training uses unless told otherwise
-RESULTS_FILE = "validate_posterior.json"
-FIGURE_FILE = "error_vs_sigma.png"
-TRAIN_SUBDIR = "scorenet-run"
-TOP_CLASS_MIN_DOUBT = 1e-3  # top-class gradient metrics only where 1 − max_y p_σ(y|x) ≥ this (gradient_metrics)
+from .markdown import markdown_table
+from .sources import compute_device, open_classifier
+
+ESTIMATORS = ("posterior-net", "trajectory", "trajectory-label", "exact")
+RESULTS_FILE, TABLE_FILE, FIGURE_FILE = "validate_posterior.json", "validate_posterior.md", "error_along_path.png"
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
 @dataclass
 class ValidateConfig:
-    """Compare ScoreNetPosterior with the closed-form Gaussian-mixture posterior (analysis.validate_posterior)."""
+    """Read each data-posterior estimator along the recipe's own attack path against the exact posterior."""
 
-    out: str = option("output directory (results, figure, and the trained score net in scorenet-run/)",
-                     "runs/validate-posterior")  # fmt: skip
-    scorenet: str | None = option("a trained score net (run directory or scorenet/ folder); none: train one", None)
-    dataset: str = option("Gaussian-mixture image toy: gmm-8x8 | gmm-4x4", "gmm-8x8")
-    sigmas: tuple[float, ...] = option("noise stds σ to evaluate ([0, 1] data units)", (0.05, 0.1, 0.2, 0.3))
-    default_sigma: float = option("the library's default σ (always evaluated; the acceptance is checked there)",
-                                 DEFAULT_SIGMA)  # fmt: skip
-    n_points: int = option("test points evaluated per σ", 200)
-    eps: float = option("l-inf radius of the PGD perturbation", 0.1)
-    pgd_steps: int = option("PGD steps", 10)
-    step_size: float = option("PGD step size", 0.025)
-    quadrature_points: int = option("Gauss-Legendre points of the straight-line (anchored) estimate", 8)
-    anchor_smoothing: float = option("label smoothing alpha of the smoothed-anchor variant", 0.1)
-    seed: int = option("seed of the PGD random starts", 0)
-    # training (only without --scorenet): passed to trainlib.scorenet_training.ScoreNetConfig
-    train_steps: int = option("score-net training steps", 4000)
-    train_batch_size: int = option("score-net training batch size", 64)
-    train_lr: float = option("score-net peak learning rate", 1e-3)
-    train_preset: str | None = option("score-net UNet preset (none: by image size)", None)
+    recipe: str = option("the direct-SCORE recipe whose estimate is validated",
+                         str(RECIPES_DIR / "digits-direct-score.json"))
+    classifier: str | None = option("the classifier p_theta the attack maximizes (none: the recipe's out)", None)
+    estimators: tuple[str, ...] = option(f"estimators to read: {' | '.join(ESTIMATORS)}", ESTIMATORS)
+    splits: tuple[str, ...] = option("splits whose first points start the paths", ("train", "test"))
+    n_points: int = option("points per split", 200)
+    sigmas: tuple[float, ...] = option("noise stds sigma to validate (empty: the recipe's)", ())
+    max_tv: float = option("acceptance: median TV at the last point at most this", 0.05)
+    min_cosine: float = option("acceptance: median gradient cosine at the last point at least this", 0.95)
+    out: str = option("output directory", "runs/validate-posterior")
 
     def validate(self) -> None:
-        if self.dataset not in TOY_MIXTURES:
-            raise ValueError(f"dataset must be a Gaussian-mixture toy ({', '.join(TOY_MIXTURES)}), "
-                             f"got {self.dataset!r}")
-        if not self.sigmas:
-            raise ValueError("give at least one σ (--sigmas)")
-        for sigma in (*self.sigmas, self.default_sigma):
+        if not Path(self.recipe).is_file():
+            raise FileNotFoundError(f"recipe file not found: {self.recipe}")
+        unknown = [e for e in self.estimators if e not in ESTIMATORS]
+        if unknown or not self.estimators:
+            raise ValueError(f"estimators must be among {', '.join(ESTIMATORS)}, got {list(self.estimators)}")
+        bad = [s for s in self.splits if s not in ("train", "val", "test")]
+        if bad or not self.splits:
+            raise ValueError(f"splits must be among train, val, test, got {list(self.splits)}")
+        if self.n_points < 1:
+            raise ValueError(f"n_points must be >= 1, got {self.n_points}")
+        for sigma in self.sigmas:
             check_noise_std(sigma)
-        for name in ("n_points", "pgd_steps", "quadrature_points", "train_steps", "train_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eps", "step_size", "train_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if not 0 < self.anchor_smoothing < 1:
-            raise ValueError(f"anchor_smoothing must be in (0, 1), got {self.anchor_smoothing}")
 
-    @property
-    def all_sigmas(self) -> list[float]:
-        return sorted({*self.sigmas, self.default_sigma})
+    def training_config(self) -> AdversarialConfig:
+        """The recipe as a validated training config (direct SCORE)."""
+        training = AdversarialConfig(**load_recipe(AdversarialConfig, self.recipe))
+        if training.objective != "direct-score":
+            raise ValueError(f"{self.recipe} is not a direct-SCORE recipe (objective {training.objective!r})")
+        training.validate()
+        return training
 
 
-class ExactPosterior:
-    """p_σ(y|x) of a ``GaussianMixture`` at a fixed σ as a ``datagrad.DataPosterior``."""
-
-    def __init__(self, mixture: GaussianMixture, sigma: float):
-        self.mixture, self.sigma, self.num_classes = mixture, sigma, mixture.num_classes
-
-    def log_posterior(self, x: Tensor) -> Tensor:
-        return self.mixture.log_posterior(x, self.sigma)
-
-    def grad_log_posterior(self, x: Tensor) -> Tensor:
-        return self.mixture.grad_log_posterior(x, self.sigma)
-
-
-class MixtureScores:
-    """An EXACT stand-in for a score net: class scores ∇ log p_σ(x|y) of a ``GaussianMixture`` (ClassScoreModel)."""
-
-    training = False
-
-    def __init__(self, mixture: GaussianMixture):
-        self.mixture = mixture
-        self.num_classes = mixture.num_classes
-        self.forward_calls = 0
-
-    def class_scores(
-        self, x: Tensor, noise_std: float, include_null: bool = False, max_batch: int | None = None
-    ) -> Tensor:  # [B, K(+1), *x.shape[1:]]
-        self.forward_calls += 1
-        labels = [torch.full((x.shape[0],), k, device=x.device) for k in range(self.num_classes)]
-        scores = [self.mixture.score(x, y, noise_std) for y in labels]
-        if include_null:
-            scores.append(self.mixture.score(x, None, noise_std))
-        return torch.stack(scores, dim=1)
-
-
-# -- metrics ------------------------------------------------------------------------------------------------------
-def cosine(estimate: Tensor, truth: Tensor) -> Tensor:
-    """Cosine similarity over the trailing dimensions: [B, K, ...] → [B, K] (float64)."""
-    a, b = estimate.flatten(2).double(), truth.flatten(2).double()
-    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-300)
-
-
-def relative_error(estimate: Tensor, truth: Tensor) -> Tensor:
-    """||estimate − truth|| / ||truth|| over the trailing dimensions: [B, K] (float64)."""
-    a, b = estimate.flatten(2).double(), truth.flatten(2).double()
-    return (a - b).norm(dim=-1) / b.norm(dim=-1).clamp_min(1e-300)
-
-
+# -- metrics -----------------------------------------------------------------------------------------------------------
 def total_variation(log_p: Tensor, log_q: Tensor) -> Tensor:
     """½ Σ_y |p_y − q_y| per row: [B, K] log-probabilities → [B] (float64)."""
     return 0.5 * (log_p.double().exp() - log_q.double().exp()).abs().sum(dim=1)
 
 
-def _summary(values: Tensor) -> dict:
+def centred(grad: Tensor, log_p: Tensor) -> Tensor:
+    """G_y − Σ_k p_k G_k: gradients [B, K, ...] centred under p = exp(log_p) [B, K] → [B, K, D] float64."""
+    grad = grad.flatten(2).double()
+    return grad - torch.einsum("bk,bkd->bd", log_p.double().exp(), grad).unsqueeze(1)
+
+
+def matrix_cosine(a: Tensor, b: Tensor) -> Tensor:
+    """Cosine between the [K, D] matrices of each example: [B, K, D] × [B, K, D] → [B] (float64)."""
+    a, b = a.flatten(1).double(), b.flatten(1).double()
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-300)
+
+
+def summary(values: Tensor) -> dict:
     values = values.flatten().double().cpu().numpy()
     return {"median": float(np.median(values)), "p10": float(np.percentile(values, 10)),
-            "p90": float(np.percentile(values, 90)), "mean": float(values.mean())}  # fmt: skip
+            "p90": float(np.percentile(values, 90)), "mean": float(values.mean())}
 
 
-def gradient_metrics(estimate: Tensor, truth: Tensor, exact_log_p: Tensor) -> dict:
-    """Cosine and relative error over all (point, class) pairs, per class (medians) and for the top class.
-
-    The top-class gradient G_top = Σ_{k≠top} p_k (s_top − s_k) vanishes with 1 − p_top: below
-    ``TOP_CLASS_MIN_DOUBT`` it is smaller than the float32 rounding of the scores it is computed from (even exact
-    scores then give an arbitrary direction), so top-class metrics use only points with 1 − p_top ≥ that.
-    """
-    cos, rel = cosine(estimate, truth), relative_error(estimate, truth)  # [B, K]
-    probs = exact_log_p.exp()
-    top = probs.argmax(dim=1)
-    rows = torch.nonzero(1 - probs.amax(dim=1) >= TOP_CLASS_MIN_DOUBT).flatten()
-    informative = len(rows) > 0
+def point_metrics(log_p_hat: Tensor, grad_hat: Tensor, truth, x: Tensor, y: Tensor) -> dict:
+    """The module docstring's metrics at points x [B, ...] with clean labels y [B]."""
+    with torch.no_grad():
+        log_p = truth.log_posterior(x.double())
+    grad = truth.grad_log_posterior(x.double())
+    rows = torch.arange(len(y), device=y.device)
     return {
-        "cosine": _summary(cos),
-        "relative_error": _summary(rel),
-        "top_class_points": len(rows),
-        "top_class_cosine": _summary(cos[rows, top[rows]]) if informative else None,
-        "top_class_relative_error": _summary(rel[rows, top[rows]]) if informative else None,
-        "per_class_median_cosine": cos.median(dim=0).values.tolist(),
+        "tv": summary(total_variation(log_p_hat, log_p)),
+        "agreement": float((log_p_hat.argmax(1) == log_p.argmax(1)).double().mean()),
+        "label_estimate": summary(log_p_hat.double().exp()[rows, y]),
+        "label_truth": summary(log_p.exp()[rows, y]),
+        "cosine": summary(matrix_cosine(centred(grad_hat, log_p_hat), centred(grad, log_p))),
     }
 
 
-def evaluate_sigma(
-    model: ClassScoreModel, mixture: GaussianMixture, x: Tensor, y: Tensor, sigma: float, cfg: ValidateConfig
-) -> dict:
-    """All metrics at one σ for points x [B, C, H, W] in [0, 1] with labels y [B] (module docstring)."""
-    calls = model.forward_calls
-    start = time.perf_counter()
-    source = ScoreNetPosterior(model, sigma)
-    exact = mixture.log_posterior(x.double(), sigma)  # [B, K] float64, as every closed-form value below
-    true_grad = mixture.grad_log_posterior(x.double(), sigma)  # [B, K, C, H, W]
-    trajectory = source.trajectory(x, exact)  # one call: the scores at the anchor
-    clean = gradient_metrics(trajectory.grad_log_posterior(x), true_grad, exact)
-    raw = gradient_metrics(source.grad_log_posterior(x), true_grad, exact)
-
-    bayes = lambda z: mixture.log_posterior(z)  # the clean Bayes classifier's log-probabilities as logits
-    truth, kl = ExactPosterior(mixture, sigma), get_distance("kl")
-
-    def attack_loss(z: Tensor) -> Tensor:
-        attach_log_posterior(trajectory, z)  # extends the estimate's path to z, as in training (no gradient)
-        return self_consistent_distance(bayes, z, truth, kl)
-
-    generator = torch.Generator(device=x.device).manual_seed(cfg.seed)
-    x_adv = pgd(attack_loss, x, cfg.eps, cfg.step_size, cfg.pgd_steps, "linf", random_start=True, clamp=(0.0, 1.0),
-                generator=generator)  # fmt: skip
-    exact_adv = mixture.log_posterior(x_adv.double(), sigma)
-    log_p_trajectory = trajectory.log_posterior(x_adv)  # zero calls, as direct SCORE training uses it
-    adversarial = gradient_metrics(trajectory.grad_log_posterior(x_adv),
-                                   mixture.grad_log_posterior(x_adv.double(), sigma), exact_adv)
-    smoothed = anchor_log_probs(y, mixture.num_classes, cfg.anchor_smoothing).to(x.device)
-    line_exact = source.anchored(x, exact, cfg.quadrature_points).log_posterior(x_adv)  # one call each
-    line_smoothed = source.anchored(x, smoothed, cfg.quadrature_points).log_posterior(x_adv)
-    tv = {
-        "trajectory": _summary(total_variation(log_p_trajectory, exact_adv)),
-        "anchored_exact": _summary(total_variation(line_exact, exact_adv)),
-        "anchored_smoothed": _summary(total_variation(line_smoothed, exact_adv)),
-        "smoothed_anchor_at_x": _summary(total_variation(smoothed, exact)),
-        "true_movement": _summary(total_variation(exact_adv, exact)),
-    }
-    return {
-        "sigma": sigma,
-        "gradient_clean": clean,
-        "gradient_clean_null_marginal": raw,
-        "gradient_perturbed": adversarial,
-        "tv_perturbed": tv,
-        "linf_perturbation": float((x_adv - x).abs().amax()),
-        "network_calls": model.forward_calls - calls,
-        "seconds": time.perf_counter() - start,
-    }
+# -- the path ----------------------------------------------------------------------------------------------------------
+def truth_posterior(training: AdversarialConfig, sigma: float, device):
+    """p_σ(y|x): the dataset's closed form at σ, else the exact smoothed posterior of its training split."""
+    train = load_dataset(training.dataset, "train", training.data_dir)
+    if train.mixture is not None:
+        return train.mixture.at(sigma)
+    x, y = train.tensors(device)
+    return KernelMixture(x.double(), y, train.num_classes, bandwidth=sigma)
 
 
-def run_validation(model: ClassScoreModel, mixture: GaussianMixture, x: Tensor, y: Tensor, cfg: ValidateConfig):
-    """Metrics for every σ of ``cfg.all_sigmas`` plus the acceptance check at the default σ."""
-    per_sigma = [evaluate_sigma(model, mixture, x, y, sigma, cfg) for sigma in cfg.all_sigmas]
-    at_default = next(r for r in per_sigma if r["sigma"] == cfg.default_sigma)
-    cos = at_default["gradient_clean"]["cosine"]["median"]
-    tv = at_default["tv_perturbed"]["trajectory"]["median"]
-    acceptance = {"sigma": cfg.default_sigma, "median_cosine": cos, "median_tv": tv,
-                  "passed": bool(cos >= 0.9 and tv <= 0.05)}  # fmt: skip
-    return per_sigma, acceptance
+def estimator_spec(training: AdversarialConfig, estimator: str, sigma: float) -> PosteriorSpec:
+    spec = dataclasses.replace(PosteriorSpec.of(training), noise_std=sigma)
+    kind = {"posterior-net": ("posterior-net", spec.anchor), "trajectory": ("scorenet", "posterior-net"),
+            "trajectory-label": ("scorenet", "label")}[estimator]
+    return dataclasses.replace(spec, posterior=kind[0], anchor=kind[1])
 
 
-# -- output ---------------------------------------------------------------------------------------------------------
-def _top(metrics: dict, key: str) -> str:
-    summary = metrics["top_class_cosine"]
-    return "n/a" if summary is None else f"{summary[key]:.4f}"[: 6 if key == "p10" else 7]
+def read_path(provider, truth, model, training: AdversarialConfig, x: Tensor, y: Tensor, seed: int) -> list[dict]:
+    """Run the training attack with the estimate ``provider(x, y)``; the metrics at every point of its path."""
+    posterior = provider(x, y)
+    attack = attack_from_threat(training)
+    records = []
+
+    def loss(z: Tensor) -> Tensor:
+        value = self_consistent_distance(model, z, posterior, training.distance)  # extends a trajectory to z
+        with torch.no_grad():
+            log_p_hat = posterior.log_posterior(z.detach())
+        records.append(point_metrics(log_p_hat, posterior.grad_log_posterior(z.detach()), truth, z.detach(), y))
+        return value
+
+    generator = rank_generator(seed, 0, 0, 0, 0, device=x.device)  # the training attack's generator at step 0
+    with attack_mode(model, training.attack_bn):
+        x_adv = attack.maximize(loss, x, generator)
+    with torch.no_grad():
+        log_p_hat = posterior.log_posterior(x_adv)  # the training target: before any extension to x_T
+    records.append(point_metrics(log_p_hat, posterior.grad_log_posterior(x_adv), truth, x_adv, y))
+    return records
 
 
-def format_table(per_sigma: list[dict], acceptance: dict) -> str:
-    """One row per σ: gradient cosine (median / p10, all classes and top class), relative error, TV errors."""
-    header = (f"{'sigma':>6} | {'cos all':>7} {'p10':>6} | {'cos top':>7} {'p10':>6} | {'rel err':>7} | "
-              f"{'cos x_adv':>9} | {'TV traj':>7} {'p90':>6} | {'TV line':>7} | {'TV smooth':>9} {'(at x)':>6} | "
-              f"{'moved':>6}")  # fmt: skip
-    lines = [header, "-" * len(header)]
-    for r in per_sigma:
-        g, a, tv = r["gradient_clean"], r["gradient_perturbed"], r["tv_perturbed"]
-        lines.append(
-            f"{r['sigma']:>6.3g} | {g['cosine']['median']:>7.4f} {g['cosine']['p10']:>6.3f} | "
-            f"{_top(g, 'median'):>7} {_top(g, 'p10'):>6} | "
-            f"{g['relative_error']['median']:>7.4f} | {a['cosine']['median']:>9.4f} | "
-            f"{tv['trajectory']['median']:>7.4f} {tv['trajectory']['p90']:>6.3f} | "
-            f"{tv['anchored_exact']['median']:>7.4f} | "
-            f"{tv['anchored_smoothed']['median']:>9.4f} {tv['smoothed_anchor_at_x']['median']:>6.3f} | "
-            f"{tv['true_movement']['median']:>6.3f}"
-        )
-    verdict = "PASSED" if acceptance["passed"] else "FAILED"
-    lines.append(f"acceptance at sigma = {acceptance['sigma']}: median cosine {acceptance['median_cosine']:.4f} "
-                 f"(>= 0.9), median TV {acceptance['median_tv']:.4f} (<= 0.05): {verdict}")  # fmt: skip
-    return "\n".join(lines)
+def validate(cfg: ValidateConfig) -> dict:
+    """Every (σ, estimator, split): the metrics along the path (module docstring)."""
+    cfg.validate()
+    training = cfg.training_config()
+    device = compute_device()
+    classifier = open_classifier(cfg.classifier or training.out, dtype=torch.float32, data_dir=training.data_dir)
+    if classifier.settings.get("dataset") != training.dataset:
+        found = classifier.settings.get("dataset")
+        raise ValueError(f"classifier {classifier.source} was trained on {found!r}, the recipe is for "
+                         f"{training.dataset!r}")
+    sigmas = list(cfg.sigmas) or [training.noise_std]
+    results = []
+    for sigma in sigmas:
+        truth = truth_posterior(training, sigma, device)
+        for estimator in cfg.estimators:
+            spec = estimator_spec(training, estimator, sigma)
+            for split in cfg.splits:
+                data = load_dataset(training.dataset, split, training.data_dir)
+                x, y = data.get(range(min(cfg.n_points, len(data))), device)
+                if estimator == "exact":
+                    provider = lambda x, y, truth=truth: truth
+                else:
+                    train = load_dataset(training.dataset, "train", training.data_dir)
+                    provider = posterior_provider(spec, train, device, max_batch=4096)
+                start = time.perf_counter()
+                path = read_path(provider, truth, classifier.model, training, x, y, training.seed)
+                results.append({"sigma": sigma, "estimator": estimator, "split": split, "n_points": len(y),
+                                "path": path, "seconds": time.perf_counter() - start})
+                last = path[-1]
+                print(f"σ {sigma:g} {estimator:>16} {split:>5}: at x_T TV {last['tv']['median']:.4f}, cosine "
+                      f"{last['cosine']['median']:.4f}, agreement {last['agreement']:.3f}, label p̂ "
+                      f"{last['label_estimate']['median']:.3f} (truth {last['label_truth']['median']:.3f})")
+    return {"results": results, "acceptance": acceptance(results, cfg), "recipe": config_to_dict(training),
+            "classifier": str(classifier.source), "truth": _truth_name(training)}
 
 
-def plot_errors(path: Path, per_sigma: list[dict], default_sigma: float) -> None:
-    """1 − median cosine (clean, all classes / top class) and median TV errors against σ (log-log)."""
-    from analysis.plotting import plt, save_figure, style
+def _truth_name(training: AdversarialConfig) -> str:
+    train = load_dataset(training.dataset, "train", training.data_dir)
+    if train.mixture is not None:
+        return f"closed form of {training.dataset} at sigma"
+    return f"exact smoothed posterior of the {len(train)} training images of {training.dataset} at sigma"
 
-    sigmas = [r["sigma"] for r in per_sigma]
+
+def acceptance(results: list[dict], cfg: ValidateConfig) -> list[dict]:
+    """At the last point of every learned estimator's path: median TV ≤ max_tv and median cosine ≥ min_cosine."""
+    rows = []
+    for r in results:
+        if r["estimator"] == "exact":
+            continue
+        last = r["path"][-1]
+        tv, cos = last["tv"]["median"], last["cosine"]["median"]
+        rows.append({"sigma": r["sigma"], "estimator": r["estimator"], "split": r["split"], "median_tv": tv,
+                     "median_cosine": cos, "passed": bool(tv <= cfg.max_tv and cos >= cfg.min_cosine)})
+    return rows
+
+
+# -- output ------------------------------------------------------------------------------------------------------------
+def format_tables(record: dict, cfg: ValidateConfig) -> str:
+    """Markdown: the last point of every path, then every point of every path."""
+    last_rows, path_rows = [], []
+    for r in record["results"]:
+        for t, m in enumerate(r["path"]):
+            row = [f"{r['sigma']:g}", r["estimator"], r["split"], str(t), f"{m['tv']['median']:.4f}",
+                   f"{m['tv']['p90']:.3f}", f"{m['agreement']:.3f}", f"{m['label_estimate']['median']:.3f}",
+                   f"{m['label_truth']['median']:.3f}", f"{m['cosine']['median']:.4f}", f"{m['cosine']['p10']:.3f}"]
+            path_rows.append(row)
+            if t == len(r["path"]) - 1:
+                last_rows.append([row[0], row[1], row[2], *row[4:]])
+    header = ["σ", "estimator", "split", "TV median", "TV p90", "argmax agrees", "p̂(y) median", "p(y) median",
+              "cosine median", "cosine p10"]
+    verdicts = [f"- σ {a['sigma']:g}, {a['estimator']}, {a['split']}: median TV {a['median_tv']:.4f} "
+                f"(≤ {cfg.max_tv:g}), median cosine {a['median_cosine']:.4f} (≥ {cfg.min_cosine:g}): "
+                f"{'met' if a['passed'] else 'NOT met'}" for a in record["acceptance"]]
+    return ("## At the last PGD iterate (the training target)\n\n" + markdown_table(header, last_rows) + "\n\n"
+            + "\n".join(verdicts) + "\n\n## Along the path (t = 0: random start)\n\n"
+            + markdown_table([*header[:3], "t", *header[3:]], path_rows) + "\n")
+
+
+def plot_paths(path: Path, record: dict) -> None:
+    """Median TV and median gradient cosine against the PGD iterate, one line per estimator and split."""
+    from .plotting import plt, save_figure, style
+
     with style():
-        figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-        left.plot(sigmas, [max(1 - r["gradient_clean"]["cosine"]["median"], 1e-6) for r in per_sigma], "o-",
-                  label="all classes")  # fmt: skip
-        top = [(r["sigma"], r["gradient_clean"]["top_class_cosine"]) for r in per_sigma]
-        left.plot([s for s, t in top if t], [max(1 - t["median"], 1e-6) for _, t in top if t], "o-",
-                  label=f"top class (1 − p_top ≥ {TOP_CLASS_MIN_DOUBT:g})")  # fmt: skip
-        left.plot(sigmas, [max(1 - r["gradient_perturbed"]["cosine"]["median"], 1e-6) for r in per_sigma], "s--",
-                  label="all classes, at x'")  # fmt: skip
-        left.axhline(0.1, color="gray", lw=1, ls=":", label="acceptance (cos 0.9)")
-        left.set(xscale="log", yscale="log", xlabel="σ (noise std, [0,1] units)", ylabel="1 − median cosine",
-                 title="data-gradient direction error")  # fmt: skip
-        for key, label in (("trajectory", "trajectory (PGD path)"), ("anchored_exact", "straight line, exact anchor"),
-                           ("anchored_smoothed", "straight line, smoothed anchor"),
-                           ("true_movement", "true movement p(x) → p(x')")):  # fmt: skip
-            right.plot(sigmas, [max(r["tv_perturbed"][key]["median"], 1e-6) for r in per_sigma], "o-", label=label)
-        right.axhline(0.05, color="gray", lw=1, ls=":", label="acceptance (TV 0.05)")
-        right.set(xscale="log", yscale="log", xlabel="σ (noise std, [0,1] units)", ylabel="median TV at x'",
-                  title="posterior error at PGD points")  # fmt: skip
-        for axes in (left, right):
-            axes.axvline(default_sigma, color="gray", lw=1)
-            axes.legend()
+        figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+        for r in record["results"]:
+            if r["estimator"] == "exact":
+                continue
+            steps = range(len(r["path"]))
+            label = f"{r['estimator']}, {r['split']}, σ {r['sigma']:g}"
+            style_ = "-" if r["split"] == "test" else "--"
+            left.plot(steps, [max(m["tv"]["median"], 1e-6) for m in r["path"]], style_, marker="o", label=label)
+            right.plot(steps, [m["cosine"]["median"] for m in r["path"]], style_, marker="o", label=label)
+        left.set(yscale="log", xlabel="PGD iterate t (0: random start)", ylabel="median TV to p_σ(·|x_t)",
+                 title="posterior error along the training attack")
+        right.set(xlabel="PGD iterate t (0: random start)", ylabel="median cosine of centred [K, D] gradients",
+                  title="data-gradient direction along the path")
+        left.legend(fontsize=7)
         save_figure(figure, path)
 
 
-# -- the command ---------------------------------------------------------------------------------------------------
-def obtain_scorenet(cfg: ValidateConfig, num_classes: int):
-    """The score net to validate: ``cfg.scorenet``, or one trained now through the training library."""
-    if cfg.scorenet is not None:
-        return load_scorenet(cfg.scorenet, expected_num_classes=num_classes), None
-    train_cfg = ScoreNetConfig(
-        dataset=cfg.dataset, preset=cfg.train_preset, steps=cfg.train_steps, batch_size=cfg.train_batch_size,
-        lr=cfg.train_lr, out=str(Path(cfg.out) / TRAIN_SUBDIR), resume="latest", checkpoint_every=1000,
-    )  # fmt: skip
-    start = time.perf_counter()
-    train_scorenet(train_cfg)
-    seconds = time.perf_counter() - start
-    return load_scorenet(train_cfg.out, expected_num_classes=num_classes), seconds
-
-
 def validate_posterior(cfg: ValidateConfig) -> dict:
-    """Run the validation (module docstring); returns and writes the results."""
-    cfg.validate()
-    test = load_dataset(cfg.dataset, "test")
-    mixture = toy_mixture(cfg.dataset)
-    scorenet, train_seconds = obtain_scorenet(cfg, mixture.num_classes)
-    if tuple(scorenet.image_shape) != test.image_shape:
-        raise ValueError(f"score net images {tuple(scorenet.image_shape)} differ from {cfg.dataset}'s "
-                         f"{test.image_shape} (C, H, W)")  # fmt: skip
-    for sigma in cfg.all_sigmas:
-        scorenet.schedule.sigma_to_t(sigma)  # σ outside the trained range: a clear error before any work
-    x, y = test.get(np.arange(min(cfg.n_points, len(test))))
-    x = x.clamp(0.0, 1.0)
+    """Run the validation (module docstring); write and return the record."""
     start = time.perf_counter()
-    with torch.no_grad():
-        per_sigma, acceptance = run_validation(scorenet, mixture, x, y, cfg)
-    record = {
-        "config": config_to_dict(cfg),
-        "scorenet": cfg.scorenet or str(Path(cfg.out) / TRAIN_SUBDIR),
-        "train_seconds": train_seconds,
-        "validation_seconds": time.perf_counter() - start,
-        "n_points": len(y),
-        "results": per_sigma,
-        "acceptance": acceptance,
-        "git_revision": git_revision(),
-        "versions": package_versions(),
-        "threads": torch.get_num_threads(),
-    }
+    record = validate(cfg)
+    record |= {"config": config_to_dict(cfg), "seconds": time.perf_counter() - start, "git_revision": git_revision(),
+               "versions": package_versions(), "threads": torch.get_num_threads()}
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / RESULTS_FILE, record)
-    plot_errors(out / FIGURE_FILE, per_sigma, cfg.default_sigma)
-    print(format_table(per_sigma, acceptance))
-    timing = f"score-net training {train_seconds:.0f} s, " if train_seconds is not None else ""
-    print(f"{timing}validation {record['validation_seconds']:.0f} s; wrote {out / RESULTS_FILE}, {out / FIGURE_FILE}")
+    tables = format_tables(record, cfg)
+    title = "# Data-posterior estimators along the training attack"
+    atomic_write_text(out / TABLE_FILE, f"{title}\n\nRecipe {cfg.recipe}; classifier {record['classifier']}; truth: "
+                      f"{record['truth']}.\n\n{tables}")
+    plot_paths(out / FIGURE_FILE, record)
+    print(tables.split("## Along")[0])
+    print(f"{record['seconds']:.0f} s; wrote {out / RESULTS_FILE}, {out / TABLE_FILE}, {out / FIGURE_FILE}")
     return record
 
 

@@ -6,7 +6,7 @@ For images x ∈ [0, 1] with labels y, σ drawn log-uniformly in [σ_min, σ_max
     CE      = −log p_φ(y | x̃, σ)                                       optimum: p_φ = p_σ(y|x̃)
     ε̂_y     = ε_θ(x̃, σ, ∅) − σ·∇_x̃ log p_φ(y | x̃, σ)
     DLSM    = mean_{c,h,w} (ε̂_y − n)²
-    loss    = mean_b [ w_CE·CE + w_DLSM·DLSM ]
+    loss    = mean_b [ w_CE·CE + w_DLSM·DLSM ]                       (with m = 0 other classes, below)
 
 DLSM (Chao et al., ICLR 2022) matches the class-conditional score that the classifier implies,
 ∇ log p_σ(x̃|y) = ∇ log p_σ(y|x̃) + ∇ log p_σ(x̃), to the denoising target ∇_x̃ log N(x̃; x, σ²I) = −n/σ, with the
@@ -15,6 +15,18 @@ times −σ, the σ²-weighting of denoising score matching) it is the ε-predic
 net. Given exact s its minimiser is ∇ log p_φ = ∇ log p_σ(y|x̃), so it trains the network's INPUT GRADIENT toward the
 data gradient, where cross-entropy only constrains its values. It needs the input gradient inside the loss (a
 double backward through the posterior net) and one score-net call over B inputs.
+
+Other classes. DLSM on the label trains the gradient of log p_φ(y|x̃) only where y is likely, yet a data posterior
+must also get ∇ log p_σ(k|x̃) right where class k is unlikely: the centred [K, D] gradient matrix, and so the
+self-consistent loss's data-gradient term, contains every class. With ``other_classes = m`` each example also draws m
+classes k ≠ y uniformly and matches the classifier-guided ε of class k to the frozen score net's own class-conditional
+ε, the estimate of E[n | x̃, k]:
+
+    OTHER   = mean_{c,h,w} (ε_θ(x̃, σ, ∅) − σ·∇_x̃ log p_φ(k | x̃, σ) − ε_θ(x̃, σ, k))²
+
+(σ(∇ log p_φ(k|x̃) + s_∅) matched to σ·s_k: score distillation, whose minimiser is again ∇ log p_σ(k|x̃) for an exact
+score net). loss = mean_b [ w_CE·CE + w_DLSM·(DLSM + Σ_m OTHER)/(1 + m) ]. Cost: the posterior net runs on (1 + m)·B
+inputs (one double backward) and the score net makes one call over (1 + m)·B inputs.
 
 The score net's input for x̃ is its diffusion state u_t = (2x̃ − 1)·sqrt(ᾱ(t)) at t = t(σ) (``scorenets.noise``).
 """
@@ -49,34 +61,50 @@ def dlsm_loss(
     null_class: int | None = None,
     dlsm_weight: float = 1.0,
     ce_weight: float = 1.0,
+    other_classes: int = 0,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The loss of the module docstring on a batch x [B, C, H, W] in [0, 1] with labels [B]; (loss, detached stats).
 
     ``posterior_net(x̃, σ [B]) -> logits [B, K]`` (a ``PosteriorNet`` or its DDP wrapper). With ``dlsm_weight > 0``,
     ``scorenet(u_t, t, labels)`` is the frozen ε-model (a ``ScoreNet``), ``schedule`` its noise schedule and
-    ``null_class`` its unconditional label K. ``generator`` (on x's device) draws σ and n.
+    ``null_class`` its unconditional label K; ``other_classes`` m adds the OTHER term for m random classes k ≠ y.
+    ``generator`` (on x's device) draws σ, n and the other classes.
     """
     if dlsm_weight > 0 and (scorenet is None or schedule is None or null_class is None):
         raise ValueError("DLSM (dlsm_weight > 0) needs the frozen score net, its schedule and its null class")
-    batch = x.shape[0]
+    batch, copies = x.shape[0], 1 + (other_classes if dlsm_weight > 0 else 0)
     sigma = log_uniform(*sigma_range, batch, generator, x.device).to(x.dtype)  # [B]
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    x_noisy = (x + sigma.view(-1, 1, 1, 1) * noise).requires_grad_(dlsm_weight > 0)
-    log_p = posterior_net(x_noisy, sigma).log_softmax(dim=1, dtype=torch.float32)  # [B, K]
-    log_p_label = log_p.gather(1, labels.view(-1, 1)).squeeze(1)  # [B]
-    ce = -log_p_label
+    x_noisy = x + sigma.view(-1, 1, 1, 1) * noise
+    classes = labels
+    if copies > 1:  # m other classes per example: y + 1 + U{0, …, K − 2} (mod K) never hits y
+        shift = torch.randint(0, null_class - 1, (copies - 1, batch), generator=generator, device=x.device)
+        classes = torch.cat([labels, ((labels + 1 + shift) % null_class).flatten()])  # [(1 + m)·B]
+        x_noisy, sigma_all = x_noisy.repeat(copies, 1, 1, 1), sigma.repeat(copies)
+    else:
+        sigma_all = sigma
+    x_noisy.requires_grad_(dlsm_weight > 0)
+    log_p = posterior_net(x_noisy, sigma_all).log_softmax(dim=1, dtype=torch.float32)  # [(1 + m)·B, K]
+    log_p_class = log_p.gather(1, classes.view(-1, 1)).squeeze(1)  # [(1 + m)·B]
+    ce = -log_p_class[:batch]
     loss = ce_weight * ce.mean()
-    stats = {"ce": ce.detach().mean(), "acc": (log_p.detach().argmax(dim=1) == labels).float().mean()}
+    stats = {"ce": ce.detach().mean(), "acc": (log_p[:batch].detach().argmax(dim=1) == labels).float().mean()}
     if dlsm_weight > 0:
-        (grad,) = torch.autograd.grad(log_p_label.sum(), x_noisy, create_graph=True)  # ∇_x̃ log p_φ(y|x̃, σ)
+        (grad,) = torch.autograd.grad(log_p_class.sum(), x_noisy, create_graph=True)  # ∇_x̃ log p_φ(k|x̃, σ)
         with torch.no_grad():
-            t = schedule.t_at_sigma(sigma.double()).float()
+            t = schedule.t_at_sigma(sigma_all.double()).float()
             u_t = to_model_range(x_noisy.detach()) * schedule.alpha_bar_at(t).sqrt().to(x.dtype).view(-1, 1, 1, 1)
-            eps_null = scorenet(u_t, t, torch.full_like(labels, null_class)).to(x.dtype)
-        eps_label = eps_null - sigma.view(-1, 1, 1, 1) * grad
-        dlsm = (eps_label - noise).pow(2).flatten(1).mean(dim=1)  # [B]
-        loss = loss + dlsm_weight * dlsm.mean()
+            score_labels = torch.cat([torch.full_like(labels, null_class), classes[batch:]])
+            eps = scorenet(u_t, t, score_labels).to(x.dtype)  # [(1 + m)·B]: ε_∅, then the other classes' ε
+        eps_null = eps[:batch].repeat(copies, 1, 1, 1)
+        target = torch.cat([noise, eps[batch:]])  # DLSM: the noise; other classes: the score net's class ε
+        eps_guided = eps_null - sigma_all.view(-1, 1, 1, 1) * grad
+        per_example = (eps_guided - target).pow(2).flatten(1).mean(dim=1)  # [(1 + m)·B]
+        dlsm = per_example[:batch]
+        loss = loss + dlsm_weight * per_example.view(copies, batch).mean(dim=0).mean()
         stats["dlsm"] = dlsm.detach().mean()
+        if copies > 1:
+            stats["other"] = per_example[batch:].detach().mean()
     stats["loss"] = loss.detach()
     return loss, stats

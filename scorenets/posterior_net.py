@@ -16,7 +16,8 @@ DLSM backpropagates through an input gradient (double backward), which SDPA does
 
 Conventions: x̃ [B, C, H, W] in [0, 1] data units (noisy, not clamped); σ (``noise_std``) a std in the same units,
 valid in [``sigma_min``, ``sigma_max``] (the range it was trained on); logits [B, K] out. A ``diffusers`` model:
-``save_pretrained(dir)`` writes ``config.json`` and safetensors weights, ``from_pretrained(dir)`` loads them.
+``save_pretrained(dir)`` writes ``posterior_net_config.json`` and safetensors weights, ``from_pretrained(dir)`` loads
+them.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ POSTERIOR_PRESETS: dict[str, dict] = {
 class PosteriorNet(ModelMixin, ConfigMixin):
     """p_φ(y | x̃, σ) (module docstring): ``forward(x_noisy, noise_std) -> logits [B, K]``."""
 
-    config_name = "config.json"
+    config_name = "posterior_net_config.json"
 
     @register_to_config
     def __init__(

@@ -5,7 +5,8 @@ the data (real train split, optionally mixed with generated shards as in classif
 whose unconditional score the DLSM term needs, builds ``scorenets.PosteriorNet`` and runs the fixed-step Adam loop
 ``trainlib.adam_loop.fit`` (shared with the score net) with ``scorenets.dlsm_loss``: σ log-uniform in
 [``sigma_min``, ``sigma_max``] per example, x̃ = x + σn, loss = CE + w·DLSM. The EMA network goes to
-``<out>/posterior_net/`` (diffusers ``save_pretrained``: config.json + safetensors, replaced atomically);
+``<out>/posterior_net/`` (diffusers ``save_pretrained``: posterior_net_config.json + safetensors, replaced
+atomically);
 ``load_posterior_net(path)`` reads it back from the run directory or that folder, in one call.
 
 What it estimates: p_σ(y|x) of the TRAINING distribution at noise std σ, and its input gradient. Trained on a finite
@@ -32,7 +33,7 @@ from .engine import create_accelerator
 from .files import atomic_directory
 
 POSTERIOR_SUBDIR = "posterior_net"  # <run>/posterior_net: the EMA posterior net, PosteriorNet.from_pretrained
-PRESET_BY_IMAGE_SIZE = {8: "tiny8", 16: "small16", 32: "cifar32"}
+PRESET_BY_IMAGE_SIZE = {4: "tiny8", 8: "tiny8", 16: "small16", 32: "cifar32"}
 FLIP_DATASETS = ("cifar10", "cifar100")
 
 
@@ -47,6 +48,8 @@ class PosteriorNetConfig(AdamLoopOptions):
     sigma_max: float = option("largest noise std sigma trained on (sigma is log-uniform in between)", 1.0)
     ce_weight: float = option("weight of the cross-entropy term", 1.0)
     dlsm_weight: float = option("weight of the denoising likelihood score matching term (0: cross-entropy only)", 1.0)
+    other_classes: int = option("random non-label classes per example whose gradient is matched to the score net's "
+                                "class score (scorenets.dlsm)", 2)
     generated: str | None = option("generated pseudo-data mixed into each batch: an .npz, a directory or a glob", None)
     unsup_fraction: float = option("fraction of each batch drawn (with replacement) from --generated", 0.7)
     batch_size: int = option("global batch size (all processes, after accumulation)", 128)
@@ -65,6 +68,8 @@ class PosteriorNetConfig(AdamLoopOptions):
             raise ValueError("ce_weight must be > 0: DLSM alone fixes the posterior only up to a function of x")
         if self.dlsm_weight > 0 and not self.scorenet:
             raise ValueError("the DLSM term needs a score net (--scorenet DIR); use --dlsm-weight 0 to train without")
+        if self.other_classes < 0:
+            raise ValueError(f"other_classes must be >= 0, got {self.other_classes}")
         if not 0 <= self.unsup_fraction < 1:
             raise ValueError(f"unsup_fraction must be in [0, 1), got {self.unsup_fraction}")
 
@@ -147,10 +152,13 @@ def train(cfg: PosteriorNetConfig) -> dict | None:
         epoch_size=steps_per_epoch * cfg.batch_size, seed=cfg.seed, world_size=world, rank=rank, device=device,
         augment=cfg.augment == "on" or (cfg.augment == "auto" and cfg.dataset in FLIP_DATASETS), padding=0,
     )
+    if num_classes - 1 < cfg.other_classes:
+        raise ValueError(f"other_classes {cfg.other_classes} exceeds the {num_classes - 1} classes besides the label")
     loss_fn = partial(_loss, sigma_range=(cfg.sigma_min, cfg.sigma_max), scorenet=scorenet,
-                      dlsm_weight=cfg.dlsm_weight, ce_weight=cfg.ce_weight)
+                      dlsm_weight=cfg.dlsm_weight, ce_weight=cfg.ce_weight, other_classes=cfg.other_classes)
     parameters = sum(p.numel() for p in model.parameters())
-    terms = f"CE + {cfg.dlsm_weight:g}·DLSM (score net {cfg.scorenet})" if scorenet is not None else "CE"
+    terms = (f"CE + {cfg.dlsm_weight:g}·DLSM with {cfg.other_classes} other class(es) (score net {cfg.scorenet})"
+             if scorenet is not None else "CE")
     summary = (f"posterior net on {train_set.name} ({len(train_set)} images {image_shape}"
                f"{f' + {len(generated)} generated' if generated else ''}, {num_classes} classes), {preset} "
                f"({parameters / 1e6:.2f}M parameters), {terms}, sigma in [{cfg.sigma_min:g}, {cfg.sigma_max:g}], "
@@ -163,11 +171,11 @@ def train(cfg: PosteriorNetConfig) -> dict | None:
                f"{out / POSTERIOR_SUBDIR} (load it with trainlib.posterior_training.load_posterior_net)")
 
 
-def _loss(net, x, y, generator, *, sigma_range, scorenet, dlsm_weight, ce_weight):
+def _loss(net, x, y, generator, *, sigma_range, scorenet, dlsm_weight, ce_weight, other_classes):
     """``scorenets.dlsm_loss`` with the frozen score net's schedule and null class."""
     schedule, null_class = (scorenet.schedule, scorenet.null_class) if scorenet is not None else (None, None)
     return dlsm_loss(net, x, y, sigma_range, scorenet=scorenet, schedule=schedule, null_class=null_class,
-                     dlsm_weight=dlsm_weight, ce_weight=ce_weight, generator=generator)
+                     dlsm_weight=dlsm_weight, ce_weight=ce_weight, other_classes=other_classes, generator=generator)
 
 
 def _check_resumed(out: Path, model: PosteriorNet) -> None:
