@@ -4,7 +4,8 @@ Distances between categorical distributions, the data-posterior interface, close
 distributions and exact kernel (training-set) posteriors, self-consistent losses with the full data
 gradient, PGD / grid inner maximizers, batch estimators of the standard, Madry and SCORE risks with
 the bounds of Theorem 1, the gradient-alignment expansion of Theorem 4 (``alignment``) and the Gaussian-augmented risk
-derivatives of Theorem 5 (``smoothing``).
+derivatives of Theorem 5 (``smoothing``), and SCORE risks as the per-example maximum over an ensemble of
+attacks with bootstrap intervals (``worst_case``).
 No I/O lives here; everything else in the project builds on it.
 """
 
@@ -30,8 +31,10 @@ from .risks import (
 )
 from .smoothing import MeanEstimate, gaussian_risk_samples, noisy_loss, smoothing_estimates
 from .toys import GaussianMixture, MixturePosterior, seed_toy
+from .worst_case import ATTACKS, WorstCase, bootstrap_mean, worst_case
 
 __all__ = [
+    "ATTACKS",
     "DISTANCES",
     "PGD",
     "AlignmentTerms",
@@ -42,9 +45,11 @@ __all__ = [
     "KernelMixture",
     "MeanEstimate",
     "MixturePosterior",
+    "WorstCase",
     "alignment_terms",
     "attach_log_posterior",
     "autograd_grad_log_posterior",
+    "bootstrap_mean",
     "check_corollary1",
     "check_num_classes",
     "check_theorem1",
@@ -67,4 +72,5 @@ __all__ = [
     "smoothing_estimates",
     "standard_risk",
     "uniform_in_ball",
+    "worst_case",
 ]
