@@ -1,136 +1,284 @@
-"""Train a set of recipes and tabulate clean / PGD / AutoAttack accuracy: the objectives compared by one command.
+"""Train a set of recipes over seeds and rank the objectives on SCORE itself (and on label robustness).
 
-    python -m analysis.compare_objectives --out runs/compare-digits
+    python -m analysis.compare_objectives --out runs/compare-digits                         # the five digits recipes
+    python -m analysis.compare_objectives --recipes recipes/gmm-8x8-*.json --seeds 0 1 2 --out runs/compare-gmm
 
-For every recipe (default: the five digits recipes — standard, PGD-AT, TRADES-KL, TRADES-SE, direct SCORE) it
-trains into ``<out>/<recipe name>`` (a finished run, i.e. one with ``results.json``, is reused; an interrupted one
-is resumed from its latest checkpoint), then evaluates the final EMA weights with ``train/evaluate.py``'s library
-function (clean, PGD-40 CE and CW, AutoAttack ``standard``, sanity checks) on the first ``--n-test`` test points.
-Direct-SCORE recipes use the score net at ``--scorenet``; if none is there, one is trained first with the default
-``train/train_scorenet.py`` settings. Writes ``comparison.json`` and ``comparison.md`` into ``--out`` and prints the
-table. Accuracies are percentages.
+For every recipe and seed it trains ``<out>/<recipe>/seed-<s>`` (a finished run, i.e. one with ``results.json``, is
+reused; an interrupted one is resumed), then evaluates the final EMA weights on the first ``--n-test`` test points
+(clamped to [0, 1]) with ``analysis.score_risk``: R_SCORE^ℓ1 and R_SCORE^KL as per-example maxima over an ensemble of
+attacks (``datagrad.worst_case``) against each ``--truth`` (``auto``: the dataset's closed form at σ = 0, exact on
+``gmm-*`` and ``digits-mixture``; on real data ``empirical`` and ``posterior-net``, both estimates), R_Std, R_Madry^KL,
+the argmax agreement of p_θ with p_d at the worst point, and the label accuracies (clean, PGD-40 CE / CW, AutoAttack
+with ``--autoattack``). With an exact truth a **Bayes** row (p_θ = p_d, R_SCORE = 0) is added. ``--sigmas`` also
+trains every direct-SCORE recipe that sets ``noise_std`` at those σ (``<recipe>-sigma<σ>``): how the smoothing of the
+target trades against its estimate's error.
+
+Rows report the mean over seeds ± their standard deviation, and the mean half-width of the per-run bootstrap 95 %
+intervals over test points; every run's budget (epochs, batch, PGD steps) and training wall time are in the JSON and
+the caption. Writes ``comparison.json``, ``comparison.md`` (a report section) and ``comparison.png`` into ``--out``.
+Direct-SCORE recipes on digits train the default score net / posterior net first when they are missing.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import statistics
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from trainlib import adversarial, scorenet_training
-from trainlib.config import load_recipe, parse_config, run_cli
+import torch
+
+from trainlib import adversarial
+from trainlib.config import config_to_dict, load_recipe, option, parse_config, run_cli
+from trainlib.data import load_dataset
 from trainlib.files import atomic_write_json, atomic_write_text
 
+from . import score_risk, sources
 from .markdown import markdown_table
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-DIGITS_RECIPES = tuple(
-    str(RECIPES_DIR / f"digits-{name}.json")
-    for name in ("standard", "pgd-at", "trades-kl", "trades-se", "direct-score")
-)
-COLUMNS = (("clean_acc", "clean"), ("pgd_ce_acc", "PGD-40 CE"), ("pgd_cw_acc", "PGD-40 CW"),
-           ("autoattack_acc", "AutoAttack"))  # fmt: skip
+DIGITS_RECIPES = tuple(str(RECIPES_DIR / f"digits-{name}.json")
+                       for name in ("standard", "pgd-at", "trades-kl", "trades-se", "direct-score"))
+METRICS = ("score_l1", "score_kl", "standard_l1", "madry_kl")
+LABELS = ("clean_acc", "pgd_cw_acc", "autoattack_acc")
 
 
 @dataclass
 class CompareConfig:
-    """Train each recipe, evaluate it the same way, and write one comparison table."""
+    """Train each recipe over seeds, measure SCORE against exact (or declared) truth, and write one comparison."""
 
-    recipes: tuple[str, ...] = field(default=DIGITS_RECIPES, metadata={"help": "recipe files to train and compare"})
-    scorenet: str = field(default="runs/scorenet-digits",
-                          metadata={"help": "score net of direct-SCORE recipes (trained here if missing)"})  # fmt: skip
-    out: str = field(default="runs/compare-digits", metadata={"help": "output directory (one run per recipe)"})
-    n_test: int | None = field(default=None, metadata={"help": "first n test points to evaluate (none: all)"})
-    autoattack: bool = field(default=True, metadata={"help": "run AutoAttack standard in the evaluation"})
-    epochs: int | None = field(default=None, metadata={"help": "override every recipe's epochs (none: the recipe's)"})
-    scorenet_steps: int | None = field(default=None, metadata={"help": "steps of a score net trained here"})
-    seed: int = field(default=0, metadata={"help": "seed of every run and of the evaluation"})
+    recipes: tuple[str, ...] = option("recipe files to train and compare", DIGITS_RECIPES)
+    seeds: tuple[int, ...] = option("seeds of every recipe (rows: mean ± sd over them)", (0,))
+    truth: tuple[str, ...] = option("p_d for R_SCORE: auto (closed form) | empirical | posterior-net (estimates)",
+                                    ("auto",))
+    noise_std: float = option("sigma of the empirical / posterior-net truth", adversarial.DirectScoreConfig.noise_std)
+    posterior_net: str = option("posterior net of the posterior-net truth", adversarial.DirectScoreConfig.posterior_net)
+    sigmas: tuple[float, ...] = option("sigma sweep: also train each direct-SCORE recipe at these noise stds", ())
+    out: str = option("output directory (one run per recipe and seed)", "runs/compare-digits")
+    n_test: int | None = option("first n test points of every evaluation (none: all)", None)
+    pgd_steps: int = option("PGD steps of each attack of the SCORE ensemble", 40)
+    restarts: int = option("random starts per attack of the SCORE ensemble", 1)
+    autoattack: bool = option("AutoAttack standard label accuracy", True)
+    epochs: int | None = option("override every recipe's epochs (none: the recipe's)", None)
 
     def validate(self) -> None:
-        if not self.recipes:
-            raise ValueError("no recipes given")
+        if not self.recipes or not self.seeds or not self.truth:
+            raise ValueError("give at least one recipe, seed and truth")
         for path in self.recipes:
             if not Path(path).is_file():
                 raise FileNotFoundError(f"recipe file not found: {path}")
+        unknown = [t for t in self.truth if t not in score_risk.TRUTHS]
+        if unknown:
+            raise ValueError(f"truth must be among {', '.join(score_risk.TRUTHS)}, got {unknown}")
         if self.n_test is not None and self.n_test < 1:
             raise ValueError(f"n_test must be >= 1, got {self.n_test}")
 
-
-def _training_config(recipe: Path, cfg: CompareConfig) -> adversarial.AdversarialConfig:
-    """The recipe's config with the run directory, seed and score net of this comparison."""
-    values = load_recipe(adversarial.AdversarialConfig, recipe)  # clear errors; DirectScoreConfig has the same keys
-    objective = values.get("objective", adversarial.AdversarialConfig.objective)
-    cls = adversarial.DirectScoreConfig if objective == "direct-score" else adversarial.AdversarialConfig
-    values.update(out=str(Path(cfg.out) / recipe.stem), seed=cfg.seed, autoattack=False)
-    if objective == "direct-score":
-        values["scorenet"] = cfg.scorenet
-    if cfg.epochs is not None:
-        values["epochs"] = cfg.epochs
-    training = cls(**values)
-    training.validate()
-    return training
+    def risk_options(self, truth: str) -> score_risk.ScoreRiskConfig:
+        return score_risk.ScoreRiskConfig(runs=("-",), truth=truth, posterior_net=self.posterior_net,
+                                          noise_std=self.noise_std, n_points=self.n_test or 10**9,
+                                          pgd_steps=self.pgd_steps, restarts=self.restarts,
+                                          autoattack=self.autoattack)
 
 
-def _ensure_scorenet(cfg: CompareConfig) -> None:
-    if (Path(cfg.scorenet) / "scorenet").is_dir() or (Path(cfg.scorenet) / "scorenet_config.json").is_file():
-        return
-    print(f"no score net at {cfg.scorenet}: training one with the default train/train_scorenet.py settings")
-    overrides = {"out": cfg.scorenet, "seed": cfg.seed}
-    if cfg.scorenet_steps is not None:
-        overrides["steps"] = cfg.scorenet_steps
-    scorenet_training.train(scorenet_training.ScoreNetConfig(**overrides))
+@dataclass
+class Entry:
+    name: str  # row name
+    recipe: Path
+    config: adversarial.AdversarialConfig  # seed 0's; the seeds differ in seed and out only
 
 
-def _train(training: adversarial.AdversarialConfig) -> None:
-    run = Path(training.out)
-    if (run / "results.json").is_file():
-        print(f"{run}: finished run found, not retrained")
-        return
-    if (run / "config.json").is_file():
-        training = dataclasses.replace(training, resume="latest")
+def entries(cfg: CompareConfig) -> list[Entry]:
+    """One entry per recipe, plus the σ sweep of the direct-SCORE recipes (bad input fails here, before training)."""
+    result = []
+    for path in map(Path, cfg.recipes):
+        values = load_recipe(adversarial.AdversarialConfig, path)  # clear errors
+        cls = adversarial.DirectScoreConfig if values.get("objective") == "direct-score" else \
+            adversarial.AdversarialConfig
+        if cfg.epochs is not None:
+            values["epochs"] = cfg.epochs
+        training = cls(**{**values, "autoattack": False})
+        training.validate()
+        result.append(Entry(path.stem, path, training))
+        if training.objective == "direct-score" and "noise_std" in values:
+            for sigma in cfg.sigmas:
+                result.append(Entry(f"{path.stem}-sigma{sigma:g}", path, dataclasses.replace(training,
+                                                                                           noise_std=sigma)))
+    return result
+
+
+def run_dir(cfg: CompareConfig, entry: Entry, seed: int) -> Path:
+    return Path(cfg.out) / entry.name / f"seed-{seed}"
+
+
+def train_run(entry: Entry, out: Path, seed: int) -> float | None:
+    """Train (or resume) one run; its training seconds (None when a finished run is reused)."""
+    if (out / "results.json").is_file():
+        print(f"{out}: finished run found, not retrained")
+        return None
+    training = dataclasses.replace(entry.config, seed=seed, out=str(out),
+                                   resume="latest" if (out / "config.json").is_file() else "none")
+    start = time.perf_counter()
     adversarial.train(training)
+    return time.perf_counter() - start
 
 
-def _evaluate(training: adversarial.AdversarialConfig, cfg: CompareConfig) -> dict:
-    run = Path(training.out)
-    evaluation = adversarial.EvaluateConfig(
-        checkpoint=str(run), n_examples=cfg.n_test, autoattack=cfg.autoattack, seed=cfg.seed, eps_curve=(),
-        out=str(run / "eval"),
-    )  # fmt: skip
-    return adversarial.evaluate_checkpoint(evaluation)
+def measure(classifier_source, truths: list[str], cfg: CompareConfig) -> dict:
+    """{truth: score_risk record} of one trained run (cached in the run directory)."""
+    classifier = sources.open_classifier(classifier_source, dtype=torch.float32)
+    records = {}
+    for index, truth in enumerate(truths):
+        options = dataclasses.replace(cfg.risk_options(truth), autoattack=cfg.autoattack and index == 0)
+        settings = options.settings({"truth": truth, "noise_std": cfg.noise_std, "posterior_net": cfg.posterior_net}
+                                    | {"label": index == 0})
+        records[truth] = sources.cached(classifier_source, f"{score_risk.RESULT_NAME}-{truth}", settings,
+                                        _analyse, classifier, options, index == 0)
+    return records
 
 
-def format_table(rows: list[dict]) -> str:
-    """A Markdown table: one row per recipe, accuracies in percent, and whether the sanity checks passed."""
-    header = ["recipe", "objective", *(title for _, title in COLUMNS), "sanity checks"]
-    cells = []
+def _analyse(classifier, options, label_accuracy: bool) -> dict:
+    device = sources.compute_device()
+    truth, description = score_risk.truth_posterior(classifier.test, classifier.settings["dataset"], options, device)
+    x, y = adversarial.evaluation_points(classifier.test, range(min(options.n_points, len(classifier.test))), device)
+    settings = classifier.settings
+    record = score_risk.risk_record(classifier.model, x, y, truth, settings["eps"], settings.get("norm", "linf"),
+                                    options, label_accuracy)
+    return record | {"truth": description}
+
+
+def bayes_row(entry: Entry, cfg: CompareConfig) -> dict:
+    """p_θ = p_d (the closed form): R_SCORE = 0; its label accuracies are the Bayes classifier's."""
+    test = load_dataset(entry.config.dataset, "test", entry.config.data_dir)
+    options = cfg.risk_options("auto")
+    device = sources.compute_device()
+    truth, description = score_risk.truth_posterior(test, entry.config.dataset, options, device)
+    x, y = adversarial.evaluation_points(test, range(min(options.n_points, len(test))), device)
+    model = score_risk.BayesClassifier(truth).eval()
+    record = score_risk.risk_record(model, x, y, truth, entry.config.eps, entry.config.norm, options)
+    return {"name": "Bayes (p_θ = p_d)", "objective": "bayes", "seeds": [], "runs": {"auto": [record | {"truth":
+            description}]}, "train_seconds": []}
+
+
+def aggregate(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": values}
+
+
+def summarise(row: dict, truths: list[str]) -> dict:
+    """Per truth and metric: mean ± sd over seeds and the mean bootstrap half-width; label accuracies likewise."""
+    summary = {}
+    for truth in truths:
+        records = row["runs"].get(truth)
+        if not records:
+            continue
+        block = {m: aggregate([r[m]["mean"] for r in records]) | {"half_width": statistics.fmean(
+            (r[m]["high"] - r[m]["low"]) / 2 for r in records)} for m in METRICS}
+        block["agreement"] = aggregate([r["agreement"] for r in records])
+        summary[truth] = block
+    first = row["runs"][truths[0]]
+    summary["label"] = {key: aggregate([float(r["label"][key]) for r in first]) for key in LABELS
+                        if all(r["label"].get(key) is not None for r in first)}
+    return summary
+
+
+def cell(block: dict | None, digits: int = 3) -> str:
+    if block is None:
+        return "—"
+    text = f"{block['mean']:.{digits}f}"
+    if len(block["values"]) > 1:
+        text += f" ± {block['sd']:.{digits}f}"
+    if "half_width" in block:
+        text += f" (CI ±{block['half_width']:.{digits}f})"
+    return text
+
+
+def format_table(rows: list[dict], truths: list[str]) -> str:
+    header = ["objective", "seeds"]
+    for truth in truths:
+        header += [f"R_SCORE^ℓ1 ({truth})", f"R_SCORE^KL ({truth})"]
+    header += ["R_Std^ℓ1", "R_Madry^KL", "agrees at x'", "clean %", "PGD-40 CW %", "AutoAttack %", "train s"]
+    lines = []
     for row in rows:
-        record = row["record"]
-        failed = [c["name"] for c in record.get("sanity_checks", []) if not c["passed"]]
-        cells.append([row["recipe"], row["objective"], *(str(record.get(key) or "—") for key, _ in COLUMNS),
-                      "passed" if not failed else "failed: " + ", ".join(failed)])
-    return markdown_table(header, cells) + "\n"
+        s, first = row["summary"], row["summary"].get(truths[0], {})
+        cells = [row["name"], str(len(row["seeds"]) or "—")]
+        for truth in truths:
+            cells += [cell(s.get(truth, {}).get("score_l1")), cell(s.get(truth, {}).get("score_kl"))]
+        label = s["label"]
+        seconds = f"{statistics.fmean(row['train_seconds']):.0f}" if row["train_seconds"] else "—"
+        cells += [cell(first.get("standard_l1")), cell(first.get("madry_kl")), cell(first.get("agreement")),
+                  *(cell(label.get(key), 2) for key in LABELS), seconds]
+        lines.append(cells)
+    return markdown_table(header, lines) + "\n"
+
+
+def plot(path: Path, rows: list[dict], truth: str) -> None:
+    """Left: R_SCORE^ℓ1 per objective (mean ± sd over seeds). Right: R_SCORE^ℓ1 against label robust accuracy."""
+    from .plotting import PALETTE, plt, save_figure, style
+
+    with style():
+        figure, (left, right) = plt.subplots(1, 2, figsize=(12, 0.45 * len(rows) + 2))
+        names = [r["name"] for r in rows]
+        means = [r["summary"].get(truth, {}).get("score_l1", {}).get("mean", float("nan")) for r in rows]
+        sds = [r["summary"].get(truth, {}).get("score_l1", {}).get("sd", 0.0) for r in rows]
+        colours = [PALETTE[1] if "direct-score" in r["objective"] else PALETTE[0] for r in rows]
+        left.barh(range(len(rows)), means, xerr=sds, color=colours)
+        left.set(yticks=range(len(rows)), yticklabels=names, xlabel=f"R_SCORE^ℓ1 against p_d ({truth})",
+                 title="SCORE (lower is better; orange: direct SCORE)")
+        left.invert_yaxis()
+        key = "autoattack_acc" if all("autoattack_acc" in r["summary"]["label"] for r in rows) else "pgd_cw_acc"
+        for row, mean, colour in zip(rows, means, colours, strict=True):
+            accuracy = row["summary"]["label"].get(key, {}).get("mean", float("nan"))
+            right.scatter(accuracy, mean, color=colour)
+            right.annotate(row["name"], (accuracy, mean), fontsize=7)
+        right.set(xlabel=f"label robust accuracy ({key.replace('_acc', '')}, %)", ylabel="R_SCORE^ℓ1",
+                  title="SCORE against label robustness")
+        save_figure(figure, path)
 
 
 def compare(cfg: CompareConfig) -> list[dict]:
     cfg.validate()
-    trainings = [(Path(recipe), _training_config(Path(recipe), cfg)) for recipe in cfg.recipes]  # bad input first
-    if any(training.objective == "direct-score" and training.posterior == "scorenet" for _, training in trainings):
-        _ensure_scorenet(cfg)
+    plan = entries(cfg)
+    datasets = {entry.config.dataset for entry in plan}
+    truths = list(cfg.truth)
     rows = []
-    for recipe, training in trainings:
-        _train(training)
-        record = _evaluate(training, cfg)
-        rows.append({"recipe": recipe.stem, "objective": training.objective, "run": training.out, "record": record})
+    if truths[0] == "auto" and len(datasets) == 1 and load_dataset(plan[0].config.dataset, "test").mixture is not None:
+        rows.append(bayes_row(plan[0], cfg))
+    for entry in plan:
+        row = {"name": entry.name, "objective": entry.config.objective, "seeds": list(cfg.seeds), "runs": {},
+               "train_seconds": [], "budget": {k: getattr(entry.config, k) for k in
+                                               ("epochs", "batch_size", "steps", "step_size", "eps", "model")}}
+        for seed in cfg.seeds:
+            out = run_dir(cfg, entry, seed)
+            seconds = train_run(entry, out, seed)
+            row["train_seconds"] += [seconds] if seconds is not None else _recorded_seconds(out)
+            for truth, record in measure(out, truths, cfg).items():
+                row["runs"].setdefault(truth, []).append(record)
+        rows.append(row)
+    for row in rows:
+        row["summary"] = summarise(row, truths)
     out = Path(cfg.out)
-    eps = rows[0]["record"]["eps"]
-    table = format_table(rows)
-    caption = (f"Accuracy (%) on the first {rows[0]['record']['n_examples']} test points, "
-               f"{rows[0]['record']['threat_model']} eps = {eps}; final EMA weights of each run.\n\n")  # fmt: skip
-    atomic_write_json(out / "comparison.json", {"config": dataclasses.asdict(cfg), "rows": rows})
-    atomic_write_text(out / "comparison.md", "# Objectives compared\n\n" + caption + table)
+    out.mkdir(parents=True, exist_ok=True)
+    table = format_table(rows, truths)
+    first = rows[-1]["runs"][truths[0]][0]
+    caption = (f"{first['n_points']} test points, {first['norm']} ε = {first['eps']:g}; R_SCORE: per-example max over "
+               f"{cfg.pgd_steps}-step PGD on ℓ1, KL, the log-odds of p_d and of p_θ and Madry's KL ({cfg.restarts} "
+               f"start(s) each); mean ± sd over seeds {list(cfg.seeds)} (CI: mean half-width of the per-run bootstrap "
+               f"95 % intervals over test points). Budgets (epochs, batch, PGD steps): "
+               + "; ".join(f"{r['name']} {r['budget']['epochs']}/{r['budget']['batch_size']}/{r['budget']['steps']}"
+                           for r in rows if "budget" in r) + ".\n\n")
+    atomic_write_json(out / "comparison.json", {"config": config_to_dict(cfg), "rows": rows})
+    atomic_write_text(out / "comparison.md", "# Objectives compared on SCORE\n\n" + caption + table)
+    plot(out / "comparison.png", rows, truths[0])
     print("\n" + caption + table)
     return rows
+
+
+def _recorded_seconds(run: Path) -> list[float]:
+    """The training time a reused run recorded in results.json (none recorded: nothing)."""
+    import json
+
+    seconds = json.loads((run / "results.json").read_text()).get("train_seconds")
+    return [seconds] if seconds is not None else []
 
 
 def main() -> None:

@@ -1,77 +1,90 @@
-"""Seconds per training step of TRADES-SE, PGD-AT and direct SCORE on the same classifier, batch and attack steps;
-score-network calls, host syncs and FLOPs per step; the optimizer and EMA updates on their own.
+"""Seconds, FLOPs, network calls and host syncs per training step of TRADES-SE / TRADES-KL / PGD-AT and of direct
+SCORE with each data posterior, on the same classifier, batch and attack steps; the optimizer and EMA updates alone.
 
-    python -m benchmarks.train_step                   # digits recipe shapes, then CIFAR shapes (~3-4 min on 2 cores)
+    python -m benchmarks.train_step                   # digits recipe shapes, then CIFAR shapes for K = 10 and K = 100
     python -m benchmarks.train_step --no-cifar        # digits only (~1 min)
 
 A step is what ``trainlib.adversarial.train`` runs per optimizer step, through the same pieces: an accelerator from
 ``create_accelerator`` (fp32 on the CPU), the model and ``build_optimizer``'s fused SGD prepared by it, the objective
 from ``build_objective`` attacking the unwrapped model, ``accelerator.backward``, ``optimizer.step``,
 ``zero_grad(set_to_none=True)``, the one-cycle LR step and ``EMA.update`` (only the engine's metric accumulation and
-checkpointing are left out). Score nets are randomly initialised (cost does not depend on the weights) and wired in
-with ``trainlib.data_posterior.trajectory_provider``, the trainer's trajectory posterior.
+checkpointing are left out). Networks are randomly initialised (cost does not depend on the weights). Direct SCORE
+variants, built as the trainer builds them (``trainlib.data_posterior``):
 
-* digits: the ``recipes/digits-direct-score.json`` shapes for all three objectives (cnn-small, batch 64, PGD-3,
-  ε 0.2, 1 thread as the recipe sets), score net ``tiny8``.
-* CIFAR: WRN-28-10 on 3×32×32 with the ``cifar32`` score net (DDPM's CIFAR UNet), batch 2, PGD-2, TRADES-SE against
-  direct SCORE (the ratio the issue asks for; PGD-AT is added with ``--cifar-objectives``).
+* ``direct-score/posterior-net``: p_φ(·|x', σ) of a ``PosteriorNet`` (the preset for the image size): one backward
+  per attack step through the classifier and the posterior net, whatever K is;
+* ``direct-score/trajectory``: the score-net trajectory anchored at the posterior net (1 + PGD-steps UNet calls over
+  B·K inputs each: the cost that grows with K);
+* ``direct-score/empirical``: the exact smoothed training-set posterior (``datagrad.KernelMixture``; digits: the 1,257
+  training digits, CIFAR: ``--cifar-train-size`` random images), one [B, N] matrix product per call.
 
-Score-net calls per direct-SCORE step are counted with ``ScoreNet.forward_calls`` and the input batch of each call.
-The target is 1 + K calls for K attack steps: the anchor call at the clean batch (the trajectory's log p̂ starts
-there and its scores open the first trapezoid segment), then exactly ONE call over B·K inputs (every class at once)
-per attack step; log p_d at each iterate and at the final x' costs zero calls (trajectory mode). Host syncs are
-counted with ``benchmarks.common.SyncCounter`` over one step (on a GPU each would stall the launch queue).
+Settings: digits = the ``recipes/digits-direct-score.json`` shapes (cnn-small, batch 64, PGD-3, 1 thread as the recipe
+sets), posterior net and score net ``tiny8``; CIFAR = WRN-28-10 on 3×32×32 with the ``cifar32`` posterior net and
+score net, batch 2, PGD-2, for each class count of ``--cifar-classes``. Calls are counted per network and input batch
+(forward pre-hooks); a variant whose counted step took longer than ``--max-alternated-seconds`` is timed by that step
+alone (marked "1 run") instead of in the alternation. Host syncs are counted with ``benchmarks.common.SyncCounter``
+over one step (on a GPU each would stall the launch queue).
 """
 
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from scorenets import ScoreNet
+from datagrad import KernelMixture
+from scorenets import PosteriorNetPosterior, ScoreNet, build_posterior_net
 from trainlib.adversarial import AdversarialConfig, build_classifier, build_optimizer
 from trainlib.config import load_recipe, option, parse_config, run_cli
 from trainlib.data import load_dataset
 from trainlib.data_posterior import trajectory_provider
 from trainlib.ema import EMA
 from trainlib.engine import create_accelerator, one_cycle_cosine, rank_generator
-from trainlib.objectives import build_objective
+from trainlib.objectives import build_objective, fixed_posterior
 
 from .common import BenchConfig, Report, SyncCounter, alternate, count_flops, median, ratio, setup, spread
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "digits-direct-score.json"
-OBJECTIVES = ("trades-se", "pgd-at", "direct-score")
+VARIANTS = ("trades-se", "trades-kl", "pgd-at", "direct-score/posterior-net", "direct-score/trajectory",
+            "direct-score/empirical")
 
 
 @dataclass
 class TrainStepConfig(BenchConfig):
-    """Training-step cost of TRADES-SE, PGD-AT and direct SCORE (benchmarks.train_step)."""
+    """Training-step cost of the baselines and of direct SCORE with each data posterior (benchmarks.train_step)."""
 
     repeats: int = option("timed rounds at digits shapes", 5)
-    objectives: tuple[str, ...] = option("objectives at digits shapes", OBJECTIVES)
+    variants: tuple[str, ...] = option(f"variants at digits shapes: {' | '.join(VARIANTS)}", VARIANTS)
     digits_recipe: str = option("recipe giving the digits model, batch, attack and threads", str(RECIPE))
-    digits_preset: str = option("score-net preset at digits shapes", "tiny8")
-    cifar: bool = option("also measure CIFAR shapes (WRN-28-10, cifar32 score net)", True)
-    cifar_objectives: tuple[str, ...] = option("objectives at CIFAR shapes", ("trades-se", "direct-score"))
+    digits_preset: str = option("score-net and posterior-net preset at digits shapes", "tiny8")
+    cifar: bool = option("also measure CIFAR shapes (WRN-28-10, cifar32 networks)", True)
+    cifar_variants: tuple[str, ...] = option("variants at CIFAR shapes", ("trades-kl", "direct-score/posterior-net",
+                                                                         "direct-score/trajectory",
+                                                                         "direct-score/empirical"))
+    cifar_classes: tuple[int, ...] = option("class counts K at CIFAR shapes", (10, 100))
     cifar_model: str = option("classifier at CIFAR shapes", "wrn-28-10")
-    cifar_preset: str = option("score-net preset at CIFAR shapes", "cifar32")
+    cifar_preset: str = option("score-net and posterior-net preset at CIFAR shapes", "cifar32")
     cifar_batch: int = option("batch at CIFAR shapes", 2)
     cifar_steps: int = option("PGD steps at CIFAR shapes", 2)
     cifar_repeats: int = option("timed rounds at CIFAR shapes (the counting step is the warm-up)", 3)
+    cifar_train_size: int = option("random training images of the empirical posterior at CIFAR shapes", 50000)
+    max_alternated_seconds: float = option("a variant whose counted step is slower is timed by that step alone", 20.0)
     updates_repeats: int = option("timed rounds of the optimizer / EMA update comparison (CIFAR: a third)", 15)
 
     def validate(self) -> None:
         super().validate()
-        for name in (*self.objectives, *self.cifar_objectives):
-            if name not in OBJECTIVES:
-                raise ValueError(f"unknown objective {name!r}; valid: {', '.join(OBJECTIVES)}")
-        for name in ("cifar_batch", "cifar_steps", "cifar_repeats", "updates_repeats"):
+        for name in (*self.variants, *self.cifar_variants):
+            if name not in VARIANTS:
+                raise ValueError(f"unknown variant {name!r}; valid: {', '.join(VARIANTS)}")
+        for name in ("cifar_batch", "cifar_steps", "cifar_repeats", "updates_repeats", "cifar_train_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if any(k < 2 for k in self.cifar_classes):
+            raise ValueError(f"cifar_classes must be >= 2, got {list(self.cifar_classes)}")
         if not Path(self.digits_recipe).is_file():
             raise FileNotFoundError(f"recipe file not found: {self.digits_recipe}")
 
@@ -116,83 +129,108 @@ class TrainingStep:
 
 
 class CallRecorder:
-    """Input batch size of every call of a ScoreNet (``forward_calls`` counts them)."""
+    """Input batch size of every call of a network."""
 
-    def __init__(self, scorenet: ScoreNet):
+    def __init__(self, network: nn.Module):
         self.sizes: list[int] = []
-        scorenet.register_forward_pre_hook(lambda module, args: self.sizes.append(int(args[0].shape[0])))
+        network.register_forward_pre_hook(lambda module, args: self.sizes.append(int(args[0].shape[0])))
 
 
 # -- one setting: models, objectives, counts, times --------------------------------------------------------------------
 @dataclass
 class Setting:
     name: str
-    cfg: AdversarialConfig  # model, batch, attack; objective set per run
+    cfg: AdversarialConfig  # model, batch, attack; objective set per variant
     preset: str
+    num_classes: int
     x: torch.Tensor
     y: torch.Tensor
-    objectives: tuple[str, ...]
+    train_images: torch.Tensor  # the empirical posterior's training set [N, C, H, W]
+    train_labels: torch.Tensor
+    variants: tuple[str, ...]
     repeats: int
     warmup: int
 
 
-def measure(setting: Setting, report: Report, device: torch.device) -> dict:
-    """Count (score-net calls, syncs, FLOPs) on one step of each objective, then time them alternately."""
-    cfg, num_classes = setting.cfg, 10
+def build_variant(name: str, setting: Setting, scorenet, posterior_net, device):
+    """(objective config, posterior provider) of a variant, built as ``trainlib.data_posterior`` builds them."""
+    objective, _, posterior = name.partition("/")
+    cfg = replace(setting.cfg, objective=objective)
+    if posterior == "posterior-net":
+        return cfg, fixed_posterior(PosteriorNetPosterior(posterior_net, cfg.noise_std))
+    if posterior == "trajectory":
+        return cfg, trajectory_provider(scorenet, cfg.noise_std, anchor_net=posterior_net)
+    if posterior == "empirical":
+        train = setting.train_images.to(device)
+        return cfg, fixed_posterior(KernelMixture(train, setting.train_labels.to(device), setting.num_classes,
+                                                  cfg.noise_std))
+    return cfg, None
+
+
+def measure(setting: Setting, report: Report, device: torch.device, max_alternated: float) -> dict:
+    """Count (network calls, syncs, FLOPs) on one step of each variant, then time them alternately."""
+    cfg, num_classes = setting.cfg, setting.num_classes
     shape = tuple(setting.x.shape[1:])
     torch.manual_seed(cfg.seed)
     model = build_classifier(cfg.model, cfg.dataset, num_classes, shape)
     scorenet = ScoreNet.build(setting.preset, num_classes, shape).to(device).eval().requires_grad_(False)
-    calls = CallRecorder(scorenet)
+    posterior_net = build_posterior_net(setting.preset, num_classes, shape, 0.01, 1.0).to(device).eval()
+    posterior_net.requires_grad_(False)
+    calls = {"score net": CallRecorder(scorenet), "posterior net": CallRecorder(posterior_net)}
     steps = {}
-    for name in setting.objectives:
-        objective_cfg = replace(cfg, objective=name)
-        provider = None
-        if name == "direct-score":  # the trainer's trajectory posterior
-            provider = trajectory_provider(scorenet, objective_cfg.noise_std,
-                                           anchor_smoothing=objective_cfg.anchor_smoothing)
-        steps[name] = TrainingStep(objective_cfg, model, provider)
+    for name in setting.variants:
+        variant_cfg, provider = build_variant(name, setting, scorenet, posterior_net, device)
+        steps[name] = TrainingStep(variant_cfg, model, provider)
     x, y = setting.x.to(device), setting.y.to(device)
 
-    counted = {}
+    counted, single = {}, {}
     for name, step in steps.items():  # the counting step doubles as a warm-up
-        before, calls.sizes = scorenet.forward_calls, []
+        for recorder in calls.values():
+            recorder.sizes = []
         with SyncCounter() as syncs:
+            start = time.perf_counter()
             flops = count_flops(lambda step=step: step(x, y))
-        counted[name] = dict(flops=flops, syncs=dict(syncs.counts), scorenet_calls=scorenet.forward_calls - before,
-                             scorenet_inputs=list(calls.sizes))  # fmt: skip
-    times = alternate({name: (lambda step=step: step(x, y)) for name, step in steps.items()}, setting.repeats,
-                      setting.warmup, device)  # fmt: skip
+            seconds = time.perf_counter() - start
+        counted[name] = dict(flops=flops, syncs=dict(syncs.counts),
+                             calls={k: list(r.sizes) for k, r in calls.items() if r.sizes})
+        if seconds > max_alternated:
+            single[name] = seconds
+    alternated = {name: (lambda step=step: step(x, y)) for name, step in steps.items() if name not in single}
+    times = alternate(alternated, setting.repeats, setting.warmup, device) if alternated else {}
+    times |= {name: [seconds] * max(setting.repeats, 1) for name, seconds in single.items()}
 
     batch, attack_steps = x.shape[0], cfg.steps
-    rows, medians = [], {name: median(t) for name, t in times.items()}
-    reference = times[setting.objectives[0]]
-    for name in setting.objectives:
+    reference = "trades-kl" if "trades-kl" in times else setting.variants[0]
+    rows = []
+    for name in setting.variants:
         c = counted[name]
         sync_text = ", ".join(f"{k} ×{v}" for k, v in sorted(c["syncs"].items())) or "0"
-        call_text = "—"
-        if name == "direct-score":
-            sizes = sorted(set(c["scorenet_inputs"]))
-            call_text = f"{c['scorenet_calls']} (1 anchor + {c['scorenet_calls'] - 1}) × {'/'.join(map(str, sizes))}"
-        rows.append([name, f"{medians[name]:.3f}", spread(times[name]), f"{ratio(times[name], reference):.2f}",
-                     f"{c['flops'] / 1e9:.1f}", call_text, sync_text])  # fmt: skip
+        call_text = "; ".join(f"{k} {len(v)} × {'/'.join(map(str, sorted(set(v))))}" for k, v in c["calls"].items())
+        timing = f"{median(times[name]):.3f}" + (" (1 run)" if name in single else "")
+        rows.append([name, timing, spread(times[name]), f"{ratio(times[name], times[reference]):.2f}",
+                     f"{c['flops'] / 1e9:.1f}", f"{c['flops'] / counted[reference]['flops']:.2f}", call_text or "—",
+                     sync_text])
     report.table(
-        f"{setting.name}: {cfg.model}, batch {batch}, PGD-{attack_steps} ({cfg.norm}, ε {cfg.eps:.4g}), score net "
-        f"{setting.preset}, {torch.get_num_threads()} thread(s), {setting.repeats} rounds",
-        ["objective", "s/step (median)", "min–max", f"÷ {setting.objectives[0]}", "GFLOP/step",
-         "score-net calls × inputs", "host syncs/step"],
+        f"{setting.name}: {cfg.model}, K = {num_classes}, batch {batch}, PGD-{attack_steps} ({cfg.norm}, ε "
+        f"{cfg.eps:.4g}), networks {setting.preset}, {torch.get_num_threads()} thread(s), {setting.repeats} rounds",
+        ["variant", "s/step (median)", "min–max", f"time ÷ {reference}", "GFLOP/step", f"FLOPs ÷ {reference}",
+         "network calls × inputs", "host syncs/step"],
         rows,
-    )  # fmt: skip
-    expected_calls = 1 + attack_steps
-    if "direct-score" in counted:
-        c = counted["direct-score"]
-        sizes = sorted(set(c["scorenet_inputs"]))
-        ok = c["scorenet_calls"] == expected_calls and sizes == [batch * num_classes]
-        report.note(f"{setting.name}: direct SCORE made {c['scorenet_calls']} score-net calls per step (target: 1 "
-                    f"anchor + {attack_steps} attack steps = {expected_calls}), each over {'/'.join(map(str, sizes))} "
-                    f"inputs (target B·K = {batch * num_classes}), 0 for log p_d: {'met' if ok else 'MISSED'}")
-    return {"medians": medians, "times": times, "counts": counted, "batch": batch, "attack_steps": attack_steps,
-            "model": cfg.model, "preset": setting.preset}  # fmt: skip
+    )
+    if "direct-score/trajectory" in counted:
+        sizes = counted["direct-score/trajectory"]["calls"].get("score net", [])
+        expected = [batch * num_classes] * (1 + attack_steps)
+        report.note(f"{setting.name}: the trajectory made {len(sizes)} score-net calls per step (target: 1 anchor + "
+                    f"{attack_steps} attack steps), each over {'/'.join(map(str, sorted(set(sizes))))} inputs (target "
+                    f"B·K = {batch * num_classes}): {'met' if sizes == expected else 'MISSED'}")
+    if "direct-score/posterior-net" in counted:
+        sizes = counted["direct-score/posterior-net"]["calls"].get("posterior net", [])
+        report.note(f"{setting.name}: direct SCORE with the posterior net made {len(sizes)} posterior-net calls per "
+                    f"step, each over {'/'.join(map(str, sorted(set(sizes))))} inputs (target: {attack_steps} attack "
+                    f"steps + 1 target, B = {batch} inputs, independent of K) and no score-net call")
+    return {"medians": {n: median(t) for n, t in times.items()}, "times": times, "counts": counted,
+            "single_run": sorted(single), "batch": batch, "attack_steps": attack_steps, "model": cfg.model,
+            "preset": setting.preset, "num_classes": num_classes, "reference": reference}
 
 
 # -- optimizer and EMA updates on their own ----------------------------------------------------------------------------
@@ -233,18 +271,24 @@ def measure_updates(model: nn.Module, cfg: AdversarialConfig, repeats: int, repo
 
 def digits_setting(cfg: TrainStepConfig) -> Setting:
     recipe = AdversarialConfig(**load_recipe(AdversarialConfig, cfg.digits_recipe))
-    batch = load_dataset(recipe.dataset, "train", recipe.data_dir)
-    x, y = batch.get(range(recipe.batch_size))
-    return Setting("digits", recipe, cfg.digits_preset, x, y, cfg.objectives, cfg.repeats, cfg.warmup)
+    train = load_dataset(recipe.dataset, "train", recipe.data_dir)
+    x, y = train.get(range(recipe.batch_size))
+    images, labels = train.tensors()
+    return Setting("digits", recipe, cfg.digits_preset, train.num_classes, x, y, images, labels, cfg.variants,
+                   cfg.repeats, cfg.warmup)
 
 
-def cifar_setting(cfg: TrainStepConfig) -> Setting:
+def cifar_setting(cfg: TrainStepConfig, num_classes: int) -> Setting:
     generator = torch.Generator().manual_seed(0)
     x = torch.rand(cfg.cifar_batch, 3, 32, 32, generator=generator)
-    y = torch.randint(0, 10, (cfg.cifar_batch,), generator=generator)
-    train_cfg = AdversarialConfig(dataset="cifar10", model=cfg.cifar_model, eps=8 / 255, step_size=2 / 255,
-                                  steps=cfg.cifar_steps, batch_size=cfg.cifar_batch, noise_std=8 / 255)  # fmt: skip
-    return Setting("CIFAR", train_cfg, cfg.cifar_preset, x, y, cfg.cifar_objectives, cfg.cifar_repeats, 0)
+    y = torch.randint(0, num_classes, (cfg.cifar_batch,), generator=generator)
+    images = torch.rand(cfg.cifar_train_size, 3, 32, 32, generator=generator)
+    labels = torch.arange(cfg.cifar_train_size) % num_classes
+    train_cfg = AdversarialConfig(dataset="cifar10" if num_classes == 10 else "cifar100", model=cfg.cifar_model,
+                                  eps=8 / 255, step_size=2 / 255, steps=cfg.cifar_steps, batch_size=cfg.cifar_batch,
+                                  noise_std=8 / 255)
+    return Setting(f"CIFAR-{num_classes}", train_cfg, cfg.cifar_preset, num_classes, x, y, images, labels,
+                   cfg.cifar_variants, cfg.cifar_repeats, 0)
 
 
 def run(cfg: TrainStepConfig) -> dict:
@@ -252,27 +296,27 @@ def run(cfg: TrainStepConfig) -> dict:
     report = Report("train_step", cfg, device)
     digits = digits_setting(cfg)
     torch.set_num_threads(digits.cfg.cpu_threads or cfg.threads)  # the recipe's threads (digits recipes: 1)
-    results = {"digits": measure(digits, report, device)}
+    results = {"digits": measure(digits, report, device, cfg.max_alternated_seconds)}
     model = build_classifier(digits.cfg.model, digits.cfg.dataset, 10, tuple(digits.x.shape[1:]))
     results["digits_updates"] = measure_updates(model, digits.cfg, cfg.updates_repeats, report, device)
     torch.set_num_threads(cfg.threads)
-    ratios = []
-    if "trades-se" in digits.objectives and "direct-score" in digits.objectives:
-        ratios.append(("digits", results["digits"]["times"]))
     if cfg.cifar:
-        cifar = cifar_setting(cfg)
-        results["cifar"] = measure(cifar, report, device)
-        big = build_classifier(cifar.cfg.model, cifar.cfg.dataset, 10, (3, 32, 32))
-        results["cifar_updates"] = measure_updates(big, cifar.cfg, max(3, cfg.updates_repeats // 3), report, device)
-        if "trades-se" in cifar.objectives and "direct-score" in cifar.objectives:
-            ratios.append(("CIFAR", results["cifar"]["times"]))
+        for num_classes in cfg.cifar_classes:
+            setting = cifar_setting(cfg, num_classes)
+            results[f"cifar{num_classes}"] = measure(setting, report, device, cfg.max_alternated_seconds)
+        big = build_classifier(cfg.cifar_model, "cifar10", 10, (3, 32, 32))
+        results["cifar_updates"] = measure_updates(big, setting.cfg, max(3, cfg.updates_repeats // 3), report, device)
     report.results = results
-    calls = [f"{name} {results[key]['counts']['direct-score']['scorenet_calls']} calls/step"
-             for name, key in (("digits", "digits"), ("CIFAR", "cifar")) if key in results
-             and "direct-score" in results[key]["counts"]]  # fmt: skip
-    ratio_text = ", ".join(f"{name} {ratio(t['direct-score'], t['trades-se']):.2f}" for name, t in ratios)
-    report.finish(f"direct SCORE / TRADES-SE time per step: {ratio_text or 'n/a'}"
-                  f"{'; score net ' + ', '.join(calls) if calls else ''}")  # fmt: skip
+    parts = []
+    for key, result in results.items():
+        if "times" not in result or "direct-score/posterior-net" not in result["times"]:
+            continue
+        reference, times = result["reference"], result["times"]
+        text = f"{key} {ratio(times['direct-score/posterior-net'], times[reference]):.2f}"
+        if "direct-score/trajectory" in times:
+            text += f" (trajectory {ratio(times['direct-score/trajectory'], times[reference]):.2f})"
+        parts.append(text)
+    report.finish("direct SCORE with the posterior net ÷ TRADES-KL time per step: " + (", ".join(parts) or "n/a"))
     return results
 
 

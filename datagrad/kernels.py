@@ -115,30 +115,38 @@ class KernelMixture:
             means.append(mean)
         return torch.stack(sums, dim=1), torch.stack(means, dim=1) if with_means else None
 
-    # -- DataPosterior and densities ----------------------------------------------------------------------------------
-    def log_joint(self, x: Tensor) -> Tensor:
+    # -- DataPosterior and densities (``noise_std`` σ > 0: those of x + σn, i.e. of ``at(σ)``) -----------------------
+    def log_joint(self, x: Tensor, noise_std: float = 0.0) -> Tensor:
         """log p(x, y) = L_y − log N − (d/2)·log(2πh²): [B, K]."""
+        if noise_std:
+            return self.at(noise_std).log_joint(x)
         sums, _ = self.class_sums(x)
         return sums - math.log(self.num_centres) - 0.5 * self.dim * math.log(2 * math.pi * self.bandwidth**2)
 
-    def log_marginal(self, x: Tensor) -> Tensor:
+    def log_marginal(self, x: Tensor, noise_std: float = 0.0) -> Tensor:
         """log p(x): [B]."""
-        return self.log_joint(x).logsumexp(dim=1)
+        return self.log_joint(x, noise_std).logsumexp(dim=1)
 
-    def log_posterior(self, x: Tensor) -> Tensor:
+    def log_posterior(self, x: Tensor, noise_std: float = 0.0) -> Tensor:
         """log p(y|x): [B, K], differentiable in x by autograd."""
+        if noise_std:
+            return self.at(noise_std).log_posterior(x)
         sums, _ = self.class_sums(x)
         return sums.log_softmax(dim=1)
 
-    def grad_log_posterior(self, x: Tensor) -> Tensor:
+    def grad_log_posterior(self, x: Tensor, noise_std: float = 0.0) -> Tensor:
         """∇_x log p(y|x) = (E_{i|x,y}[c_i] − E_{i|x}[c_i])/h² for every class: [B, K, *x.shape[1:]]."""
+        if noise_std:
+            return self.at(noise_std).grad_log_posterior(x)
         sums, means = self.class_sums(x, with_means=True)
         overall = torch.einsum("bk,bkd->bd", sums.softmax(dim=1), means)
         grad = (means - overall.unsqueeze(1)) / self.bandwidth**2
         return grad.reshape(x.shape[0], self.num_classes, *x.shape[1:])
 
-    def score(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+    def score(self, x: Tensor, y: Tensor | None = None, noise_std: float = 0.0) -> Tensor:
         """∇_x log p(x|y) = (E_{i|x,y}[c_i] − x)/h² for labels y [B], or ∇_x log p(x) when y is None; x's shape."""
+        if noise_std:
+            return self.at(noise_std).score(x, y)
         flat = self._flatten(x)
         sums, means = self.class_sums(x, with_means=True)
         if y is None:

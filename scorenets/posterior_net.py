@@ -8,7 +8,11 @@ classifier and this network, whatever the number of classes, and no anchor or pa
 
 Architecture: the encoder half of a diffusers UNet, as guided-diffusion's noisy classifiers: ``conv_in``, the UNet's
 down blocks (``ResnetBlock2D`` with the σ embedding, FiLM by default; attention where the preset says), its middle
-block, then GroupNorm, SiLU, global average pooling and a linear layer to K logits. σ enters as the score net's
+block, then GroupNorm, SiLU, global average pooling and a linear layer to K logits; with ``input_skip`` (default) a
+linear read-out of the input with a σ-dependent gain is added to the logits, g(σ)·W u. GroupNorm makes the conv path
+blind to the input's scale, while posterior log-odds keep growing with the distance between classes (for Gaussian
+classes they are exactly linear in x̃, with slope ∝ 1/(s² + σ²)): the skip carries that part, which the
+gradients of unlikely classes consist of (measured: README "posterior network"). σ enters as the score net's
 timestep t(σ) (``NoiseSchedule.t_at_sigma``: the same σ ↔ t map as the score net, embedded by diffusers'
 ``Timesteps`` + ``TimestepEmbedding``), and the image as the score net's input u = (2x̃ − 1)/sqrt(1 + 4σ²)
 (``scorenets.noise.model_input``), whose scale does not grow with σ. Attention uses the classic ``AttnProcessor``:
@@ -67,6 +71,7 @@ class PosteriorNet(ModelMixin, ConfigMixin):
         norm_num_groups: int = 8,
         time_scale_shift: str = "scale_shift",
         dropout: float = 0.0,
+        input_skip: bool = True,
         sigma_min: float = 0.01,
         sigma_max: float = 1.0,
         schedule: dict | None = None,
@@ -106,6 +111,11 @@ class PosteriorNet(ModelMixin, ConfigMixin):
         )
         self.norm_out = nn.GroupNorm(norm_num_groups, previous, eps=1e-5)
         self.classifier = nn.Linear(previous, num_classes)
+        if input_skip:  # logits += g(σ)·(W u): a linear read-out of the input with a σ-dependent gain
+            self.skip = nn.Linear(channels * size * size, num_classes, bias=False)
+            self.skip_gain = nn.Linear(embed_dim, 1)
+            nn.init.zeros_(self.skip_gain.weight)
+            nn.init.ones_(self.skip_gain.bias)
         use_classic_attention(self)  # double backward (module docstring)
 
     @property
@@ -125,12 +135,16 @@ class PosteriorNet(ModelMixin, ConfigMixin):
         timesteps = self.schedule.t_at_sigma(sigma.double()).float()
         emb = self.time_embedding(self.time_proj(timesteps).to(self.dtype))
         scale = (1.0 + 4.0 * sigma.to(x_noisy.dtype) ** 2).rsqrt().view(-1, 1, 1, 1)
-        hidden = self.conv_in((to_model_range(x_noisy) * scale).to(self.dtype))
+        u = (to_model_range(x_noisy) * scale).to(self.dtype)
+        hidden = self.conv_in(u)
         for block in self.down_blocks:
             hidden, _ = block(hidden_states=hidden, temb=emb)
         hidden = self.mid_block(hidden, emb)
         hidden = nn.functional.silu(self.norm_out(hidden)).mean(dim=(2, 3))
-        return self.classifier(hidden)
+        logits = self.classifier(hidden)
+        if self.config.input_skip:
+            logits = logits + self.skip_gain(emb) * self.skip(u.flatten(1))
+        return logits
 
     def check_noise_std(self, noise_std: float) -> float:
         """σ as a float, or a clear error when it lies outside the range the network was trained on."""

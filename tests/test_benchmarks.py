@@ -10,10 +10,11 @@ from torch import nn
 
 from benchmarks.common import SyncCounter, alternate, count_flops, ratio
 from benchmarks.train_step import RECIPE, TrainingStep
-from scorenets import ScoreNet
+from scorenets import PosteriorNetPosterior, ScoreNet, build_posterior_net
 from trainlib.adversarial import AdversarialConfig, build_classifier
 from trainlib.config import load_recipe, parse_config
 from trainlib.data_posterior import trajectory_provider
+from trainlib.objectives import fixed_posterior
 
 
 def test_sync_counter_sees_every_kind_of_host_read():
@@ -52,24 +53,29 @@ def test_alternation_interleaves_runs_and_ratio_is_per_round():
     assert ratio([2.0, 4.0, 30.0], [1.0, 1.0, 10.0]) == 3.0  # median of 2, 4, 3
 
 
-@pytest.mark.parametrize("objective", ["trades-se", "pgd-at", "direct-score"])
-def test_training_steps_make_no_host_sync(objective):
+@pytest.mark.parametrize("variant", ["trades-se", "pgd-at", "direct-score/posterior-net", "direct-score/trajectory"])
+def test_training_steps_make_no_host_sync(variant):
     """A whole optimizer step (attack, loss, backward, fused SGD, LR schedule, EMA) reads nothing back to the host;
-    direct SCORE keeps exactly one check per attack step: whether x is the trajectory's last point (then no call)."""
+    direct SCORE with the posterior net neither; the trajectory keeps exactly one check per attack step: whether x is
+    its last point (then no call)."""
     torch.set_num_threads(1)
+    objective, _, posterior = variant.partition("/")
     cfg = AdversarialConfig(model="cnn-small-bn", objective=objective, eps=0.2, step_size=0.1, steps=2, batch_size=8)
     model = build_classifier(cfg.model, "digits", 10, (1, 8, 8))
+    posterior_net = build_posterior_net("tiny8", 10, (1, 8, 8), 0.05, 0.5, block_out_channels=(8, 16),
+                                        norm_num_groups=4).eval().requires_grad_(False)
     provider = None
-    if objective == "direct-score":
+    if posterior == "posterior-net":
+        provider = fixed_posterior(PosteriorNetPosterior(posterior_net, cfg.noise_std))
+    elif posterior == "trajectory":
         net = ScoreNet.build("tiny8", 10, (1, 8, 8), block_out_channels=(8, 16), norm_num_groups=4)
-        provider = trajectory_provider(net.eval().requires_grad_(False), cfg.noise_std,
-                                       anchor_smoothing=cfg.anchor_smoothing)
+        provider = trajectory_provider(net.eval().requires_grad_(False), cfg.noise_std, anchor_net=posterior_net)
     step = TrainingStep(cfg, model, provider, total_steps=10)
     x, y = torch.rand(8, 1, 8, 8), torch.arange(8) % 10
     step(x, y)  # first step: lazily created optimizer state
     with SyncCounter() as syncs:
         step(x, y)
-    assert syncs.counts == ({"aten.equal": cfg.steps} if objective == "direct-score" else {})
+    assert syncs.counts == ({"aten.equal": cfg.steps} if posterior == "trajectory" else {})
 
 
 def run_benchmark(name, argv, capsys, tmp_path):
@@ -91,15 +97,21 @@ def run_benchmark(name, argv, capsys, tmp_path):
 COMMON = ["--repeats", "1", "--warmup", "0", "--threads", "1"]
 
 
-def test_train_step_benchmark_counts_one_batched_scorenet_call_per_attack_step(tmp_path, capsys):
+def test_train_step_benchmark_counts_network_calls(tmp_path, capsys):
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps({**load_recipe(AdversarialConfig, RECIPE), "batch_size": 4, "steps": 2}))
     record = run_benchmark("train_step", [*COMMON, "--no-cifar", "--updates-repeats", "1", "--digits-recipe",
                                           str(recipe), "--digits-preset", "tiny8"], capsys, tmp_path)  # fmt: skip
     counts = record["results"]["digits"]["counts"]
-    assert counts["direct-score"]["scorenet_calls"] == 1 + 2  # the anchor, then one per attack step
-    assert counts["direct-score"]["scorenet_inputs"] == [4 * 10] * 3  # every call batches B·K inputs
-    assert counts["trades-se"]["syncs"] == {} and counts["pgd-at"]["syncs"] == {}
+    trajectory = counts["direct-score/trajectory"]["calls"]
+    assert trajectory["score net"] == [4 * 10] * 3  # the anchor, then one call over B·K inputs per attack step
+    assert trajectory["posterior net"] == [4]  # the anchor p_φ(·|x, σ) at the clean batch
+    posterior_net = counts["direct-score/posterior-net"]["calls"]
+    assert posterior_net == {"posterior net": [4] * 3}  # 2 attack steps + the target at x', B inputs each, no UNet
+    assert "calls" not in counts["direct-score/empirical"] or counts["direct-score/empirical"]["calls"] == {}
+    for name in ("trades-se", "trades-kl", "pgd-at", "direct-score/posterior-net"):
+        assert counts[name]["syncs"] == {}, name
+    assert record["headline"].startswith("direct SCORE with the posterior net ÷ TRADES-KL time per step: digits")
 
 
 def test_attacks_benchmark(tmp_path, capsys):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -152,7 +153,7 @@ class AdversarialConfig:
 
     def validate(self) -> None:
         """Check values that need no files (``--dry-run`` runs this too)."""
-        from .data import TOY_MIXTURES, check_dataset_name
+        from .data import check_dataset_name, has_closed_form
 
         check_dataset_name(self.dataset)
         if self.objective not in OBJECTIVES:
@@ -191,7 +192,7 @@ class AdversarialConfig:
         check_collective_timeout(self.collective_timeout)
         if self.objective == "direct-score":
             check_posterior_options(self.posterior, self.anchor, self.scorenet, self.posterior_net, self.dataset,
-                                    self.dataset in TOY_MIXTURES)
+                                    has_closed_form(self.dataset))
         # objective options (beta, clip, clean weight, smoothing, distance): the objective's own checks
         build_objective(self.objective, self, beta=self.beta, clip=self.clip, clip_scope=self.clip_scope,
                         label_smoothing=self.label_smoothing, attack_bn=self.attack_bn, distance=self.distance,
@@ -383,6 +384,7 @@ def train(cfg: AdversarialConfig) -> dict | None:
         keep_last=cfg.keep_last, log_every=cfg.log_every, description=cfg.objective, nonfinite=cfg.nonfinite,
     )  # fmt: skip
     start = session.start(ema)
+    started = time.perf_counter()  # the training time of this invocation (results.json: train_seconds)
     best = dict(start.extra.get("best", {}))  # {"val/pgd40_cw_acc": ..., "epoch": ..., "step": ...}
     session.print(f"{cfg.objective} on {data.train.name} ({len(data.train)} real"
                   f"{f' + {len(data.generated)} generated' if data.generated else ''}), {cfg.model}, "
@@ -448,10 +450,11 @@ def train(cfg: AdversarialConfig) -> dict | None:
     session.close()
     if not accelerator.is_main_process:
         return None  # the test evaluation runs on the main process only: no collective follows
-    return _final_evaluation(cfg, ema.model, data.test, session, best, step)
+    return _final_evaluation(cfg, ema.model, data.test, session, best, step, time.perf_counter() - started)
 
 
-def _final_evaluation(cfg: AdversarialConfig, model: nn.Module, test: ImageDataset, session, best, step) -> dict:
+def _final_evaluation(cfg: AdversarialConfig, model: nn.Module, test: ImageDataset, session, best, step,
+                      train_seconds: float) -> dict:
     """Clean + PGD (+ AutoAttack) on the first n_test test points with the EMA model → results.json."""
     n = min(cfg.n_test or len(test), len(test))
     x, y = evaluation_points(test, range(n), session.accelerator.device)
@@ -459,7 +462,7 @@ def _final_evaluation(cfg: AdversarialConfig, model: nn.Module, test: ImageDatas
                                  batch_size=cfg.eval_batch_size, progress=True)  # fmt: skip
     record = result.record(name=Path(cfg.out).name, dataset=cfg.dataset, architecture=cfg.model,
                            objective=cfg.objective, weights="ema")  # fmt: skip
-    results = {"test": record, "best_val": best, "steps": step}
+    results = {"test": record, "best_val": best, "steps": step, "train_seconds": round(train_seconds, 1)}
     session.run.write_results(results)
     aa = "" if record["autoattack_acc"] is None else f", AutoAttack {record['autoattack_acc']}"
     session.print(

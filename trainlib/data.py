@@ -17,6 +17,10 @@ Datasets (``load_dataset(name, split, data_dir)``; splits "train", "val", "test"
   cifar100   As in the public code, val = the first 1,024 training images, train = the other 48,976.
   gmm-8x8    ``GaussianMixture`` toys rendered as images (``TOY_MIXTURES``; ``toy_mixture(name)`` gives the
   gmm-4x4    exact mixture): fixed-seed samples, 10,000 train / 1,000 val / 2,000 test.
+  digits-mixture  a digit mixture with exact truth: p_d = (1/N) Σ_i N(x_i, h²I) over the N = 1,257 training digits
+             (``datagrad.KernelMixture``, h = 0.1; ``digits-mixture:H`` for another h), sampled afresh with fixed
+             seeds, 10,000 train / 1,000 val / 2,000 test: the images look like digits, p_σ(y|x) is exact at every σ
+             (kernel std sqrt(h² + σ²)); samples are not clipped, as for gmm-*.
   npz:PATH   keys ``image`` (N, H, W, C) uint8 or float32 in [0, 1] and ``label`` (N,) int. A ``{split}`` in
              PATH is replaced by the split name; without it the file is the "train"/"trainval" split only.
 
@@ -336,8 +340,39 @@ def toy_mixture(name: str) -> GaussianMixture:
     return GaussianMixture(means, [std] * num_classes, [1.0 / num_classes] * num_classes, (1, side, side))
 
 
-def _load_toy(name: str, split: str, data_dir: str | os.PathLike) -> ImageDataset:
-    mixture = toy_mixture(name)
+DIGITS_MIXTURE = "digits-mixture"
+DIGITS_MIXTURE_BANDWIDTH = 0.1
+
+
+def digits_mixture(name: str = DIGITS_MIXTURE):
+    """The ``datagrad.KernelMixture`` behind ``digits-mixture[:H]``: kernels of std h at the real training digits."""
+    from datagrad import KernelMixture
+
+    bandwidth = DIGITS_MIXTURE_BANDWIDTH
+    if name != DIGITS_MIXTURE:
+        try:
+            bandwidth = float(name[len(DIGITS_MIXTURE) + 1 :])
+        except ValueError:
+            raise ValueError(f"{name!r}: the kernel std goes after a colon, e.g. {DIGITS_MIXTURE}:0.05") from None
+        if not bandwidth > 0:
+            raise ValueError(f"{name!r}: the kernel std must be > 0")
+    digits = _load_digits("train", "")
+    x, y = digits.tensors()
+    return KernelMixture(x.double(), y, digits.num_classes, bandwidth)
+
+
+def dataset_mixture(name: str):
+    """The exact distribution behind a toy dataset (gmm-*, digits-mixture[:H]), else None."""
+    if name in TOY_MIXTURES:
+        return toy_mixture(name)
+    if name == DIGITS_MIXTURE or name.startswith(DIGITS_MIXTURE + ":"):
+        return digits_mixture(name)
+    return None
+
+
+def _load_sampled(name: str, split: str) -> ImageDataset:
+    """A fixed-seed sample of a toy distribution (gmm-*, digits-mixture), not clipped, with its exact mixture."""
+    mixture = dataset_mixture(name)
     parts = ["train", "val"] if split == "trainval" else [split]
     pixels, labels = [], []
     for part in parts:
@@ -360,13 +395,18 @@ def _load_npz_split(path: str, split: str, num_classes: int | None) -> ImageData
     return load_npz(path, num_classes, f"npz:{path}")
 
 
-DATASET_NAMES = ("digits", "cifar10", "cifar100", *TOY_MIXTURES, "npz:PATH")
+DATASET_NAMES = ("digits", "cifar10", "cifar100", *TOY_MIXTURES, DIGITS_MIXTURE, "npz:PATH")
 
 
 def check_dataset_name(name: str) -> None:
     """ValueError naming the valid choices unless ``name`` is a known dataset or ``npz:PATH`` (no files read)."""
-    if not (name in DATASET_NAMES or name.startswith("npz:")):
+    if not (name in DATASET_NAMES or name.startswith("npz:") or name.startswith(DIGITS_MIXTURE + ":")):
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+
+
+def has_closed_form(name: str) -> bool:
+    """Whether the dataset's exact posterior is known (gmm-*, digits-mixture[:H])."""
+    return name in TOY_MIXTURES or name == DIGITS_MIXTURE or name.startswith(DIGITS_MIXTURE + ":")
 
 
 def load_dataset(
@@ -381,7 +421,7 @@ def load_dataset(
         return _load_digits(split, data_dir)
     if name in ("cifar10", "cifar100"):
         return _load_cifar(name, split, data_dir)
-    return _load_toy(name, split, data_dir)  # TOY_MIXTURES, the remaining names
+    return _load_sampled(name, split)  # gmm-*, digits-mixture[:H]
 
 
 # -- sampling ----------------------------------------------------------------------------------------------------------

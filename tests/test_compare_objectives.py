@@ -1,0 +1,78 @@
+"""analysis.compare_objectives and analysis.score_risk end to end on gmm-4x4 (exact truth): tiny runs over two seeds,
+the Bayes row at R_SCORE = 0, reuse of finished runs and cached risks, the σ sweep, and the score_risk command."""
+
+import json
+
+import pytest
+
+from analysis import compare_objectives, score_risk
+from trainlib.config import parse_config
+
+
+def recipe(path, **values):
+    base = dict(dataset="gmm-4x4", model="mlp", eps=0.1, step_size=0.05, steps=2, batch_size=64, epoch_size=256,
+                epochs=1, n_val=32, n_test=32, cpu_threads=1, checkpoint_every=0, log_every=2, val_every=0,
+                eval_batch_size=64)
+    path.write_text(json.dumps({**base, **values}))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    recipes = [recipe(root / "gmm-4x4-standard.json", objective="standard"),
+               recipe(root / "gmm-4x4-direct-score.json", objective="direct-score", posterior="analytic",
+                      noise_std=0.1)]
+    argv = ["--recipes", *recipes, "--seeds", "0", "1", "--out", str(root / "out"), "--n-test", "24", "--pgd-steps",
+            "3", "--no-autoattack"]
+    rows = compare_objectives.compare(parse_config(compare_objectives.CompareConfig, argv))
+    return root, argv, rows
+
+
+def test_rows_seeds_bayes_and_outputs(compared):
+    root, _, rows = compared
+    names = [r["name"] for r in rows]
+    assert names == ["Bayes (p_θ = p_d)", "gmm-4x4-standard", "gmm-4x4-direct-score"]
+    bayes = rows[0]["summary"]["auto"]
+    assert bayes["score_l1"]["mean"] < 1e-6 and bayes["score_kl"]["mean"] < 1e-6  # p_θ = p_d
+    for row in rows[1:]:
+        assert row["seeds"] == [0, 1] and len(row["runs"]["auto"]) == 2
+        assert (root / "out" / row["name"] / "seed-1" / "ema.safetensors").is_file()
+        s = row["summary"]["auto"]["score_l1"]
+        assert s["mean"] > 0 and len(s["values"]) == 2 and s["half_width"] > 0
+        record = row["runs"]["auto"][0]
+        assert record["score_l1"]["low"] <= record["score_l1"]["mean"] <= record["score_l1"]["high"]
+        assert record["score_l1"]["mean"] >= max(record["per_attack_score_l1"].values()) - 1e-12
+        assert record["truth"]["kind"] == "exact" and record["label"]["clean_acc"] is not None
+        assert len(row["train_seconds"]) == 2 and all(t > 0 for t in row["train_seconds"])
+    table = (root / "out" / "comparison.md").read_text()
+    assert "Bayes" in table and "R_SCORE^ℓ1 (auto)" in table and "gmm-4x4-direct-score" in table
+    assert (root / "out" / "comparison.png").stat().st_size > 0
+    saved = json.loads((root / "out" / "comparison.json").read_text())
+    assert [r["name"] for r in saved["rows"]] == names
+
+
+def test_second_call_reuses_runs_and_cached_risks(compared, capsys):
+    _, argv, rows = compared
+    again = compare_objectives.compare(parse_config(compare_objectives.CompareConfig, argv))
+    assert "finished run found, not retrained" in capsys.readouterr().out
+    for first, second in zip(rows[1:], again[1:], strict=True):
+        assert first["runs"]["auto"][0]["score_l1"] == second["runs"]["auto"][0]["score_l1"]
+
+
+def test_sigma_sweep_adds_direct_score_rows(compared):
+    root, _, _ = compared
+    argv = ["--recipes", str(root / "gmm-4x4-direct-score.json"), "--sigmas", "0.2", "--out", str(root / "sweep"),
+            "--epochs", "1"]
+    plan = compare_objectives.entries(parse_config(compare_objectives.CompareConfig, argv))
+    assert [(e.name, e.config.noise_std) for e in plan] == [("gmm-4x4-direct-score", 0.1),
+                                                           ("gmm-4x4-direct-score-sigma0.2", 0.2)]
+
+
+def test_score_risk_command_on_a_run(compared, capsys):
+    root, _, _ = compared
+    run = root / "out" / "gmm-4x4-standard" / "seed-0"
+    records = score_risk.main([str(run), "--n-points", "16", "--pgd-steps", "2", "--out", str(root / "risk")])
+    assert records[0]["n_points"] == 16 and records[0]["truth"]["kind"] == "exact"
+    assert "R_SCORE^ℓ1" in (root / "risk" / "score_risk.md").read_text()
+    assert (run / "analysis" / "score_risk.json").is_file()
