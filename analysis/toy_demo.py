@@ -1,4 +1,4 @@
-"""The seed's 1-D toy demo: SCORE recovers p_d(y|x), Madry's robust error does not (FACTS §1–2).
+"""The seed's 1-D toy demo: SCORE recovers p_d(y|x), Madry's robust error does not (docs/conventions.md §1–2).
 
     python -m analysis.toy_demo --out runs/toy_demo                                  # full setting, minutes on 2 cores
     python -m analysis.toy_demo --config recipes/toy-demo-quick.json --out /tmp/toy  # reduced setting of the tests
@@ -11,7 +11,7 @@ Data: ``datagrad.seed_toy()``, p(y=0) = 5/6, p(y=1) = 1/6, x|y=0 ~ N(−1, 2²),
   expectation form    60,000 pairs: exactly 50,000 of class 0 and 10,000 of class 1
   finite-sample form  6 pairs: 5 of class 0, 1 of class 1
 Model: MLP 1-100-100-2 with tanh, Adam (lr 1e-3); within a form the three methods start from the same weights.
-Objectives (risks of FACTS §1 with the true posterior as target, so labels only colour the plots):
+Objectives (risks of docs/conventions.md §1 with the true posterior as target, so labels only colour the plots):
   standard  KL(p_d(·|x)  || p_θ(·|x))                  at the training x (soft-label cross-entropy gradient)
   madry     max_{x'∈B(x)} KL(p_d(·|x)  || p_θ(·|x'))   inner max by PGD on ``datagrad.madry_distance``
   score     max_{x'∈B(x)} KL(p_d(·|x') || p_θ(·|x'))   inner max by PGD on ``datagrad.self_consistent_kl`` (full

@@ -1,6 +1,6 @@
 """Self-consistent losses D(p_d(·|x) || p_θ(·|x)) with the full input gradient.
 
-For KL (FACTS §1), the input gradient is
+For KL (docs/conventions.md §1), the input gradient is
 
     ∇_x KL(p_d(·|x) || p_θ(·|x)) = Σ_y p_d(y|x) [ −∇_x log p_θ(y|x) + log(p_d(y|x)/p_θ(y|x)) · ∇_x log p_d(y|x) ]
                                      └ model gradient ┘                              └ data gradient ┘

@@ -275,8 +275,8 @@ def test_table4_recipes_cover_every_row():
 # -- two processes on the CPU ------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_two_process_cpu_run_equals_one_process_run(tmp_path):
-    """ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 (FACTS §7): both ranks run, and with a
-    model without BN and no random starts the result equals a one-process run on the same global batches."""
+    """ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 (docs/conventions.md §7): both ranks run,
+    and with a model without BN and no random starts the result equals a one-process run on the same global batches."""
     options = ["--model", "cnn-small", "--objective", "standard", "--batch-size", "32", "--epoch-size", "128",
                "--epochs", "1", "--n-val", "32", "--n-test", "32", "--cpu-threads", "1", "--checkpoint-every", "2",
                "--keep-last", "5", "--num-processes", "2"]  # fmt: skip

@@ -1,5 +1,5 @@
 """Self-consistent losses: input and parameter gradients against autograd through a closed-form
-posterior written here with torch ops, central finite differences, and the explicit FACTS §1 formula."""
+posterior written here with torch ops, central finite differences, and the explicit docs/conventions.md §1 formula."""
 
 import math
 
@@ -73,7 +73,8 @@ def per_class_jacobian(fn, x: torch.Tensor) -> torch.Tensor:
 
 
 def facts_kl_gradient(log_p_data: torch.Tensor, log_p_model: torch.Tensor, grad_data, grad_model) -> torch.Tensor:
-    """FACTS §1: Σ_y p_d [−∇ log p_θ(y) + log(p_d/p_θ)(y) ∇ log p_d(y)]; logs [B, K], gradients [B, K, D] -> [B, D]."""
+    """docs/conventions.md §1: Σ_y p_d [−∇ log p_θ(y) + log(p_d/p_θ)(y) ∇ log p_d(y)]; logs [B, K], gradients
+    [B, K, D] -> [B, D]."""
     p_data = log_p_data.exp()
     log_ratio = log_p_data - log_p_model
     return torch.einsum("bk,bkd->bd", p_data, -grad_model + log_ratio[..., None] * grad_data)

@@ -54,7 +54,7 @@ def test_json_structure_and_values(quick_run):
     assert record["environment"]["threads"] == 1 == record["config"]["threads"]
     assert record["wall_seconds"] > 0
 
-    # True curve against the closed-form log-odds of FACTS §2, computed independently of datagrad.
+    # True curve against the closed-form log-odds of docs/conventions.md §2, computed independently of datagrad.
     x = torch.tensor(record["grid"]["x"], dtype=torch.float64)
     low, high, points = QUICK["grid"]
     assert len(x) == points and x[0] == low and x[-1] == high
@@ -127,7 +127,7 @@ def test_sample_pairs_exact_counts_and_class_moments():
     x, y = toy_demo.sample_pairs(mixture, (50_000, 10_000), torch.Generator().manual_seed(0))
     assert x.shape == (60_000, 1) and x.dtype == torch.float32
     assert (y == 0).sum() == 50_000 and (y == 1).sum() == 10_000
-    for cls, (mean, std) in enumerate([(-1.0, 2.0), (1.0, 1.0)]):  # FACTS §2
+    for cls, (mean, std) in enumerate([(-1.0, 2.0), (1.0, 1.0)]):  # docs/conventions.md §2
         xs = x[y == cls, 0].double()
         n = len(xs)
         assert abs(xs.mean().item() - mean) < 5 * std / math.sqrt(n)

@@ -1,7 +1,7 @@
 """Adversarial training of classifiers (standard, PGD-AT, TRADES-KL/SE, PGD-AT-SE, direct SCORE) and its evaluation.
 
-``AdversarialConfig``'s fields, with their help strings, are the documentation of the recipe (FACTS §3 for the
-paper's values). ``train(cfg)`` runs the loop, top to bottom:
+``AdversarialConfig``'s fields, with their help strings, are the documentation of the recipe (docs/conventions.md §3
+for the paper's values). ``train(cfg)`` runs the loop, top to bottom:
 
     data     real train split (+ generated shards mixed in at ``unsup_fraction``: each global batch holds
              int(B·f) generated images drawn with replacement), an "epoch" of ``epoch_size`` samples, crop + flip;
@@ -375,7 +375,7 @@ def train(cfg: AdversarialConfig) -> dict | None:
     optimizer = build_optimizer(model, cfg)
     scheduler = one_cycle_cosine(optimizer, total_steps, cfg.warmup_fraction, cfg.cycle_momentum)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    attack_model = accelerator.unwrap_model(model)  # attacks never go through the DDP wrapper (FACTS §7)
+    attack_model = accelerator.unwrap_model(model)  # attacks never go through the DDP wrapper (docs/conventions.md §7)
     ema = EMA(model, cfg.ema_tau, cfg.ema_warmup_fraction * total_steps)
     metadata = weights_metadata(cfg, num_classes, image_shape)
 

@@ -4,7 +4,7 @@ Layout: ``<run>/checkpoints/step_000123/`` holds what ``Accelerator.save_state``
 weights, optimizer, scheduler, one RNG-state file per rank, registered objects such as the EMA), our
 ``meta.json`` (step, epoch, batch position, config hash, world size) and, written last,
 ``manifest.json`` with the size and sha256 of every other file. Folders are named by step, never by
-accelerate's automatic counter (which resume does not restore; FACTS §7).
+accelerate's automatic counter (which resume does not restore; docs/conventions.md §7).
 
 Saving (``save_checkpoint``, called on EVERY rank, since each rank writes its own RNG state):
   1. the main process creates ``step_000123.tmp-save``; barrier;

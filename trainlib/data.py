@@ -29,7 +29,7 @@ int64) is read by ``load_generated`` without loading it: each stored zip member'
 and ``np.memmap``ed with the .npy header's dtype/shape/order (``np.load(mmap_mode=...)`` does not map npz
 members). A compressed member is loaded into memory with a warning.
 
-Mixing (FACTS §3): ``MixedBatchSampler`` builds each global batch of B from int(B·f) generated images
+Mixing (docs/conventions.md §3): ``MixedBatchSampler`` builds each global batch of B from int(B·f) generated images
 (f = unsup_fraction, drawn with replacement) and B − int(B·f) real ones (an endless stream of seeded
 permutations, so every real image is seen once per pass), shuffled together; an epoch is
 ceil(epoch_size / B) batches (epoch_size 50,000 for CIFAR, as in the public code). Everything is a pure

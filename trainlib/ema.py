@@ -1,4 +1,4 @@
-"""Exponential moving average (EMA) of model weights, as in the paper's recipe (FACTS §3).
+"""Exponential moving average (EMA) of model weights, as in the paper's recipe (docs/conventions.md §3).
 
 Called once after every optimizer step; on its t-th call (t = 1, 2, ...):
 

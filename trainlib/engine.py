@@ -32,13 +32,14 @@ A training module keeps its loop visible (nanoGPT style) and calls these pieces:
 
 What each piece guarantees:
 
-* ``create_accelerator``: an ``accelerate.Accelerator`` with step-named checkpoints (automatic naming off; FACTS §7),
-  mixed precision "no" | "bf16" | "fp16" on accelerators and plain fp32 on the CPU (a requested bf16/fp16 is
-  dropped there with a warning), gradient accumulation, ``step_scheduler_with_optimizer=False`` (so a prepared
-  scheduler steps once per call, not once per process: call it only when ``accelerator.sync_gradients``), and the
-  seed ``seed + rank`` for Python, NumPy and torch. It refuses to start (ValueError on every rank) when the world
-  size it got differs from the ``num_processes`` asked for, or from the launcher's ``WORLD_SIZE`` (``accelerate
-  launch --multi_gpu`` without a GPU and without ``ACCELERATE_USE_CPU=1`` silently starts independent processes).
+* ``create_accelerator``: an ``accelerate.Accelerator`` with step-named checkpoints (automatic naming off;
+  docs/conventions.md §7), mixed precision "no" | "bf16" | "fp16" on accelerators and plain fp32 on the CPU (a
+  requested bf16/fp16 is dropped there with a warning), gradient accumulation,
+  ``step_scheduler_with_optimizer=False`` (so a prepared scheduler steps once per call, not once per process: call
+  it only when ``accelerator.sync_gradients``), and the seed ``seed + rank`` for Python, NumPy and torch. It refuses
+  to start (ValueError on every rank) when the world size it got differs from the ``num_processes`` asked for, or
+  from the launcher's ``WORLD_SIZE`` (``accelerate launch --multi_gpu`` without a GPU and without
+  ``ACCELERATE_USE_CPU=1`` silently starts independent processes).
 * ``TrainingSession``: resolves ``--resume none|latest|PATH`` on the main process and broadcasts it (every rank
   resumes from the same verified checkpoint or raises the same error), refuses a fresh start into a directory that
   already holds a run (before writing anything), creates the ``RunDir`` (main process only), removes temporaries

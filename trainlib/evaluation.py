@@ -12,7 +12,8 @@ PGD is ``datagrad.pgd`` (uniform random start, keep the highest-loss iterate) on
 The default step size is 2.5·ε/steps (Madry et al. 2018): the path length 2.5·ε crosses the ball (diameter 2ε)
 from any random start, and more steps means a finer search of the same ball, so PGD-200 against PGD-40 in the
 gradient-masking check compares like with like. With several restarts, later restarts attack only the examples
-still correct. Training validation is ``pgd_accuracy``'s default: PGD-40 on the CW margin, one restart (FACTS §3).
+still correct. Training validation is ``pgd_accuracy``'s default: PGD-40 on the CW margin, one restart
+(docs/conventions.md §3).
 """
 
 from __future__ import annotations

@@ -343,8 +343,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Optimizer groups: ``decay`` (weight decay ``weight_decay``) and ``no_decay`` (0).
 
     Parameters of normalisation layers (BatchNorm/GroupNorm/LayerNorm/InstanceNorm scale and shift) get no weight
-    decay (FACTS §3); every other parameter, including the biases of linear and convolution layers, is decayed,
-    as in the SCORE / DeepMind recipe, which exempts only batch-norm parameters.
+    decay (docs/conventions.md §3); every other parameter, including the biases of linear and convolution layers, is
+    decayed, as in the SCORE / DeepMind recipe, which exempts only batch-norm parameters.
     """
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")

@@ -3,14 +3,14 @@
     objective(model, attack_model, x, y, generator=None) -> ObjectiveOutput(loss, stats, logits_*, x_adv)
 
 * ``model`` makes the differentiable forward passes of the loss (possibly the DDP wrapper), in its current mode;
-* ``attack_model`` is the unwrapped module used for the inner maximization (FACTS §7: the DDP wrapper would
-  re-broadcast BN buffers at every attack step). It is attacked inside :func:`attack_mode`: parameters frozen
+* ``attack_model`` is the unwrapped module used for the inner maximization (docs/conventions.md §7: the DDP wrapper
+  would re-broadcast BN buffers at every attack step). It is attacked inside :func:`attack_mode`: parameters frozen
   (no parameter graph, ``.grad`` untouched) and, by default, every module in eval mode (BN running statistics, as
   in TRADES); ``attack_bn="batch"`` instead uses BN batch statistics without updating the running ones, as the
   SCORE code for Table 4 does. Both modes and ``requires_grad`` flags are restored afterwards.
 * x: images [B, C, H, W] in [0, 1]; y: labels [B] (int). p_θ = softmax(model(·)); every parameter stays in the
-  graph of ``loss`` (FACTS §7), ``stats`` holds detached scalar tensors (no host sync). Log-probabilities and
-  losses are computed in float32 or wider, also under bf16/fp16 autocast.
+  graph of ``loss`` (docs/conventions.md §7), ``stats`` holds detached scalar tensors (no host sync).
+  Log-probabilities and losses are computed in float32 or wider, also under bf16/fp16 autocast.
 
 Losses (batch means; D(p || q) from :mod:`datagrad.distances`, on log-probabilities; ỹ = smoothed one-hot, mass
 1 − s on y and s/(K−1) on every other class, as in the SCORE code):
@@ -23,8 +23,9 @@ Losses (batch means; D(p || q) from :mod:`datagrad.distances`, on log-probabilit
     direct-score  D(sg p_d(·|x') || p_θ(·|x')) [+ w·clean],  x' = PGD max D(p_d(·|x') || p_θ(·|x')) (full gradient)
 
 (sg = stop-gradient; p_θ(x) in an attack is computed once, in attack mode.) In the TRADES losses gradients flow
-through both p_θ(x) and p_θ(x') (FACTS §3). Every attack starts uniformly in the ε-ball (the SCORE code does this
-for TRADES-KL too; original TRADES starts at x + 0.001·N(0, I)), clamps to [0, 1] and returns its last iterate.
+through both p_θ(x) and p_θ(x') (docs/conventions.md §3). Every attack starts uniformly in the ε-ball (the SCORE
+code does this for TRADES-KL too; original TRADES starts at x + 0.001·N(0, I)), clamps to [0, 1] and returns its last
+iterate.
 
 Clipping (the SCORE code without generated data, ``--clip_loss c``): τ(c) = c²·K/(K−1), the SE between the
 prediction (1 − c on y, c/(K−1) elsewhere) and one-hot y. Per example, before the batch mean:

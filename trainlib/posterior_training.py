@@ -47,12 +47,13 @@ class PosteriorNetConfig(AdamLoopOptions):
     sigma_min: float = option("smallest noise std sigma trained on ([0, 1] data units)", 0.02)
     sigma_max: float = option("largest noise std sigma trained on (sigma is log-uniform in between)", 1.0)
     ce_weight: float = option("weight of the cross-entropy term", 1.0)
-    dlsm_weight: float = option("weight of the denoising likelihood score matching term (0: cross-entropy only)", 1.0)
+    dlsm_weight: float = option("weight of the DLSM term and of the other classes' score matching (0: cross-entropy "
+                                "only)", 10.0)
     other_classes: int = option("random non-label classes per example whose gradient is matched to the score net's "
                                 "class score (scorenets.dlsm)", 2)
     generated: str | None = option("generated pseudo-data mixed into each batch: an .npz, a directory or a glob", None)
     unsup_fraction: float = option("fraction of each batch drawn (with replacement) from --generated", 0.7)
-    batch_size: int = option("global batch size (all processes, after accumulation)", 128)
+    batch_size: int = option("global batch size (all processes, after accumulation)", 64)
     out: str = option("run directory (the EMA posterior net goes to <out>/posterior_net)", "runs/posterior-digits")
 
     def validate(self) -> None:
