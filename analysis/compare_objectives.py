@@ -10,8 +10,9 @@ attacks (``datagrad.worst_case``) against each ``--truth`` (``auto``: the datase
 ``gmm-*`` and ``digits-mixture``; on real data ``empirical`` and ``posterior-net``, both estimates), R_Std, R_Madry^KL,
 the argmax agreement of p_θ with p_d at the worst point, and the label accuracies (clean, PGD-40 CE / CW, AutoAttack
 with ``--autoattack``). With an exact truth a **Bayes** row (p_θ = p_d, R_SCORE = 0) is added. ``--sigmas`` also
-trains every direct-SCORE recipe that sets ``noise_std`` at those σ (``<recipe>-sigma<σ>``): how the smoothing of the
-target trades against its estimate's error.
+trains every direct-SCORE recipe that sets ``noise_std`` at those σ (``<recipe>-sigma<σ>``, first seed): how the
+smoothing of the target trades against its estimate's error. Recipes named in ``--one-seed`` (costly ablations) run on
+the first seed only; the table says how many seeds each row has.
 
 Rows report the mean over seeds ± their standard deviation, and the mean half-width of the per-run bootstrap 95 %
 intervals over test points; every run's budget (epochs, batch, PGD steps) and training wall time are in the JSON and
@@ -50,6 +51,7 @@ class CompareConfig:
 
     recipes: tuple[str, ...] = option("recipe files to train and compare", DIGITS_RECIPES)
     seeds: tuple[int, ...] = option("seeds of every recipe (rows: mean ± sd over them)", (0,))
+    one_seed: tuple[str, ...] = option("recipes (file names) trained with the first seed only: costly ablations", ())
     truth: tuple[str, ...] = option("p_d for R_SCORE: auto (closed form) | empirical | posterior-net (estimates)",
                                     ("auto",))
     noise_std: float = option("sigma of the empirical / posterior-net truth", adversarial.DirectScoreConfig.noise_std)
@@ -86,6 +88,7 @@ class Entry:
     name: str  # row name
     recipe: Path
     config: adversarial.AdversarialConfig  # seed 0's; the seeds differ in seed and out only
+    seeds: tuple[int, ...]
 
 
 def entries(cfg: CompareConfig) -> list[Entry]:
@@ -99,11 +102,13 @@ def entries(cfg: CompareConfig) -> list[Entry]:
             values["epochs"] = cfg.epochs
         training = cls(**{**values, "autoattack": False})
         training.validate()
-        result.append(Entry(path.stem, path, training))
+        one_seed = any(Path(other).name == path.name for other in cfg.one_seed)
+        seeds = cfg.seeds[:1] if one_seed else cfg.seeds
+        result.append(Entry(path.stem, path, training, seeds))
         if training.objective == "direct-score" and "noise_std" in values:
             for sigma in cfg.sigmas:
-                result.append(Entry(f"{path.stem}-sigma{sigma:g}", path, dataclasses.replace(training,
-                                                                                           noise_std=sigma)))
+                swept = dataclasses.replace(training, noise_std=sigma)
+                result.append(Entry(f"{path.stem}-sigma{sigma:g}", path, swept, cfg.seeds[:1]))
     return result
 
 
@@ -244,10 +249,10 @@ def compare(cfg: CompareConfig) -> list[dict]:
     if truths[0] == "auto" and len(datasets) == 1 and load_dataset(plan[0].config.dataset, "test").mixture is not None:
         rows.append(bayes_row(plan[0], cfg))
     for entry in plan:
-        row = {"name": entry.name, "objective": entry.config.objective, "seeds": list(cfg.seeds), "runs": {},
+        row = {"name": entry.name, "objective": entry.config.objective, "seeds": list(entry.seeds), "runs": {},
                "train_seconds": [], "budget": {k: getattr(entry.config, k) for k in
                                                ("epochs", "batch_size", "steps", "step_size", "eps", "model")}}
-        for seed in cfg.seeds:
+        for seed in entry.seeds:
             out = run_dir(cfg, entry, seed)
             seconds = train_run(entry, out, seed)
             row["train_seconds"] += [seconds] if seconds is not None else _recorded_seconds(out)

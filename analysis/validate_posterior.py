@@ -32,6 +32,10 @@ with p̂ the estimate as training sees it there (for the trajectory at x_T: its 
                p_σ(k|x_t) (median, p10); at x_T the trajectory is extended by one step to read Ĝ (training does not
                use a gradient there)
 
+For the posterior net (differentiable) also its worst case inside the ball, max_{x'∈B(x)} TV(p̂(·|x'), p_σ(·|x')) over
+an ensemble of PGD-``--worst-case-steps`` attacks (``datagrad.worst_case`` with p̂ in the model's role): a classifier
+that fits p̂ inherits this error where an attack finds it.
+
 Outputs in ``--out`` (atomic): ``validate_posterior.json``, ``validate_posterior.md`` (the tables), and
 ``error_along_path.png``; the table is printed. ``--max-tv`` / ``--min-cosine`` are the thresholds the acceptance block
 reports at the last point (for every learned estimator: median TV and median cosine).
@@ -49,7 +53,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from datagrad import KernelMixture, self_consistent_distance
+from datagrad import KernelMixture, self_consistent_distance, worst_case
 from scorenets import check_noise_std
 from trainlib.adversarial import AdversarialConfig
 from trainlib.config import config_to_dict, load_recipe, option, parse_config, run_cli
@@ -79,6 +83,7 @@ class ValidateConfig:
     splits: tuple[str, ...] = option("splits whose first points start the paths", ("train", "test"))
     n_points: int = option("points per split", 200)
     sigmas: tuple[float, ...] = option("noise stds sigma to validate (empty: the recipe's)", ())
+    worst_case_steps: int = option("posterior net: PGD steps of the worst-case TV in the ball (0: skip)", 40)
     max_tv: float = option("acceptance: median TV at the last point at most this", 0.05)
     min_cosine: float = option("acceptance: median gradient cosine at the last point at least this", 0.95)
     out: str = option("output directory", "runs/validate-posterior")
@@ -184,6 +189,14 @@ def read_path(provider, truth, model, training: AdversarialConfig, x: Tensor, y:
     return records
 
 
+def worst_case_error(estimate, truth, training: AdversarialConfig, x: Tensor, cfg: ValidateConfig) -> dict:
+    """max_{x'∈B(x)} TV(p̂(·|x'), p_σ(·|x')) of a differentiable estimate: ``datagrad.worst_case`` with p̂ in the role of
+    the model (its R_SCORE^ℓ1 against the truth, halved): how wrong the target can be made inside the ball."""
+    found = worst_case(estimate.log_posterior, x, truth, eps=training.eps, norm=training.norm,
+                       steps=cfg.worst_case_steps, attacks=("l1", "kl", "data-margin", "model-margin"))
+    return summary(found.score_l1 / 2)
+
+
 def validate(cfg: ValidateConfig) -> dict:
     """Every (σ, estimator, split): the metrics along the path (module docstring)."""
     cfg.validate()
@@ -199,7 +212,6 @@ def validate(cfg: ValidateConfig) -> dict:
     for sigma in sigmas:
         truth = truth_posterior(training, sigma, device)
         for estimator in cfg.estimators:
-            spec = estimator_spec(training, estimator, sigma)
             for split in cfg.splits:
                 data = load_dataset(training.dataset, split, training.data_dir)
                 x, y = data.get(range(min(cfg.n_points, len(data))), device)
@@ -207,11 +219,14 @@ def validate(cfg: ValidateConfig) -> dict:
                     provider = lambda x, y, truth=truth: truth
                 else:
                     train = load_dataset(training.dataset, "train", training.data_dir)
+                    spec = estimator_spec(training, estimator, sigma)
                     provider = posterior_provider(spec, train, device, max_batch=4096)
                 start = time.perf_counter()
                 path = read_path(provider, truth, classifier.model, training, x, y, training.seed)
+                worst = worst_case_error(provider(x, y), truth, training, x, cfg) if (
+                    estimator == "posterior-net" and cfg.worst_case_steps) else None
                 results.append({"sigma": sigma, "estimator": estimator, "split": split, "n_points": len(y),
-                                "path": path, "seconds": time.perf_counter() - start})
+                                "path": path, "worst_case_tv": worst, "seconds": time.perf_counter() - start})
                 last = path[-1]
                 print(f"σ {sigma:g} {estimator:>16} {split:>5}: at x_T TV {last['tv']['median']:.4f}, cosine "
                       f"{last['cosine']['median']:.4f}, agreement {last['agreement']:.3f}, label p̂ "
@@ -251,13 +266,16 @@ def format_tables(record: dict, cfg: ValidateConfig) -> str:
                    f"{m['label_truth']['median']:.3f}", f"{m['cosine']['median']:.4f}", f"{m['cosine']['p10']:.3f}"]
             path_rows.append(row)
             if t == len(r["path"]) - 1:
-                last_rows.append([row[0], row[1], row[2], *row[4:]])
+                worst = r.get("worst_case_tv")
+                last_rows.append([row[0], row[1], row[2], *row[4:],
+                                  f"{worst['median']:.4f} / {worst['mean']:.4f}" if worst else "—"])
     header = ["σ", "estimator", "split", "TV median", "TV p90", "argmax agrees", "p̂(y) median", "p(y) median",
               "cosine median", "cosine p10"]
+    last_header = [*header, "worst-case TV in the ball (median / mean)"]
     verdicts = [f"- σ {a['sigma']:g}, {a['estimator']}, {a['split']}: median TV {a['median_tv']:.4f} "
                 f"(≤ {cfg.max_tv:g}), median cosine {a['median_cosine']:.4f} (≥ {cfg.min_cosine:g}): "
                 f"{'met' if a['passed'] else 'NOT met'}" for a in record["acceptance"]]
-    return ("## At the last PGD iterate (the training target)\n\n" + markdown_table(header, last_rows) + "\n\n"
+    return ("## At the last PGD iterate (the training target)\n\n" + markdown_table(last_header, last_rows) + "\n\n"
             + "\n".join(verdicts) + "\n\n## Along the path (t = 0: random start)\n\n"
             + markdown_table([*header[:3], "t", *header[3:]], path_rows) + "\n")
 

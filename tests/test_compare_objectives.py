@@ -63,10 +63,10 @@ def test_second_call_reuses_runs_and_cached_risks(compared, capsys):
 def test_sigma_sweep_adds_direct_score_rows(compared):
     root, _, _ = compared
     argv = ["--recipes", str(root / "gmm-4x4-direct-score.json"), "--sigmas", "0.2", "--out", str(root / "sweep"),
-            "--epochs", "1"]
+            "--epochs", "1", "--seeds", "0", "1", "--one-seed", "gmm-4x4-direct-score.json"]
     plan = compare_objectives.entries(parse_config(compare_objectives.CompareConfig, argv))
-    assert [(e.name, e.config.noise_std) for e in plan] == [("gmm-4x4-direct-score", 0.1),
-                                                           ("gmm-4x4-direct-score-sigma0.2", 0.2)]
+    assert [(e.name, e.config.noise_std, e.seeds) for e in plan] == [("gmm-4x4-direct-score", 0.1, (0,)),
+                                                                     ("gmm-4x4-direct-score-sigma0.2", 0.2, (0,))]
 
 
 def test_score_risk_command_on_a_run(compared, capsys):

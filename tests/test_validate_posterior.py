@@ -1,136 +1,168 @@
-"""analysis.validate_posterior: the metric code against hand computations, an EXACT stand-in score model (cosine 1,
-TV 0) and deliberately wrong ones (bad numbers), the full command with a trained tiny score net, and bad input."""
+"""analysis.validate_posterior: the metrics against hand computations; the whole command along a recipe's attack
+path with EXACT stand-ins for the posterior net and the score net (TV 0 and cosine 1, while the label-anchored
+trajectory is measurably wrong: its target is not a function of x'), a deliberately wrong stand-in (bad numbers),
+the exact smoothed training-set posterior as the truth on real digits, and bad input."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
-from analysis.validate_posterior import (
-    DEFAULT_SIGMA,
-    MixtureScores,
-    ValidateConfig,
-    cosine,
-    main,
-    relative_error,
-    run_validation,
-    total_variation,
-    validate_posterior,
-)
+from analysis import validate_posterior as vp
 from datagrad import GaussianMixture
-from scorenets import ScoreNet
+from trainlib.adversarial import WEIGHTS_METADATA_KEY, build_classifier
+from trainlib.checkpoint import save_weights
 from trainlib.config import run_cli
 from trainlib.data import load_dataset, toy_mixture
 
-
-@pytest.fixture(scope="module")
-def points():
-    x, y = load_dataset("gmm-8x8", "test").get(range(40))
-    return x.clamp(0, 1), y
+ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_metric_functions_against_hand_computations():
-    a = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])  # [B=1, K=2, D=2]
-    b = torch.tensor([[[2.0, 0.0], [-1.0, 1.0]]])
-    torch.testing.assert_close(cosine(a, b), torch.tensor([[1.0, 0.0]], dtype=torch.float64))
-    torch.testing.assert_close(relative_error(a, b), torch.tensor([[0.5, 2 / 2**0.5]], dtype=torch.float64))
+class ExactScores:
+    """A score net with the mixture's exact class scores (and the marginal as the null class)."""
+
+    training = False
+
+    def __init__(self, mixture):
+        self.mixture, self.num_classes, self.forward_calls = mixture, mixture.num_classes, 0
+        self.image_shape = (1, 8, 8)
+
+    def class_scores(self, x, noise_std, include_null=False, max_batch=None):
+        self.forward_calls += 1
+        scores = [self.mixture.score(x, torch.full((len(x),), k), noise_std) for k in range(self.num_classes)]
+        if include_null:
+            scores.append(self.mixture.score(x, None, noise_std))
+        return torch.stack(scores, dim=1)
+
+
+class ExactPosteriorNet(nn.Module):
+    """A posterior net returning the mixture's exact log p_σ(·|x) as logits."""
+
+    def __init__(self, mixture):
+        super().__init__()
+        self.mixture, self.num_classes, self.image_shape = mixture, mixture.num_classes, (1, 8, 8)
+
+    def forward(self, x, noise_std):
+        return self.mixture.log_posterior(x, float(noise_std))
+
+    def check_noise_std(self, noise_std):
+        return float(noise_std)
+
+
+def test_metrics_against_hand_computations():
     p, q = torch.tensor([[0.7, 0.2, 0.1]]).log(), torch.tensor([[0.4, 0.4, 0.2]]).log()
-    torch.testing.assert_close(total_variation(p, q), torch.tensor([0.3], dtype=torch.float64))
+    torch.testing.assert_close(vp.total_variation(p, q), torch.tensor([0.3], dtype=torch.float64))
+    a = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])
+    torch.testing.assert_close(vp.matrix_cosine(a, 3 * a), torch.tensor([1.0], dtype=torch.float64))
+    torch.testing.assert_close(vp.matrix_cosine(a, -a), torch.tensor([-1.0], dtype=torch.float64))
+    grad = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # G_0 = e_0, G_1 = e_1, p = (0.25, 0.75)
+    centred = vp.centred(grad, torch.tensor([[0.25, 0.75]]).log())
+    torch.testing.assert_close(centred, torch.tensor([[[0.75, -0.75], [-0.25, 0.25]]], dtype=torch.float64))
 
 
-def test_exact_stand_in_gives_cosine_one_and_tv_zero(points):
-    x, y = points
+def trained_mlp():
+    """An mlp fitted to gmm-8x8 by 300 steps of clean cross-entropy: the attack then has a real p_θ to pull against."""
+    model = build_classifier("mlp", "gmm-8x8", 10, (1, 8, 8))
+    x, y = load_dataset("gmm-8x8", "train").tensors()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        rows = torch.randint(0, len(y), (128,), generator=generator)
+        loss = nn.functional.cross_entropy(model(x[rows]), y[rows])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model
+
+
+def gmm_recipe(tmp_path):
+    weights = tmp_path / "classifier.safetensors"
+    model = trained_mlp()
+    info = {"model": "mlp", "dataset": "gmm-8x8", "num_classes": 10, "image_shape": [1, 8, 8], "eps": 0.08}
+    save_weights(weights, model.state_dict(), {WEIGHTS_METADATA_KEY: json.dumps(info)})
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({
+        "dataset": "gmm-8x8", "model": "mlp", "objective": "direct-score", "posterior": "posterior-net",
+        "posterior_net": "stand-in", "scorenet": "stand-in", "noise_std": 0.08, "eps": 0.08, "step_size": 0.04,
+        "steps": 3, "anchor_smoothing": 0.1}))
+    return recipe, weights
+
+
+@pytest.fixture
+def stand_ins(monkeypatch):
+    def install(mixture):
+        monkeypatch.setattr("trainlib.scorenet_training.load_scorenet", lambda *a, **k: ExactScores(mixture))
+        monkeypatch.setattr("trainlib.posterior_training.load_posterior_net",
+                            lambda *a, **k: ExactPosteriorNet(mixture).eval())
+    return install
+
+
+def run(tmp_path, recipe, weights, **options):
+    cfg = vp.ValidateConfig(recipe=str(recipe), classifier=str(weights), splits=("test",), n_points=40,
+                            worst_case_steps=5, out=str(tmp_path / "out"), **options)
+    return vp.validate_posterior(cfg)
+
+
+def test_exact_stand_ins_are_exact_along_the_path_and_the_label_anchor_is_not(tmp_path, stand_ins):
+    stand_ins(toy_mixture("gmm-8x8"))
+    recipe, weights = gmm_recipe(tmp_path)
+    record = run(tmp_path, recipe, weights)
+    by = {r["estimator"]: r for r in record["results"]}
+    assert set(by) == set(vp.ESTIMATORS) and all(len(r["path"]) == 4 for r in by.values())  # start + 3 iterates
+    for name in ("posterior-net", "trajectory", "exact"):
+        for point in by[name]["path"]:
+            assert point["tv"]["p90"] < 1e-5 and point["cosine"]["p10"] > 1 - 1e-6 and point["agreement"] == 1.0
+    assert by["posterior-net"]["worst_case_tv"]["mean"] < 1e-6
+    label = by["trajectory-label"]["path"][-1]
+    assert label["tv"]["median"] > 0.05  # anchored at (1 − α)·onehot(y) + α/K, α = 0.1, instead of p_σ(·|x)
+    verdicts = {a["estimator"]: a["passed"] for a in record["acceptance"]}
+    assert verdicts["posterior-net"] and verdicts["trajectory"]
+    out = tmp_path / "out"
+    assert (out / "error_along_path.png").stat().st_size > 0
+    table = (out / "validate_posterior.md").read_text()
+    assert "closed form of gmm-8x8" in table and "trajectory-label" in table
+    assert json.loads((out / "validate_posterior.json").read_text())["acceptance"] == record["acceptance"]
+
+
+def test_a_wrong_stand_in_gives_bad_numbers(tmp_path, stand_ins):
     mixture = toy_mixture("gmm-8x8")
-    per_sigma, acceptance = run_validation(MixtureScores(mixture), mixture, x, y, ValidateConfig(sigmas=(0.05, 0.3)))
-    assert [r["sigma"] for r in per_sigma] == sorted({0.05, 0.3, DEFAULT_SIGMA})  # the default σ is always included
-    for r in per_sigma:
-        for where in ("gradient_clean", "gradient_perturbed"):
-            assert r[where]["cosine"]["p10"] > 1 - 1e-6 and r[where]["relative_error"]["p90"] < 1e-4
-            assert r[where]["top_class_points"] == 0 or r[where]["top_class_cosine"]["p10"] > 1 - 1e-4
-        for estimate in ("trajectory", "anchored_exact"):
-            assert r["tv_perturbed"][estimate]["p90"] < 1e-5
-        assert r["tv_perturbed"]["true_movement"]["median"] > 0.1  # PGD did move the posterior
-        assert r["linf_perturbation"] <= 0.1 + 1e-6
-    assert acceptance["passed"] and acceptance["sigma"] == DEFAULT_SIGMA
+    wrong = GaussianMixture(mixture.means[torch.arange(1, 11) % 10], mixture.stds, mixture.priors, (1, 8, 8))
+    stand_ins(wrong)  # classes permuted
+    recipe, weights = gmm_recipe(tmp_path)
+    record = run(tmp_path, recipe, weights, estimators=("posterior-net",))
+    last = record["results"][0]["path"][-1]
+    assert last["tv"]["median"] > 0.5 and last["agreement"] < 0.2 and last["cosine"]["median"] < 0.6
+    assert not record["acceptance"][0]["passed"]
 
 
-def test_smoothed_anchor_error_is_reported_not_hidden(points):
-    """With exact scores the smoothed-anchor estimate at x equals the smoothed label: TV at x = its distance."""
-    x, y = points
-    mixture = toy_mixture("gmm-8x8")
-    r = run_validation(MixtureScores(mixture), mixture, x, y, ValidateConfig(sigmas=(0.1,)))[0][0]
-    assert r["tv_perturbed"]["smoothed_anchor_at_x"]["median"] == pytest.approx(0.09, abs=2e-3)  # α(1 − 1/K)
+def test_real_digits_truth_is_the_exact_smoothed_training_posterior(tmp_path):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"dataset": "digits", "objective": "direct-score", "posterior": "posterior-net",
+                                  "posterior_net": "unused", "noise_std": 0.2, "steps": 2}))
+    weights = tmp_path / "classifier.safetensors"
+    info = {"model": "mlp", "dataset": "digits", "num_classes": 10, "image_shape": [1, 8, 8], "eps": 0.2}
+    save_weights(weights, build_classifier("mlp", "digits", 10, (1, 8, 8)).state_dict(),
+                 {WEIGHTS_METADATA_KEY: json.dumps(info)})
+    cfg = vp.ValidateConfig(recipe=str(recipe), classifier=str(weights), estimators=("exact",), n_points=16,
+                            out=str(tmp_path / "out"))
+    record = vp.validate_posterior(cfg)
+    assert record["truth"].startswith("exact smoothed posterior of the 1257 training images of digits")
+    train_start = record["results"][0]["path"][0]
+    assert train_start["label_truth"]["median"] > 0.5  # near a training digit, the kernel sum keeps its label
 
 
-def wrong_stand_in(kind: str) -> MixtureScores:
-    mixture = toy_mixture("gmm-8x8")
-    if kind == "permuted-classes":
-        means = mixture.means[torch.arange(1, 11) % 10]
-        return MixtureScores(GaussianMixture(means, mixture.stds, mixture.priors, mixture.event_shape))
-    # "blurred": scores of much wider classes (wrong σ inside the network), right directions only roughly
-    return MixtureScores(GaussianMixture(0.5 + 0.5 * (mixture.means - 0.5), mixture.stds * 3, mixture.priors,
-                                         mixture.event_shape))  # fmt: skip
-
-
-@pytest.mark.parametrize("kind", ["permuted-classes", "blurred"])
-def test_wrong_stand_in_gives_bad_numbers(points, kind):
-    x, y = points
-    mixture = toy_mixture("gmm-8x8")
-    per_sigma, acceptance = run_validation(wrong_stand_in(kind), mixture, x, y, ValidateConfig(sigmas=(0.1,)))
-    r = per_sigma[0]
-    assert not acceptance["passed"]
-    assert r["gradient_clean"]["relative_error"]["median"] > 0.3
-    assert r["tv_perturbed"]["trajectory"]["median"] > 0.1
-    if kind == "permuted-classes":
-        assert r["gradient_clean"]["cosine"]["median"] < 0.2
-
-
-def test_command_trains_through_the_library_and_writes_results(tmp_path):
-    """A 3-step score net on gmm-4x4: bad numbers, but every output is there and re-running reuses the net."""
-    cfg = ValidateConfig(out=str(tmp_path / "v"), dataset="gmm-4x4", sigmas=(0.3,), n_points=6, pgd_steps=2,
-                         train_steps=3, train_batch_size=8, train_preset="tiny8")  # fmt: skip
-    record = validate_posterior(cfg)
-    out = tmp_path / "v"
-    assert (out / "scorenet-run" / "scorenet" / "scorenet_config.json").is_file()
-    assert (out / "error_vs_sigma.png").stat().st_size > 0
-    saved = json.loads((out / "validate_posterior.json").read_text())
-    assert saved["n_points"] == 6 and [r["sigma"] for r in saved["results"]] == sorted({DEFAULT_SIGMA, 0.3})
-    assert saved["train_seconds"] > 0 and set(saved["acceptance"]) == {"sigma", "median_cosine", "median_tv", "passed"}
-    assert record["results"][0]["network_calls"] >= cfg.pgd_steps + 2
-    again = validate_posterior(cfg)  # resumes the finished training run: same net, same numbers
-    assert again["results"][0]["tv_perturbed"] == record["results"][0]["tv_perturbed"]
-
-
-# -- bad input ----------------------------------------------------------------------------------------------------
-def cli(argv, capsys) -> tuple[int, str]:
+@pytest.mark.parametrize("flags, message", [
+    (["--recipe", "missing.json"], "recipe file not found"),
+    (["--estimators", "oracle"], "estimators must be among"),
+    (["--n-points", "0"], "n_points must be >= 1"),
+    (["--recipe", str(ROOT / "recipes" / "digits-trades-se.json")], "is not a direct-SCORE recipe"),
+])
+def test_bad_input_gives_one_error_line_and_no_output(tmp_path, capsys, flags, message):
+    out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: main(argv))
-    return exit_info.value.code, capsys.readouterr().err.strip()
-
-
-@pytest.mark.parametrize(
-    "flags, message",
-    [(["--sigmas", "0.1", "0"], "noise_std σ must be a positive"), (["--default-sigma", "-0.1"], "positive"),
-     (["--sigmas", "100"], "outside the schedule's range"), (["--dataset", "digits"], "Gaussian-mixture toy"),
-     (["--eps", "0"], "eps must be > 0")],
-)  # fmt: skip
-def test_bad_options_give_one_error_line_and_no_output(tmp_path, capsys, flags, message, scorenet_k3):
-    out = tmp_path / "out"
-    extra = ["--scorenet", str(scorenet_k3), "--dataset", "gmm-4x4"] if "100" in flags else []
-    code, err = cli(["--out", str(out), *extra, *flags], capsys)
-    assert code == 2 and message in err and len(err.splitlines()) == 1
+        run_cli(lambda: vp.main(["--out", str(out), *flags]))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and message in err and len(err.splitlines()) == 1
     assert not out.exists()
-
-
-@pytest.fixture(scope="module")
-def scorenet_k3(tmp_path_factory):
-    net = ScoreNet.build("tiny8", 3, (1, 4, 4), block_out_channels=(8, 16), norm_num_groups=8)
-    return net.save_pretrained(tmp_path_factory.mktemp("k3") / "scorenet")
-
-
-def test_scorenet_of_another_class_count_is_refused(tmp_path, capsys, scorenet_k3):
-    out = tmp_path / "out"
-    code, err = cli(["--out", str(out), "--scorenet", str(scorenet_k3)], capsys)  # gmm-8x8 has 10 classes
-    assert code == 2 and "score net for 3 classes, expected 10" in err and not out.exists()
-    code, err = cli(["--out", str(out), "--scorenet", str(tmp_path / "missing")], capsys)
-    assert code == 2 and "score net not found" in err and not out.exists()
