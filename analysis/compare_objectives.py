@@ -12,7 +12,8 @@ the argmax agreement of p_θ with p_d at the worst point, and the label accuraci
 with ``--autoattack``). With an exact truth a **Bayes** row (p_θ = p_d, R_SCORE = 0) is added. ``--sigmas`` also
 trains every direct-SCORE recipe that sets ``noise_std`` at those σ (``<recipe>-sigma<σ>``, first seed): how the
 smoothing of the target trades against its estimate's error. Recipes named in ``--one-seed`` (costly ablations) run on
-the first seed only; the table says how many seeds each row has.
+the first seed only; the table says how many seeds each row has. ``--budget RECIPE`` gives every row that recipe's
+budget (epochs, epoch size, batch, PGD steps and step size): equal budgets by construction.
 
 Rows report the mean over seeds ± their standard deviation, and the mean half-width of the per-run bootstrap 95 %
 intervals over test points; every run's budget (epochs, batch, PGD steps) and training wall time are in the JSON and
@@ -42,6 +43,7 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 DIGITS_RECIPES = tuple(str(RECIPES_DIR / f"digits-{name}.json")
                        for name in ("standard", "pgd-at", "trades-kl", "trades-se", "direct-score"))
 METRICS = ("score_l1", "score_kl", "standard_l1", "madry_kl")
+BUDGET = ("epochs", "epoch_size", "batch_size", "steps", "step_size")
 LABELS = ("clean_acc", "pgd_cw_acc", "autoattack_acc")
 
 
@@ -63,8 +65,12 @@ class CompareConfig:
     restarts: int = option("random starts per attack of the SCORE ensemble", 1)
     autoattack: bool = option("AutoAttack standard label accuracy", True)
     epochs: int | None = option("override every recipe's epochs (none: the recipe's)", None)
+    budget: str | None = option("a recipe whose budget (epochs, epoch size, batch, PGD steps and step size) every row "
+                                "gets: equal budgets (none: each recipe's own)", None)
 
     def validate(self) -> None:
+        if self.budget is not None and not Path(self.budget).is_file():
+            raise FileNotFoundError(f"budget recipe file not found: {self.budget}")
         if not self.recipes or not self.seeds or not self.truth:
             raise ValueError("give at least one recipe, seed and truth")
         for path in self.recipes:
@@ -93,11 +99,16 @@ class Entry:
 
 def entries(cfg: CompareConfig) -> list[Entry]:
     """One entry per recipe, plus the σ sweep of the direct-SCORE recipes (bad input fails here, before training)."""
-    result = []
+    result, budget = [], {}
+    if cfg.budget is not None:
+        source = load_recipe(adversarial.AdversarialConfig, cfg.budget)
+        defaults = adversarial.AdversarialConfig()
+        budget = {key: source.get(key, getattr(defaults, key)) for key in BUDGET}
     for path in map(Path, cfg.recipes):
         values = load_recipe(adversarial.AdversarialConfig, path)  # clear errors
         cls = adversarial.DirectScoreConfig if values.get("objective") == "direct-score" else \
             adversarial.AdversarialConfig
+        values |= budget
         if cfg.epochs is not None:
             values["epochs"] = cfg.epochs
         training = cls(**{**values, "autoattack": False})

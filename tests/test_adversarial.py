@@ -26,6 +26,8 @@ from trainlib.adversarial import (
 from trainlib.checkpoint import load_weights, load_weights_metadata
 from trainlib.config import config_to_dict, parse_config, run_cli
 from trainlib.data import load_dataset, toy_mixture
+from trainlib.posterior_training import PosteriorNetConfig
+from trainlib.scorenet_training import ScoreNetConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "recipes").glob("*.json"))
@@ -251,7 +253,8 @@ def test_bad_input_fails_with_one_line_and_no_files(tmp_path, capsys):
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_recipes_are_valid(recipe, capsys):
-    config_class = ToyDemoConfig if recipe.stem.startswith("toy-demo") else AdversarialConfig
+    kinds = {"toy-demo": ToyDemoConfig, "scorenet-": ScoreNetConfig, "posterior-": PosteriorNetConfig}
+    config_class = next((cls for prefix, cls in kinds.items() if recipe.stem.startswith(prefix)), AdversarialConfig)
     with pytest.raises(SystemExit) as exit_info:
         parse_config(config_class, ["--config", str(recipe), "--dry-run"])
     assert exit_info.value.code == 0

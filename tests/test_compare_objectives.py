@@ -76,3 +76,15 @@ def test_score_risk_command_on_a_run(compared, capsys):
     assert records[0]["n_points"] == 16 and records[0]["truth"]["kind"] == "exact"
     assert "R_SCORE^ℓ1" in (root / "risk" / "score_risk.md").read_text()
     assert (run / "analysis" / "score_risk.json").is_file()
+
+
+def test_budget_gives_every_row_the_same_epochs_batch_and_attack(compared):
+    root, _, _ = compared
+    budget = recipe(root / "budget.json", objective="trades-se", epochs=3, batch_size=32, steps=5, step_size=0.03)
+    argv = ["--recipes", str(root / "gmm-4x4-standard.json"), str(root / "gmm-4x4-direct-score.json"), "--budget",
+            budget, "--out", str(root / "budget")]
+    plan = compare_objectives.entries(parse_config(compare_objectives.CompareConfig, argv))
+    for entry in plan:
+        c = entry.config
+        assert (c.epochs, c.batch_size, c.steps, c.step_size, c.epoch_size) == (3, 32, 5, 0.03, 256)
+    assert [e.config.objective for e in plan] == ["standard", "direct-score"]  # the objectives stay the recipes'
