@@ -51,7 +51,7 @@ class AlignmentConfig(sources.PosteriorOptions):
     which: Literal["final", "best"] = option("the run's final EMA weights or best/ (by validation)", "final")
     n_points: int = option("first n test points", 100)
     eps_scales: tuple[float, ...] = option("radii of the expansion check, as multiples of the run's eps",
-                                           (1.0, 0.5, 0.25, 0.125))  # fmt: skip
+                                           (1.0, 0.5, 0.25, 0.125))
     pgd_steps: int = option("PGD steps (step eps/4, from x, best iterate; deterministic) of the R_SCORE^l1 attack", 10)
     clamp: bool = option("intersect the ball with [0, 1] (off: the expansion is about the ball itself)", False)
     float64: bool = option("compute in float64 (the classifier is cast; the score net runs in its own dtype)", True)
@@ -67,7 +67,7 @@ class AlignmentConfig(sources.PosteriorOptions):
     def settings(self, classifier: sources.Classifier, data: sources.DataSource) -> dict:
         keep = ("which", "n_points", "eps_scales", "pgd_steps", "clamp", "float64")
         return {**{k: v for k, v in config_to_dict(self).items() if k in keep}, "posterior": data.description,
-                "norm": classifier.settings["norm"], "eps": classifier.settings["eps"]}  # fmt: skip
+                "norm": classifier.settings["norm"], "eps": classifier.settings["eps"]}
 
 
 def analyse(classifier: sources.Classifier, data: sources.DataSource, cfg: AlignmentConfig) -> dict:
@@ -118,7 +118,7 @@ def format_table(records: list[dict]) -> str:
         rows.append([Path(r["run"]).name, r["objective"], f"{t['alignment']:.4f}", f"{t['general']:.4f}",
                      f"{t['sign_condition']:.2f}", f"{t['cosine']:.3f}", f"{t['model_grad_norm']:.4f}",
                      f"{t['data_grad_norm']:.2e}", f"{t['standard_l1']:.4f}", f"{e['slope']:.2f}",
-                     f"{e['slope_general']:.2f}"])  # fmt: skip
+                     f"{e['slope_general']:.2f}"])
     return markdown_table(header, rows) + "\n"
 
 
@@ -136,13 +136,13 @@ def plot_expansion(path: Path, records: list[dict]) -> Path:
             eps_all += eps
             top = max(top, *(p["gap"] for p in points))
             gaps.plot(eps, [max(p["gap"], 1e-12) for p in points], "o-", color=color,
-                      label=f"{Path(r['run']).name} (slope {r['expansion']['slope']:.2f})")  # fmt: skip
+                      label=f"{Path(r['run']).name} (slope {r['expansion']['slope']:.2f})")
             gaps.plot(eps, [max(p["gap_general"], 1e-12) for p in points], "x--", color=color, lw=1)
             ratios.plot(eps, [p["gap_over_eps"] for p in points], "o-", color=color, label=Path(r["run"]).name)
         low, high = min(eps_all), max(eps_all)
         for power, line in ((1, ":"), (2, "-.")):
             gaps.plot([low, high], [top * (low / high) ** power, top], color="gray", ls=line, lw=1,
-                      label=f"slope {power}")  # fmt: skip
+                      label=f"slope {power}")
         ticks = sorted(set(eps_all))
         for axes in (gaps, ratios):
             axes.set_xscale("log")
@@ -150,7 +150,7 @@ def plot_expansion(path: Path, records: list[dict]) -> Path:
             axes.minorticks_off()
             axes.set_xlabel("ε (threat radius, [0, 1] pixel units)")
         gaps.set(yscale="log", ylabel="gap |R_SCORE^ℓ1(ε) − R_Std^ℓ1 − 2εA| (ℓ1, unitless)",
-                 title="Theorem 4: expansion gap (dashed: general coefficient)")  # fmt: skip
+                 title="Theorem 4: expansion gap (dashed: general coefficient)")
         ratios.set(ylabel="gap / ε (ℓ1 per unit ε)", title="gap/ε → 0 when the gap is o(ε)")
         gaps.legend(fontsize=8)
         ratios.legend(fontsize=8)
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"{Path(r['run']).name}: " + ", ".join(
             f"eps {p['eps']:.4g}: R_SCORE^l1 {p['score_l1']:.4f} vs {p['predicted']:.4f} "
             f"(gap/eps {p['gap_over_eps']:.4f})"
-            for p in r["expansion"]["points"]))  # fmt: skip
+            for p in r["expansion"]["points"]))
     print(f"wrote {figure} and <run>/analysis/{RESULT_NAME}.json")
     return records
 

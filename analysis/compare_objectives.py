@@ -33,7 +33,9 @@ import torch
 
 from trainlib import adversarial
 from trainlib.config import config_to_dict, load_recipe, option, parse_config, run_cli
-from trainlib.data import load_dataset
+from trainlib.data_posterior import DEFAULT_NOISE_STD, DEFAULT_POSTERIOR_NET
+from trainlib.datasets import load_dataset
+from trainlib.evaluation import evaluation_points
 from trainlib.files import atomic_write_json, atomic_write_text
 
 from . import score_risk, sources
@@ -43,7 +45,7 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 DIGITS_RECIPES = tuple(str(RECIPES_DIR / f"digits-{name}.json")
                        for name in ("standard", "pgd-at", "trades-kl", "trades-se", "direct-score"))
 METRICS = ("score_l1", "score_kl", "standard_l1", "madry_kl")
-BUDGET = ("epochs", "epoch_size", "batch_size", "steps", "step_size")
+BUDGET = ("epochs", "epoch_size", "batch_size", "pgd_steps", "step_size")
 LABELS = ("clean_acc", "pgd_cw_acc", "autoattack_acc")
 
 
@@ -56,8 +58,8 @@ class CompareConfig:
     one_seed: tuple[str, ...] = option("recipes (file names) trained with the first seed only: costly ablations", ())
     truth: tuple[str, ...] = option("p_d for R_SCORE: auto (closed form) | empirical | posterior-net (estimates)",
                                     ("auto",))
-    noise_std: float = option("sigma of the empirical / posterior-net truth", adversarial.DirectScoreConfig.noise_std)
-    posterior_net: str = option("posterior net of the posterior-net truth", adversarial.DirectScoreConfig.posterior_net)
+    noise_std: float = option("sigma of the empirical / posterior-net truth", DEFAULT_NOISE_STD)
+    posterior_net: str = option("posterior net of the posterior-net truth", DEFAULT_POSTERIOR_NET)
     sigmas: tuple[float, ...] = option("sigma sweep: also train each direct-SCORE recipe at these noise stds", ())
     out: str = option("output directory (one run per recipe and seed)", "runs/compare-digits")
     n_test: int | None = option("first n test points of every evaluation (none: all)", None)
@@ -155,7 +157,7 @@ def measure(classifier_source, truths: list[str], cfg: CompareConfig) -> dict:
 def _analyse(classifier, options, label_accuracy: bool) -> dict:
     device = sources.compute_device()
     truth, description = score_risk.truth_posterior(classifier.test, classifier.settings["dataset"], options, device)
-    x, y = adversarial.evaluation_points(classifier.test, range(min(options.n_points, len(classifier.test))), device)
+    x, y = evaluation_points(classifier.test, range(min(options.n_points, len(classifier.test))), device)
     settings = classifier.settings
     record = score_risk.risk_record(classifier.model, x, y, truth, settings["eps"], settings.get("norm", "linf"),
                                     options, label_accuracy)
@@ -168,7 +170,7 @@ def bayes_row(entry: Entry, cfg: CompareConfig) -> dict:
     options = cfg.risk_options("auto")
     device = sources.compute_device()
     truth, description = score_risk.truth_posterior(test, entry.config.dataset, options, device)
-    x, y = adversarial.evaluation_points(test, range(min(options.n_points, len(test))), device)
+    x, y = evaluation_points(test, range(min(options.n_points, len(test))), device)
     model = score_risk.BayesClassifier(truth).eval()
     record = score_risk.risk_record(model, x, y, truth, entry.config.eps, entry.config.norm, options)
     return {"name": "Bayes (p_θ = p_d)", "objective": "bayes", "seeds": [], "runs": {"auto": [record | {"truth":
@@ -262,7 +264,7 @@ def compare(cfg: CompareConfig) -> list[dict]:
     for entry in plan:
         row = {"name": entry.name, "objective": entry.config.objective, "seeds": list(entry.seeds), "runs": {},
                "train_seconds": [], "budget": {k: getattr(entry.config, k) for k in
-                                               ("epochs", "batch_size", "steps", "step_size", "eps", "model")}}
+                                               ("epochs", "batch_size", "pgd_steps", "step_size", "eps", "model")}}
         for seed in entry.seeds:
             out = run_dir(cfg, entry, seed)
             seconds = train_run(entry, out, seed)
@@ -280,7 +282,7 @@ def compare(cfg: CompareConfig) -> list[dict]:
                f"{cfg.pgd_steps}-step PGD on ℓ1, KL, the log-odds of p_d and of p_θ and Madry's KL ({cfg.restarts} "
                f"start(s) each); mean ± sd over seeds {list(cfg.seeds)} (CI: mean half-width of the per-run bootstrap "
                f"95 % intervals over test points). Budgets (epochs, batch, PGD steps): "
-               + "; ".join(f"{r['name']} {r['budget']['epochs']}/{r['budget']['batch_size']}/{r['budget']['steps']}"
+               + "; ".join(f"{r['name']} {r['budget']['epochs']}/{r['budget']['batch_size']}/{r['budget']['pgd_steps']}"
                            for r in rows if "budget" in r) + ".\n\n")
     atomic_write_json(out / "comparison.json", {"config": config_to_dict(cfg), "rows": rows})
     atomic_write_text(out / "comparison.md", "# Objectives compared on SCORE\n\n" + caption + table)

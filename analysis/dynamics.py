@@ -39,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from datagrad import PGD, alignment_terms, intrinsic_risk, madry_risk, score_risk, standard_risk
-from trainlib.adversarial import list_snapshots
+from trainlib.classifiers import list_snapshots
 from trainlib.config import config_to_dict, option, parse_config, positional, run_cli
 
 from . import sources
@@ -57,7 +57,7 @@ class DynamicsConfig(sources.PosteriorOptions):
     max_snapshots: int = option("snapshots analysed per run, evenly spaced incl. first and last (0: all)", 10)
     pgd_steps: int = option("PGD steps (step eps/4, uniform start, clamp [0, 1], best iterate) of every attack", 10)
     score_distances: tuple[str, ...] = option("distances of the estimated SCORE (l1 is needed for Corollary 1)",
-                                              ("l1",))  # fmt: skip
+                                              ("l1",))
     seed: int = option("seed of the attacks' random starts (the same for every epoch)", 0)
     float64: bool = option("compute in float64 (the classifier is cast; the score net runs in its own dtype)", True)
     out: str = option("directory of the figures", "runs/analysis")
@@ -129,9 +129,9 @@ class Evaluator:
         for distance in self.cfg.score_distances:
             posterior = self.data.posterior(x, y)  # fresh: the trajectory follows this attack's path
             record[f"score_{distance}"] = score_risk(model, x, posterior, self.attack, distance,
-                                                     generator=self.generator()).item()  # fmt: skip
+                                                     generator=self.generator()).item()
         record["madry_kl"] = madry_risk(model, x, self.clean_posterior, self.attack, "kl",
-                                        generator=self.generator()).item()  # fmt: skip
+                                        generator=self.generator()).item()
         terms = alignment_terms(model, x, self.clean_posterior, self.norm).summary()
         record |= {f"alignment/{name}": value for name, value in terms.items()}
         intrinsic = self.intrinsic_l1()
@@ -148,7 +148,7 @@ def analyse_run(run: Path, evaluator: Evaluator, cfg: DynamicsConfig, settings: 
     intrinsic = evaluator.intrinsic_l1()
     result = {"run": str(run), "objective": json.loads((run / "config.json").read_text())["config"].get("objective"),
               "intrinsic_l1": intrinsic, "madry_kl_floor": intrinsic**2 / 2, "validation": validation_metrics(run),
-              "epochs": []}  # fmt: skip
+              "epochs": []}
     for epoch, snapshot in tqdm(select_snapshots(list_snapshots(run), cfg.max_snapshots), desc=run.name):
         digest = sources.file_digest(snapshot)
         if epoch in done and done[epoch]["snapshot_digest"] == digest:
@@ -156,7 +156,7 @@ def analyse_run(run: Path, evaluator: Evaluator, cfg: DynamicsConfig, settings: 
             continue
         classifier = sources.open_classifier(snapshot, dtype=evaluator.dtype, data_dir=cfg.data_dir)
         result["epochs"].append({"epoch": epoch, "snapshot": snapshot.name, "snapshot_digest": digest,
-                                 **evaluator.epoch(classifier)})  # fmt: skip
+                                 **evaluator.epoch(classifier)})
         sources.write_cache(path, settings, result)  # after every epoch: an interruption loses one at most
     return sources.write_cache(path, settings, result)
 
@@ -169,9 +169,9 @@ def run_analysis(cfg: DynamicsConfig) -> list[dict]:
         snapshots = list_snapshots(run)
         if not snapshots:
             raise ValueError(f"{run} has no per-epoch snapshots (snapshots/epoch_NNNN.safetensors): train it with "
-                             "--snapshot-every 1")  # fmt: skip
+                             "--snapshot-every 1")
         first = sources.open_classifier(snapshots[0][1], dtype=torch.float64 if cfg.float64 else torch.float32,
-                                        data_dir=cfg.data_dir)  # fmt: skip
+                                        data_dir=cfg.data_dir)
         key = (first.test.name, first.settings["norm"], first.settings["eps"])
         if key not in evaluators:
             data = sources.DataSource(first, cfg)
@@ -196,34 +196,34 @@ def plot_run(path: Path, record: dict) -> Path:
         acc.plot(val_epochs, [100 * validation[e]["val/clean_acc"] for e in val_epochs], label="val clean")
         acc.plot(val_epochs, [100 * validation[e]["val/pgd40_cw_acc"] for e in val_epochs], label="val PGD-40 CW")
         acc.plot(epochs, [100 * e["clean_acc_subset"] for e in record["epochs"]], "o", ms=3,
-                 label=f"clean, {record['settings']['n_points']} test points")  # fmt: skip
+                 label=f"clean, {record['settings']['n_points']} test points")
         acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
         for distance, color, shown in (("l1", PALETTE[0], "ℓ1"), ("kl", PALETTE[3], "KL"), ("l2", PALETTE[4], "ℓ2")):
             if f"score_{distance}" in record["epochs"][0]:
                 risk.plot(epochs, [e[f"score_{distance}"] for e in record["epochs"]], "o-", color=color,
-                          label=f"R_SCORE^{shown} (PGD)")  # fmt: skip
+                          label=f"R_SCORE^{shown} (PGD)")
         risk.plot(epochs, [e["standard_l1"] for e in record["epochs"]], "s--", color=PALETTE[1], label="R_Std^ℓ1")
         risk.axhline(record["intrinsic_l1"], color="gray", ls=":", label=f"C^ℓ1 = {record['intrinsic_l1']:.3f}")
         risk.set(xlabel="epoch", ylabel="risk (ℓ1: unitless in [0, 2]; KL: nats)", title="estimated SCORE")
         madry.plot(epochs, [e["madry_kl"] for e in record["epochs"]], "o-", label="R_Madry^KL (PGD)")
         madry.axhline(record["madry_kl_floor"], color=PALETTE[1], ls="--",
-                      label=f"Corollary 1 floor (C^ℓ1)²/2 = {record['madry_kl_floor']:.3f}")  # fmt: skip
+                      label=f"Corollary 1 floor (C^ℓ1)²/2 = {record['madry_kl_floor']:.3f}")
         madry.set(xlabel="epoch", ylabel="KL (nats)", yscale="log", title="Madry KL error vs Corollary 1")
         madry.yaxis.set_major_formatter(ScalarFormatter())
         madry.yaxis.set_minor_formatter(ScalarFormatter())
         align.plot(epochs, [e["alignment/alignment"] for e in record["epochs"]], "o-",
-                   label="A = E‖∇p_d(Y|x) − ∇p_θ(Y|x)‖_q")  # fmt: skip
+                   label="A = E‖∇p_d(Y|x) − ∇p_θ(Y|x)‖_q")
         align.set(xlabel="epoch", ylabel="A (probability per pixel unit)", title="gradient alignment (Theorem 4)")
         cosine = align.twinx()
         cosine.plot(epochs, [e["alignment/cosine"] for e in record["epochs"]], "s--", color=PALETTE[2],
-                    label="cos(∇log p_θ, ∇log p_d)")  # fmt: skip
+                    label="cos(∇log p_θ, ∇log p_d)")
         cosine.set_ylabel("cosine (unitless)")
         cosine.spines["right"].set_visible(True)
         lines = align.get_legend_handles_labels()[0] + cosine.get_legend_handles_labels()[0]
         align.legend(lines, [line.get_label() for line in lines], loc="lower right")
         acc.legend()
         top = max(record["intrinsic_l1"], *(v for e in record["epochs"] for k, v in e.items()
-                                            if k.startswith(("score_", "standard_l1"))))  # fmt: skip
+                                            if k.startswith(("score_", "standard_l1"))))
         risk.set_ylim(0, 1.35 * top)  # room for the legend above the curves
         risk.legend(loc="upper right", ncol=3, fontsize=8)
         madry.legend()
@@ -249,7 +249,7 @@ def plot_alignment_vs_robustness(path: Path, records: list[dict]) -> Path:
                 axes.plot(values, robust, "o-", color=color, ms=3, lw=1, alpha=0.6)
                 axes.plot(values[-1:], robust[-1:], "*", color=color, ms=12, label=f"{name} (last epoch ★)")
         left.set(xlabel="A = E‖∇p_d(Y|x) − ∇p_θ(Y|x)‖_q (probability per pixel unit)",
-                 ylabel="val PGD-40 CW accuracy (%)", title="alignment term vs robustness")  # fmt: skip
+                 ylabel="val PGD-40 CW accuracy (%)", title="alignment term vs robustness")
         right.set(xlabel="cos(∇_x log p_θ(Y|x), ∇_x log p_d(Y|x)) (unitless)", title="gradient direction vs robustness")
         right.legend(fontsize=8)
         return save_figure(figure, path)
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         last = r["epochs"][-1]
         print(f"{Path(r['run']).name}: C^l1 {r['intrinsic_l1']:.4f}, floor {r['madry_kl_floor']:.4f}; epoch "
               f"{last['epoch']}: R_SCORE^l1 {last['score_l1']:.4f}, R_Madry^KL {last['madry_kl']:.4f}, "
-              f"A {last['alignment/alignment']:.4f}, cos {last['alignment/cosine']:.3f}")  # fmt: skip
+              f"A {last['alignment/alignment']:.4f}, cos {last['alignment/cosine']:.3f}")
     print("wrote " + ", ".join(str(f) for f in figures))
     return records
 

@@ -73,7 +73,7 @@ def run_info(run: Path) -> dict:
         raise ValueError(f"{run} has no results.json: the run has not finished (resume it with --resume latest)")
     evaluation = read_json(run / "eval" / "robustbench.json")
     return {"run": str(run), "name": run.name, "config": config["config"], "git_revision": config["run"].get(
-        "git_revision"), "test": results["test"], "eval": evaluation, "best_val": results.get("best_val")}  # fmt: skip
+        "git_revision"), "test": results["test"], "eval": evaluation, "best_val": results.get("best_val")}
 
 
 def gather(cfg: ReportConfig, runs: list[Path]) -> dict[str, list[dict]]:
@@ -85,7 +85,7 @@ def gather(cfg: ReportConfig, runs: list[Path]) -> dict[str, list[dict]]:
         (smoothing.RESULT_NAME, runs, lambda rs: smoothing.run_analysis(smoothing.SmoothingConfig(runs=rs, **common))),
         (dynamics.RESULT_NAME, with_snapshots,
          lambda rs: dynamics.run_analysis(dynamics.DynamicsConfig(runs=rs, **common))),
-    )  # fmt: skip
+    )
     found = {}
     for name, candidates, compute in jobs:
         missing = tuple(str(r) for r in candidates if not sources.cache_path(r, name).is_file())
@@ -110,7 +110,7 @@ def accuracy_row(info: dict) -> dict:
             "pgd_cw": _percent(record, "pgd_cw_acc"), "autoattack": _percent(record, "autoattack_acc"),
             "n": record.get("n_examples"), "eps": record.get("eps"), "threat": record.get("threat_model"),
             "source": "eval/robustbench.json" if info["eval"] else "results.json",
-            "sanity": record.get("sanity_passed")}  # fmt: skip
+            "sanity": record.get("sanity_passed")}
 
 
 def findings(infos: list[dict], analyses: dict[str, list[dict]]) -> list[str]:
@@ -127,17 +127,17 @@ def findings(infos: list[dict], analyses: dict[str, list[dict]]) -> list[str]:
                 continue
             a, cos = theorem4[objective]["terms"]["alignment"], theorem4[objective]["terms"]["cosine"]
             verdict_a = ("about equal" if abs(a - base_a) < SAME_RELATIVE * base_a
-                         else "smaller (better aligned)" if a < base_a else "larger (worse aligned)")  # fmt: skip
+                         else "smaller (better aligned)" if a < base_a else "larger (worse aligned)")
             verdict_cos = ("about equal" if abs(cos - base_cos) < SAME_COSINE
-                           else "higher (better aligned)" if cos > base_cos else "lower (worse aligned)")  # fmt: skip
+                           else "higher (better aligned)" if cos > base_cos else "lower (worse aligned)")
             lines.append(f"{objective} vs standard: A = {a:.4g} vs {base_a:.4g}, {verdict_a}; cosine {cos:.3f} vs "
-                         f"{base_cos:.3f}, {verdict_cos}.")  # fmt: skip
+                         f"{base_cos:.3f}, {verdict_cos}.")
     if "direct-score" in by_objective and "trades-se" in by_objective:
         direct, se = accuracy_row(by_objective["direct-score"]), accuracy_row(by_objective["trades-se"])
         metric = "autoattack" if direct["autoattack"] is not None and se["autoattack"] is not None else "pgd_cw"
         label = "AutoAttack" if metric == "autoattack" else "PGD-40 CW"
         comparison = (f"direct SCORE vs TRADES-SE (the SE upper bound): clean {direct['clean']:.2f} vs "
-                      f"{se['clean']:.2f} %, {label} {direct[metric]:.2f} vs {se[metric]:.2f} %")  # fmt: skip
+                      f"{se['clean']:.2f} %, {label} {direct[metric]:.2f} vs {se[metric]:.2f} %")
         if "direct-score" in theorem4 and "trades-se" in theorem4:
             d, s = theorem4["direct-score"]["terms"], theorem4["trades-se"]["terms"]
             comparison += (f"; A {d['alignment']:.4g} vs {s['alignment']:.4g}, cosine {d['cosine']:.3f} vs "
@@ -146,7 +146,7 @@ def findings(infos: list[dict], analyses: dict[str, list[dict]]) -> list[str]:
         if "direct-score" in dyn and "trades-se" in dyn:
             d, s = dyn["direct-score"]["epochs"][-1], dyn["trades-se"]["epochs"][-1]
             comparison += (f"; estimated R_SCORE^ℓ1 at the last epoch {d['score_l1']:.4f} vs {s['score_l1']:.4f} "
-                           "(lower is better)")  # fmt: skip
+                           "(lower is better)")
         better = "more" if direct[metric] > se[metric] else "less"
         lines.append(comparison + f". Direct SCORE is {better} robust than the upper-bound method here.")
     return lines
@@ -220,7 +220,7 @@ def make_figures(out: Path, cfg: ReportConfig, runs: list[Path], analyses: dict[
         dynamics.plot_alignment_vs_robustness(directory / "alignment_vs_robustness.png", analyses[dynamics.RESULT_NAME])
         add("alignment_vs_robustness.png", "Alignment against robustness", CAPTIONS["alignment_vs_robustness"])
     result = saliency.compute(saliency.SaliencyConfig(runs=tuple(str(r) for r in runs), scorenet=cfg.scorenet,
-                                                      n_images=cfg.n_images, data_dir=cfg.data_dir))  # fmt: skip
+                                                      n_images=cfg.n_images, data_dir=cfg.data_dir))
     saliency.plot_saliency(directory / "saliency.png", result)
     add("saliency.png", "Saliency: model and data gradients",
         CAPTIONS["saliency"].format(kind=result["data_description"]["kind"]))
@@ -270,10 +270,10 @@ def tables(infos: list[dict], analyses: dict[str, list[dict]]) -> list[tuple[str
         a = accuracy_row(info)
         rows.append([info["name"], str(info["config"].get("objective")), str(info["config"].get("model")),
                      f"{a['threat']} {a['eps']}", _fmt(a["clean"]), _fmt(a["pgd_ce"]), _fmt(a["pgd_cw"]),
-                     _fmt(a["autoattack"]), str(a["n"]), a["source"], str(a["sanity"])])  # fmt: skip
+                     _fmt(a["autoattack"]), str(a["n"]), a["source"], str(a["sanity"])])
     out.append(("Accuracy", TABLE_CAPTIONS["accuracy"], ["run", "objective", "model", "threat", "clean", "PGD-40 CE",
                                                          "PGD-40 CW", "AutoAttack", "n", "source", "sanity checks"],
-                rows))  # fmt: skip
+                rows))
     if analyses.get(alignment.RESULT_NAME):
         rows = []
         for r in analyses[alignment.RESULT_NAME]:
@@ -282,11 +282,11 @@ def tables(infos: list[dict], analyses: dict[str, list[dict]]) -> list[tuple[str
                          f"{t['general']:.4g}", f"{t['sign_condition']:.2f}", f"{t['cosine']:.3f}",
                          f"{t['model_grad_norm']:.3g}", f"{t['data_grad_norm']:.3g}", f"{t['standard_l1']:.4f}",
                          " / ".join(f"{p['gap_over_eps']:.3g}" for p in e["points"]), f"{e['slope']:.2f}",
-                         f"{e['slope_general']:.2f}"])  # fmt: skip
+                         f"{e['slope_general']:.2f}"])
         eps_list = ", ".join(f"{p['eps']:.4g}" for p in analyses[alignment.RESULT_NAME][0]["expansion"]["points"])
         out.append(("Theorem 4: gradient alignment", TABLE_CAPTIONS["theorem4"].format(eps=eps_list),
                     ["run", "objective", "q", "A", "general coeff.", "sign cond.", "cosine", "E‖∇p_θ‖_q", "E‖∇p_d‖_q",
-                     "R_Std^ℓ1", "gap/ε", "slope (2εA)", "slope (general)"], rows))  # fmt: skip
+                     "R_Std^ℓ1", "gap/ε", "slope (2εA)", "slope (general)"], rows))
     if analyses.get(smoothing.RESULT_NAME):
         rows = []
         for r in analyses[smoothing.RESULT_NAME]:
@@ -296,10 +296,10 @@ def tables(infos: list[dict], analyses: dict[str, list[dict]]) -> list[tuple[str
                 rows.append([Path(r["run"]).name, f"{e['sigma']:g}", f"{e['risk']['mean']:.4f}",
                              cell(d["finite_difference"]), cell(d["score"]), cell(d["pathwise"]),
                              f"{e['relative_error']:.3f}", "yes" if e["agree_within_interval"] else "no",
-                             cell(v["score"])])  # fmt: skip
+                             cell(v["score"])])
         out.append(("Theorem 5: noise derivative of the Gaussian-augmented risk", TABLE_CAPTIONS["theorem5"],
                     ["run", "σ", "R_G", "dR/dσ finite diff.", "dR/dσ score side", "dR/dσ pathwise", "rel. error",
-                     "0 in CI", "dR/ds score side"], rows))  # fmt: skip
+                     "0 in CI", "dR/ds score side"], rows))
     if analyses.get(dynamics.RESULT_NAME):
         rows = []
         for r in analyses[dynamics.RESULT_NAME]:
@@ -309,10 +309,10 @@ def tables(infos: list[dict], analyses: dict[str, list[dict]]) -> list[tuple[str
                          f"{r['madry_kl_floor']:.4f}", f"{last['madry_kl']:.4f}", f"{below}/{len(r['epochs'])}",
                          f"{last['score_l1']:.4f}", f"{last['standard_l1']:.4f}",
                          f"{last['alignment/alignment']:.4g}", f"{last['alignment/cosine']:.3f}",
-                         "yes" if all(e["corollary1_holds"] for e in r["epochs"]) else "no"])  # fmt: skip
+                         "yes" if all(e["corollary1_holds"] for e in r["epochs"]) else "no"])
         out.append(("Training dynamics: last analysed epoch", TABLE_CAPTIONS["dynamics"],
                     ["run", "objective", "epoch", "C^ℓ1", "floor (C^ℓ1)²/2", "R_Madry^KL", "epochs below floor",
-                     "R_SCORE^ℓ1", "R_Std^ℓ1", "A", "cosine", "Corollary 1 held"], rows))  # fmt: skip
+                     "R_SCORE^ℓ1", "R_Std^ℓ1", "A", "cosine", "Corollary 1 held"], rows))
     return out
 
 
@@ -338,13 +338,13 @@ IMAGE_CHECK = """window.addEventListener("load", function () {
 def render_html(title: str, meta: list[str], notes: list[str], table_list, figures: list[Figure]) -> str:
     e = html.escape
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{e(title)}</title>",
-             f"<style>{STYLE}</style></head><body>", '<p id="image-warning"></p>', f"<h1>{e(title)}</h1>"]  # fmt: skip
+             f"<style>{STYLE}</style></head><body>", '<p id="image-warning"></p>', f"<h1>{e(title)}</h1>"]
     parts += ["<ul>"] + [f"<li>{e(line)}</li>" for line in meta] + ["</ul>"]
     if notes:
         parts += ["<h2>Findings</h2>", "<ul>"] + [f"<li>{e(line)}</li>" for line in notes] + ["</ul>"]
     for heading, caption, header, rows in table_list:
         parts += [f"<h2>{e(heading)}</h2>", f'<p class="caption">{e(caption)}</p>', "<table>",
-                  "<tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"]  # fmt: skip
+                  "<tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"]
         parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows] + ["</table>"]
     parts.append("<h2>Figures</h2>")
     for index, figure in enumerate(figures, start=1):
@@ -428,7 +428,7 @@ def check_in_browser(page: str | os.PathLike, browser: str | None = None, timeou
     images, loaded = int(attributes.get("data-images", -1)), int(attributes.get("data-images-loaded", -1))
     return {"browser": browser, "returncode": completed.returncode, "rendered": body is not None and "<h1>" in dom,
             "images": images, "loaded": loaded, "ok": completed.returncode == 0 and body is not None and images > 0
-            and loaded == images, "stderr_tail": completed.stderr[-500:]}  # fmt: skip
+            and loaded == images, "stderr_tail": completed.stderr[-500:]}
 
 
 def main(argv: list[str] | None = None) -> dict:

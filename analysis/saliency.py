@@ -75,18 +75,18 @@ def compute(cfg: SaliencyConfig) -> dict:
         data.check(classifier)
         if classifier.test.name != first.test.name:
             raise ValueError(f"all runs must use the same data: {classifier.source} is on {classifier.test.name}, "
-                             f"{first.source} on {first.test.name}")  # fmt: skip
+                             f"{first.source} on {first.test.name}")
         grad = model_gradient(classifier.model, x, y)
         columns[classifier.name] = {"grad": grad, "cosine": cosine(grad, data_grad), "objective":
-                                    classifier.settings.get("objective")}  # fmt: skip
+                                    classifier.settings.get("objective")}
     as_map = lambda g: g.sum(dim=1).cpu().numpy()  # [n, H, W]
     models = {
         name: {**c, "grad": as_map(c["grad"]), "norm": c["grad"].flatten(1).norm(dim=1).tolist(),
                "cosine": c["cosine"].tolist()}
         for name, c in columns.items()
-    }  # fmt: skip
+    }
     return {"images": x.permute(0, 2, 3, 1).cpu().numpy(), "labels": y.tolist(), "data": as_map(data_grad),
-            "data_description": data.description, "models": models}  # fmt: skip
+            "data_description": data.description, "models": models}
 
 
 def plot_saliency(path: Path, result: dict) -> Path:
@@ -97,16 +97,16 @@ def plot_saliency(path: Path, result: dict) -> Path:
     n, columns = len(result["labels"]), 2 + len(names)
     with style():
         figure, axes = plt.subplots(n, columns, figsize=(1.7 * columns + 0.8, 1.8 * n + 0.6), squeeze=False,
-                                    layout="constrained")  # fmt: skip
+                                    layout="constrained")
         image = None
         for row in range(n):
             picture = result["images"][row]
             axes[row, 0].imshow(picture[..., 0] if picture.shape[-1] == 1 else picture.clip(0, 1), cmap="gray",
-                                vmin=0, vmax=1)  # fmt: skip
+                                vmin=0, vmax=1)
             axes[row, 0].set_title(f"image (y = {result['labels'][row]})", fontsize=8)
             maps = [("data gradient", result["data"][row])]
             maps += [(f"{name}\ncos {result['models'][name]['cosine'][row]:+.2f}", result["models"][name]["grad"][row])
-                     for name in names]  # fmt: skip
+                     for name in names]
             for column, (title, values) in enumerate(maps, start=1):
                 scale = float(np.abs(values).max()) or 1.0
                 image = axes[row, column].imshow(values / scale, cmap="RdBu_r", vmin=-1, vmax=1)
@@ -118,7 +118,7 @@ def plot_saliency(path: Path, result: dict) -> Path:
         colorbar = figure.colorbar(image, ax=axes[:, 1:], shrink=0.6, location="right")
         colorbar.set_label("∇_x log p(y|x) / max|·| (relative, unitless)")
         figure.suptitle("input gradients ∇_x log p_θ(y|x) of each model vs the data gradient ∇_x log p_d(y|x)",
-                        fontsize=10)  # fmt: skip
+                        fontsize=10)
         return save_figure(figure, path)
 
 
@@ -128,7 +128,7 @@ def run_saliency(cfg: SaliencyConfig) -> dict:
     figure = plot_saliency(out / "saliency.png", result)
     record = {"labels": result["labels"], "data_gradient": result["data_description"],
               "models": {name: {"objective": m["objective"], "cosine": m["cosine"], "grad_l2_norm": m["norm"]}
-                         for name, m in result["models"].items()}}  # fmt: skip
+                         for name, m in result["models"].items()}}
     atomic_write_json(out / "saliency.json", record)
     return record | {"figure": str(figure)}
 

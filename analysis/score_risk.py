@@ -34,9 +34,10 @@ from tqdm.auto import tqdm
 from datagrad import ATTACKS, KernelMixture, bootstrap_mean, worst_case
 from scorenets import PosteriorNetPosterior, check_noise_std
 from trainlib import evaluation
-from trainlib.adversarial import DirectScoreConfig, evaluation_points
 from trainlib.config import config_to_dict, option, parse_config, run_cli
-from trainlib.data import ImageDataset, load_dataset
+from trainlib.data_posterior import DEFAULT_NOISE_STD, DEFAULT_POSTERIOR_NET
+from trainlib.datasets import ImageDataset, load_dataset
+from trainlib.evaluation import evaluation_points
 from trainlib.files import atomic_write_text
 
 from . import sources
@@ -53,9 +54,9 @@ class ScoreRiskConfig(sources.ReadoutOptions):
     truth: Literal["auto", "empirical", "posterior-net"] = option(
         "p_d: auto (the closed form, gmm-* / digits-mixture) | empirical (smoothed training set) | posterior-net",
         "auto")
-    posterior_net: str | None = option("truth=posterior-net: the posterior net", DirectScoreConfig.posterior_net)
+    posterior_net: str | None = option("truth=posterior-net: the posterior net", DEFAULT_POSTERIOR_NET)
     noise_std: float = option("truth=empirical / posterior-net: sigma ([0, 1] data units, std)",
-                              DirectScoreConfig.noise_std)
+                              DEFAULT_NOISE_STD)
     which: Literal["final", "best"] = option("the run's final EMA weights or best/ (by validation)", "final")
     n_points: int = option("first n test points", 1000)
     pgd_steps: int = option("PGD steps of every attack of the ensemble (step 2.5 eps / steps)", 40)

@@ -34,9 +34,9 @@ import torch
 from tqdm.auto import tqdm
 
 from datagrad import gaussian_risk_samples, smoothing_estimates
+from datagrad.seeding import seeded_generator
 from scorenets import check_noise_std
 from trainlib.config import config_to_dict, option, parse_config, run_cli
-from trainlib.engine import rank_generator
 
 from . import sources
 from .markdown import markdown_table
@@ -50,7 +50,7 @@ class SmoothingConfig(sources.ReadoutOptions):
 
     which: Literal["final", "best"] = option("the run's final EMA weights or best/ (by validation)", "final")
     sigmas: tuple[float, ...] = option("noise stds sigma ([0, 1] data units; variance = sigma^2)",
-                                       (0.05, 0.1, 0.2, 0.3, 0.5))  # fmt: skip
+                                       (0.05, 0.1, 0.2, 0.3, 0.5))
     n_points: int | None = option("first n test points x0 (none: all)", 1000)
     n_noise: int = option("noise draws per test point", 8)
     fd_step: float = option("finite-difference step h as a fraction of sigma", 0.01)
@@ -79,7 +79,7 @@ class NoisyPoints:
         n = len(classifier.test) if cfg.n_points is None else cfg.n_points
         x0, y = sources.test_points(classifier.test, n, dtype)
         self.x0, self.y = x0.repeat_interleave(cfg.n_noise, 0), y.repeat_interleave(cfg.n_noise, 0)
-        generator = rank_generator(cfg.seed, device=x0.device)
+        generator = seeded_generator(cfg.seed, device=x0.device)
         self.noise = torch.randn(self.x0.shape, generator=generator, device=x0.device, dtype=dtype)
         self.data, self._scores = data, {}
 
@@ -98,7 +98,7 @@ def analyse(classifier: sources.Classifier, points: NoisyPoints, cfg: SmoothingC
         for rows in torch.arange(len(points.y)).split(cfg.batch_size):  # per-sample values: batches are independent
             chunks.append(gaussian_risk_samples(classifier.model, points.x0[rows], points.y[rows], points.noise[rows],
                                                 sigma, lambda x, y, r=rows, s=scores: s[r], cfg.fd_step * sigma))
-        samples = {name: torch.cat([chunk[name] for chunk in chunks]) for name in chunks[0]}  # fmt: skip
+        samples = {name: torch.cat([chunk[name] for chunk in chunks]) for name in chunks[0]}
         per_sigma.append(smoothing_estimates(samples, sigma))
     return {
         "run": str(classifier.source),
@@ -108,7 +108,7 @@ def analyse(classifier: sources.Classifier, points: NoisyPoints, cfg: SmoothingC
                        "dR_G/dsigma = sigma*E[grad log p_theta . grad log p^sigma(x|y)]; d_risk_d_var = "
                        "dR_G/d(sigma^2) = 0.5*E[...] (the paper's form); noisy points not clamped",
         "results": per_sigma,
-    }  # fmt: skip
+    }
 
 
 def run_analysis(cfg: SmoothingConfig, recompute: bool = False) -> list[dict]:
@@ -164,12 +164,12 @@ def plot_derivatives(path: Path, records: list[dict]) -> Path:
                 values.errorbar(sigmas, [e["d_risk_d_std"][estimator]["mean"] for e in r["results"]],
                                 yerr=[1.96 * e["d_risk_d_std"][estimator]["stderr"] for e in r["results"]],
                                 color=color, marker=marker, ls=line, capsize=2, ms=4,
-                                label=name if estimator == "score" else None)  # fmt: skip
+                                label=name if estimator == "score" else None)
             paired = [e["paired_d_risk_d_std"]["score_minus_finite_difference"] for e in r["results"]]
             scale = [max(abs(e["d_risk_d_std"]["finite_difference"]["mean"]), 1e-300) for e in r["results"]]
             relative.errorbar(sigmas, [100 * p["mean"] / s for p, s in zip(paired, scale, strict=True)],
                               yerr=[100 * 1.96 * p["stderr"] / s for p, s in zip(paired, scale, strict=True)],
-                              color=color, marker="s", ls="-", capsize=2, ms=4, label=name)  # fmt: skip
+                              color=color, marker="s", ls="-", capsize=2, ms=4, label=name)
         ticks = sorted({e["sigma"] for r in records for e in r["results"]})
         for axes in (values, relative):
             axes.set_xscale("log")
@@ -184,7 +184,7 @@ def plot_derivatives(path: Path, records: list[dict]) -> Path:
         relative.axhspan(-2, 2, color="gray", alpha=0.15, label="±2 %")
         relative.axhline(0, color="gray", lw=0.8)
         relative.set(ylabel="(score side − finite difference) / |finite difference| (%)",
-                     title="paired difference with 95 % interval")  # fmt: skip
+                     title="paired difference with 95 % interval")
         relative.legend(fontsize=8)
         return save_figure(figure, path)
 

@@ -2,7 +2,7 @@
 
 Classifiers come from training run directories (``trainlib.adversarial``: ``ema.safetensors`` or ``best/``) or from
 single weights files such as the per-epoch snapshots ``<run>/snapshots/epoch_NNNN.safetensors``, through
-``trainlib.adversarial.load_classifier``; a directory that holds no run is a clear error.
+``trainlib.classifiers.load_classifier``; a directory that holds no run is a clear error.
 
 The data posterior p_d(·|x) (``DataSource``):
 
@@ -26,7 +26,6 @@ is recomputed, so the report never mixes settings.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,15 +36,23 @@ from torch import Tensor, nn
 
 from datagrad import DataPosterior, GaussianMixture
 from scorenets import check_noise_std
-from trainlib.adversarial import DirectScoreConfig, EvaluateConfig, load_classifier
+from trainlib.classifiers import load_classifier
 from trainlib.config import option, positional
-from trainlib.data import ImageDataset, load_dataset
-from trainlib.data_posterior import ANCHORS, POSTERIORS, PosteriorSpec, check_posterior_options, posterior_provider
-from trainlib.files import atomic_write_json
+from trainlib.data_posterior import (
+    ANCHORS,
+    DEFAULT_ANCHOR_SMOOTHING,
+    DEFAULT_NOISE_STD,
+    DEFAULT_POSTERIOR_NET,
+    DEFAULT_SCORENET,
+    POSTERIORS,
+    PosteriorSpec,
+    check_posterior_options,
+    posterior_provider,
+)
+from trainlib.datasets import ImageDataset, load_dataset
+from trainlib.files import atomic_write_json, sha256_file, sha256_json
 
 ANALYSIS_DIR = "analysis"
-DEFAULT_SCORENET = DirectScoreConfig.scorenet
-DEFAULT_NOISE_STD = DirectScoreConfig.noise_std
 SCORENET_BATCH = 2048  # UNet inputs per score-net call (B·K inputs per posterior step: CIFAR-100 has K = 100)
 
 
@@ -67,12 +74,12 @@ class PosteriorOptions(ReadoutOptions):
     """``ReadoutOptions`` plus the data posterior's settings (``DataSource``; the direct-SCORE training options)."""
 
     posterior: str = option(f"p_d on image data: {' | '.join(POSTERIORS[:3])} (as in direct SCORE training)",
-                            DirectScoreConfig.posterior)
+                            "posterior-net")
     posterior_net: str | None = option("posterior net (run directory or posterior_net/ folder)",
-                                       DirectScoreConfig.posterior_net)
+                                       DEFAULT_POSTERIOR_NET)
     noise_std: float = option("sigma of p_sigma(y|x) ([0, 1] data units, std)", DEFAULT_NOISE_STD)
-    anchor: str = option(f"posterior=scorenet: the anchor, {' | '.join(ANCHORS)}", DirectScoreConfig.anchor)
-    anchor_smoothing: float = option("anchor=label: its smoothing", DirectScoreConfig.anchor_smoothing)
+    anchor: str = option(f"posterior=scorenet: the anchor, {' | '.join(ANCHORS)}", "posterior-net")
+    anchor_smoothing: float = option("anchor=label: its smoothing", DEFAULT_ANCHOR_SMOOTHING)
 
     def validate(self) -> None:
         super().validate()
@@ -124,8 +131,10 @@ def open_classifier(source: str | Path, which: str = "final", dtype=torch.float6
     source = Path(source)
     if source.is_dir():
         check_run_dir(source)
-    model, settings, test, _ = load_classifier(EvaluateConfig(checkpoint=str(source), which=which, data_dir=data_dir))
-    model = model.to(device=compute_device(), dtype=dtype).eval().requires_grad_(False)
+    loaded = load_classifier(source, which=which, data_dir=data_dir)
+    settings = loaded.settings | {"norm": loaded.settings.get("norm", "linf")}
+    test = load_dataset(settings["dataset"], "test", data_dir, settings["num_classes"])
+    model = loaded.model.to(device=compute_device(), dtype=dtype).eval().requires_grad_(False)
     return Classifier(source, model, settings, test)
 
 
@@ -153,13 +162,7 @@ class DataSource:
         if options.scorenet is not None and Path(options.scorenet).exists():
             from trainlib.scorenet_training import load_scorenet
 
-            net = load_scorenet(options.scorenet, device=compute_device())
-            if net.num_classes != test.num_classes:
-                raise ValueError(f"class-count mismatch: the classifier's data ({test.name}) has {test.num_classes} "
-                                 f"classes but the score net {options.scorenet} has {net.num_classes}")
-            if tuple(net.image_shape) != tuple(test.image_shape):
-                raise ValueError(f"the score net {options.scorenet} was trained on images {tuple(net.image_shape)}, "
-                                 f"the data are {tuple(test.image_shape)} (C, H, W)")
+            net = load_scorenet(options.scorenet, test.num_classes, compute_device(), test.image_shape)
             self.scorenet = net
         spec = PosteriorSpec.of(options) if isinstance(options, PosteriorOptions) else None
         if spec is not None:
@@ -175,7 +178,7 @@ class DataSource:
         """A clear error when the classifier and the posterior disagree on the class count."""
         if classifier.num_classes != self.num_classes:
             raise ValueError(f"class-count mismatch: checkpoint {classifier.source} has {classifier.num_classes} "
-                             f"classes but the data posterior has {self.num_classes}")  # fmt: skip
+                             f"classes but the data posterior has {self.num_classes}")
 
     def posterior(self, x: Tensor, y: Tensor) -> DataPosterior:
         """The data posterior for the batch (x, y); fresh for every attack (a trajectory posterior is stateful)."""
@@ -196,7 +199,7 @@ class DataSource:
 
 
 def settings_key(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return sha256_json(settings)
 
 
 def cache_path(source: str | Path, name: str) -> Path:
@@ -236,4 +239,4 @@ def write_cache(path: Path, settings: dict, result: dict) -> dict:
 
 
 def file_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    return sha256_file(path)[:16]

@@ -54,14 +54,15 @@ import torch
 from torch import Tensor
 
 from datagrad import KernelMixture, self_consistent_distance, worst_case
+from datagrad.seeding import seeded_generator
 from scorenets import check_noise_std
 from trainlib.adversarial import AdversarialConfig
+from trainlib.attack_mode import attack_mode
 from trainlib.config import config_to_dict, load_recipe, option, parse_config, run_cli
-from trainlib.data import load_dataset
 from trainlib.data_posterior import PosteriorSpec, posterior_provider
-from trainlib.engine import rank_generator
+from trainlib.datasets import load_dataset
 from trainlib.files import atomic_write_json, atomic_write_text
-from trainlib.objectives import attack_from_threat, attack_mode
+from trainlib.objectives import attack_from_threat
 from trainlib.rundir import git_revision, package_versions
 
 from .markdown import markdown_table
@@ -180,7 +181,7 @@ def read_path(provider, truth, model, training: AdversarialConfig, x: Tensor, y:
         records.append(point_metrics(log_p_hat, posterior.grad_log_posterior(z.detach()), truth, z.detach(), y))
         return value
 
-    generator = rank_generator(seed, 0, 0, 0, 0, device=x.device)  # the training attack's generator at step 0
+    generator = seeded_generator(seed, 0, 0, 0, 0, device=x.device)  # the training attack's generator at step 0
     with attack_mode(model, training.attack_bn):
         x_adv = attack.maximize(loss, x, generator)
     with torch.no_grad():

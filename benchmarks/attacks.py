@@ -36,10 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from datagrad import pgd
-from trainlib.adversarial import AdversarialConfig, build_classifier
+from trainlib.adversarial import AdversarialConfig
+from trainlib.attack_mode import attack_mode
 from trainlib.config import option, parse_config, run_cli
-from trainlib.data import BatchLoader, load_dataset
-from trainlib.objectives import attack_mode
+from trainlib.datasets import load_dataset
+from trainlib.sampling import BatchLoader
 
 from .common import BenchConfig, Report, alternate, median, ratio, setup, spread
 from .train_step import TrainingStep
@@ -52,7 +53,7 @@ class AttackConfig(BenchConfig):
     repeats: int = option("timed rounds of the alternation (a multiple of the 5 runs: each leads equally often)", 10)
     model: str = option("classifier, adversarially trained here on digits for --train-epochs", "cnn-small")
     train_epochs: int = option("epochs of PGD-AT before the benchmark", 10)
-    steps: int = option("attack steps K", 10)
+    pgd_steps: int = option("attack steps K", 10, ge=1, renamed_from="steps")
     linf_eps: float = option("l-inf radius (digits recipes: 0.2)", 0.2)
     l2_eps: float = option("l2 radius", 1.0)
     n_points: int = option("test points attacked (one batch)", 360)
@@ -76,12 +77,10 @@ def adversarially_trained(cfg: AttackConfig, device: torch.device) -> nn.Module:
     """``cfg.model`` after ``train_epochs`` epochs of PGD-AT (ℓ∞, ε = linf_eps, PGD-5 with step ε/4, batch 64) on
     digits: cnn-small reaches about 98 % clean and 69 % ℓ∞ PGD-10 accuracy (ε 0.2) on the test points."""
     train_cfg = AdversarialConfig(model=cfg.model, objective="pgd-at", eps=cfg.linf_eps, step_size=cfg.linf_eps / 4,
-                                  steps=5, batch_size=64, seed=cfg.seed)  # fmt: skip
+                                  pgd_steps=5, batch_size=64, seed=cfg.seed)
     data = load_dataset("digits", "train")
     loader = BatchLoader(data, train_cfg.batch_size, seed=cfg.seed, device=device)
-    torch.manual_seed(cfg.seed)
-    model = build_classifier(cfg.model, "digits", data.num_classes, data.image_shape)
-    step = TrainingStep(train_cfg, model, total_steps=cfg.train_epochs * len(loader))
+    step = TrainingStep(train_cfg, data.num_classes, data.image_shape, total_steps=cfg.train_epochs * len(loader))
     for epoch in range(cfg.train_epochs):
         for x, y in loader.epoch(epoch):
             step(x, y)
@@ -96,7 +95,7 @@ def torchattacks_pgd(model: nn.Module, norm: str, eps: float, steps: int, random
 
 
 def our_pgd(model: nn.Module, x, y, norm: str, eps: float, steps: int, random_start: bool = True, generator=None,
-            keep_best: bool = False):  # fmt: skip
+            keep_best: bool = False):
     """datagrad.pgd on the per-example cross-entropy, in attack mode, with torchattacks' step 2.5·ε/K."""
     loss = lambda z: F.cross_entropy(model(z), y, reduction="none")
     with attack_mode(model):
@@ -150,21 +149,22 @@ def run(cfg: AttackConfig) -> dict:
     results = {"clean_accuracy": clean}
     for norm, eps in (("linf", cfg.linf_eps), ("l2", cfg.l2_eps)):
         found: dict[str, list] = {}
-        times = alternate(attack_runs(model, x, y, norm, eps, cfg.steps, cfg.seed, found), cfg.repeats, cfg.warmup,
-                          device)  # fmt: skip
+        times = alternate(attack_runs(model, x, y, norm, eps, cfg.pgd_steps, cfg.seed, found), cfg.repeats, cfg.warmup,
+                          device)
         medians = {name: median(t) for name, t in times.items()}
         accuracy = {name: robust_accuracy(model, points[cfg.warmup:], y) for name, points in found.items()}
         rows = [[name, f"{medians[name] * 1e3:.1f}", spread([t * 1e3 for t in times[name]]),
                  f"{ratio(times[name], times['torchattacks']):.3f}", f"{ratio(times[name], times['ideal']):.3f}",
-                 f"{accuracy[name]:.2f}" if name in accuracy else "—"] for name in times]  # fmt: skip
+                 f"{accuracy[name]:.2f}" if name in accuracy else "—"] for name in times]
         report.table(
-            f"{norm} PGD-{cfg.steps}, ε {eps:g}, step {2.5 * eps / cfg.steps:g}, {cfg.model} on {cfg.n_points} digits "
-            f"test points (clean accuracy {clean:.2f} %), {torch.get_num_threads()} thread(s), {cfg.repeats} rounds",
+            f"{norm} PGD-{cfg.pgd_steps}, ε {eps:g}, step {2.5 * eps / cfg.pgd_steps:g}, {cfg.model} on {cfg.n_points} "
+            f"digits test points (clean accuracy {clean:.2f} %), {torch.get_num_threads()} thread(s), "
+            f"{cfg.repeats} rounds",
             ["attack", "ms (median)", "min–max", "÷ torchattacks", "÷ ideal", "robust acc. (%)"], rows,
-        )  # fmt: skip
-        deterministic = {"ours": robust_accuracy(model, [our_pgd(model, x, y, norm, eps, cfg.steps, False)], y),
-                         "torchattacks": robust_accuracy(model, [torchattacks_pgd(model, norm, eps, cfg.steps, False)(
-                             x, y)], y)}  # fmt: skip
+        )
+        theirs = torchattacks_pgd(model, norm, eps, cfg.pgd_steps, False)(x, y)
+        deterministic = {"ours": robust_accuracy(model, [our_pgd(model, x, y, norm, eps, cfg.pgd_steps, False)], y),
+                         "torchattacks": robust_accuracy(model, [theirs], y)}
         report.note(f"{norm} without random starts (deterministic, the same iterations): robust accuracy ours "
                     f"{deterministic['ours']:.2f} %, torchattacks {deterministic['torchattacks']:.2f} %")
         results[norm] = {"medians": medians, "times": times, "robust_accuracy": accuracy,
@@ -172,11 +172,11 @@ def run(cfg: AttackConfig) -> dict:
                          "ours_vs_torchattacks": ratio(times["ours"], times["torchattacks"]),
                          "ours_vs_ideal": ratio(times["ours"], times["ideal"]),
                          "accuracy_gap": abs(accuracy["ours"] - accuracy["torchattacks"]),
-                         "deterministic_gap": abs(deterministic["ours"] - deterministic["torchattacks"])}  # fmt: skip
+                         "deterministic_gap": abs(deterministic["ours"] - deterministic["torchattacks"])}
     report.results = results
     parts = [f"{norm} ours/torchattacks {r['ours_vs_torchattacks']:.2f}, ours/ideal {r['ours_vs_ideal']:.2f}, "
              f"robust-acc. gap {r['accuracy_gap']:.2f} pt ({r['deterministic_gap']:.2f} without random starts)"
-             for norm, r in ((n, results[n]) for n in ("linf", "l2"))]  # fmt: skip
+             for norm, r in ((n, results[n]) for n in ("linf", "l2"))]
     report.finish("; ".join(parts) + " (targets ≤ 1.0, ≤ 1.1, ≤ 1 pt)")
     return results
 

@@ -85,7 +85,7 @@ def timed(fn: Callable[[], Any], device: torch.device = CPU) -> float:
 def alternate(
     runs: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1, device: torch.device = CPU,
     progress: bool = True,
-) -> dict[str, list[float]]:  # fmt: skip
+) -> dict[str, list[float]]:
     """Seconds of each run in each timed round, the runs interleaved A B A B … (``warmup`` untimed rounds first).
 
     Round r starts at run r mod n (A B C, B C A, C A B, …), so no run always goes first or last in its round.
@@ -351,7 +351,7 @@ class Report:
         print(f"machine: {info['cpu']}, {info['logical_cores']} logical cores, torch {info['torch']}, "
               f"{info['threads']} thread(s), device {info['device']}{gpu}; load average (1/5/15 min) "
               f"{'/'.join(map(str, self.load_start))} at start, {'/'.join(map(str, record['load_average_end']))} at "
-              f"end; {wall:.0f} s")  # fmt: skip
+              f"end; {wall:.0f} s")
         if self.cfg.json:
             atomic_write_json(self.cfg.json, record)
         print(f"headline: {headline}", flush=True)

@@ -7,7 +7,7 @@ mixing and augmentation, and the peak memory of the process holding it and a WRN
 Setup: ``--num-images`` synthetic uint8 images (random pixels, labels i mod 10) written as the generator writes them
 (``trainlib.generation.shard_path`` / ``shard_ranges``, 10,000 per shard, uncompressed ``.npz`` via
 ``atomic_save_npz``), an in-memory "real" set of CIFAR-10's training size (48,976), and the trainer's resident state:
-a WRN-28-10 with its EMA copy and SGD momentum buffers. The loader is ``trainlib.data.BatchLoader`` exactly as the
+a WRN-28-10 with its EMA copy and SGD momentum buffers. The loader is ``trainlib.sampling.BatchLoader`` exactly as the
 trainer builds it: ``load_generated`` (memory-mapped), batch 512 with 70 % generated images drawn with replacement,
 random crop (pad 4) + horizontal flip on the whole batch. Compared, alternately, on the same batch indices:
 
@@ -37,10 +37,12 @@ from tqdm.auto import tqdm
 
 from trainlib.adversarial import AdversarialConfig, build_classifier, build_optimizer
 from trainlib.config import option, parse_config, run_cli
-from trainlib.data import BatchLoader, ImageDataset, load_generated
+from trainlib.datasets import ImageDataset
 from trainlib.ema import EMA
 from trainlib.files import atomic_save_npz
 from trainlib.generation import shard_path, shard_ranges
+from trainlib.npz import load_generated
+from trainlib.sampling import BatchLoader
 
 from .common import BenchConfig, Report, alternate, median, memory_status, ratio, setup, spread
 
@@ -92,10 +94,10 @@ def per_image_pil(dataset: ImageDataset, indices: np.ndarray):
     from torchvision import transforms
 
     transform = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
-                                    transforms.ToTensor()])  # fmt: skip
+                                    transforms.ToTensor()])
     part_of = np.searchsorted(dataset._starts[1:], indices, side="right")
     images = [transform(Image.fromarray(np.asarray(dataset.parts[p][i - dataset._starts[p]])))
-              for p, i in zip(part_of, indices, strict=True)]  # fmt: skip
+              for p, i in zip(part_of, indices, strict=True)]
     return torch.stack(images), torch.from_numpy(dataset.labels[indices])
 
 
@@ -151,9 +153,9 @@ def run(cfg: DataPathConfig) -> dict:
         generated = load_generated(folder, 10)
         rng = np.random.default_rng(1)
         real = ImageDataset([rng.integers(0, 256, (cfg.num_real, 32, 32, 3), dtype=np.uint8)],
-                            np.arange(cfg.num_real) % 10, 10, "synthetic real")  # fmt: skip
+                            np.arange(cfg.num_real) % 10, 10, "synthetic real")
         loader = BatchLoader(real, cfg.batch_size, generated=generated, unsup_fraction=cfg.unsup_fraction,
-                             epoch_size=50_000, seed=0, device=device, augment=True)  # fmt: skip
+                             epoch_size=50_000, seed=0, device=device, augment=True)
         after_setup = memory.read()
         position = {"batch": 0}
 
@@ -190,29 +192,29 @@ def run(cfg: DataPathConfig) -> dict:
     rate = {name: images / median(t) for name, t in times.items()}
     ours_name = "ours (BatchLoader)"
     rows = [[name, f"{rate[name]:,.0f}", spread([images / s for s in times[name]]),
-             f"{ratio(times[name], times[ours_name]):.2f}"] for name in runs]  # fmt: skip
+             f"{ratio(times[name], times[ours_name]):.2f}"] for name in runs]
     report.table(
         f"{cfg.num_images:,} memory-mapped generated + {cfg.num_real:,} in-memory real images, batch {cfg.batch_size}"
         f" ({cfg.unsup_fraction:.0%} generated), crop + flip, {cfg.batches} batches per run, "
         f"{torch.get_num_threads()} thread(s), {cfg.repeats} rounds",
         ["loader", "images/s (median)", "min–max", "time ÷ ours"], rows,
-    )  # fmt: skip
+    )
     gb = lambda status, key: f"{status.get(key, 0) / GB:.2f}"
     stages = [("start", baseline), (f"+ {cfg.model}, EMA, momentum", after_model),
               ("+ shards mapped, real set, loader", after_setup), ("end of the runs", final),
-              ("peak over all readings", memory.peaks)]  # fmt: skip
+              ("peak over all readings", memory.peaks)]
     report.table("resident memory of the process (GB = 1e9 bytes)", ["stage", "RssAnon", "RssFile", "VmRSS", "VmHWM"],
                  [[name, gb(s, "RssAnon"), gb(s, "RssFile"), gb(s, "VmRSS"), gb(s, "VmHWM")] for name, s in stages])
     report.note(f"shards: {cfg.num_images:,} images in {len(shard_ranges(cfg.num_images, cfg.shard_size))} files, "
                 f"{cfg.num_images * 3072 / GB:.2f} GB of pixels, written in {write_seconds:.0f} s"
-                f"{' (reused)' if write_seconds < 1 else ''}; the public code would hold them in RssAnon")  # fmt: skip
+                f"{' (reused)' if write_seconds < 1 else ''}; the public code would hold them in RssAnon")
     peak_anon, peak_total = memory.peaks.get("RssAnon", 0) / GB, memory.peaks.get("VmHWM", 0) / GB
     report.results = {"images_per_second": rate, "times": times, "memory": {k: dict(s) for k, s in stages},
-                      "write_seconds": write_seconds}  # fmt: skip
+                      "write_seconds": write_seconds}
     ours_rate, pil_rate, limit_rate = (rate[name] for name in runs)
     report.finish(f"ours {ours_rate:,.0f} images/s (target ≥ 10,000; {ours_rate / pil_rate:.1f}× per-image PIL, "
                   f"{ours_rate / limit_rate:.2f} of the gather-only limit); peak RssAnon {peak_anon:.2f} GB with "
-                  f"{cfg.model} (target < 1.5), VmHWM {peak_total:.2f} GB with the maps' page cache")  # fmt: skip
+                  f"{cfg.model} (target < 1.5), VmHWM {peak_total:.2f} GB with the maps' page cache")
     return report.results
 
 

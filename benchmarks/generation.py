@@ -58,7 +58,7 @@ class GenerationConfig(BenchConfig):
     cifar_batch: int = option("images per call when timing the CIFAR UNet on this machine", 4)
     cifar_steps: int = option("DDIM steps when timing the CIFAR UNet", 2)
     peak_tflops: float | None = option("GPU peak for the projection (none: this GPU's datasheet bf16 peak, or "
-                                       "H100 and A100 when there is no GPU)", None)  # fmt: skip
+                                       "H100 and A100 when there is no GPU)", None)
     utilisation: float = option("assumed fraction of the peak the UNet sustains on a GPU (projection)", 0.4)
 
     def validate(self) -> None:
@@ -100,15 +100,15 @@ def run(cfg: GenerationConfig) -> dict:
     counter, calls = InputCounter(net), {}
     steps = {"ddpm": cfg.ddpm_steps, "ddim": cfg.ddim_steps, "dpmsolver++": cfg.dpm_steps}
     times = alternate(sampler_runs(net, steps, cfg.batch_size, cfg.guidance_scale, counter, calls), cfg.repeats,
-                      cfg.warmup, device)  # fmt: skip
+                      cfg.warmup, device)
     rate = {name: cfg.batch_size / median(t) for name, t in times.items()}
     rows = [[name, steps[name], f"{calls[name]:g}", f"{rate[name]:.2f}",
              spread([cfg.batch_size / t for t in times[name]]), f"{ratio(times['ddpm'], times[name]):.1f}"]
-            for name in SAMPLERS]  # fmt: skip
+            for name in SAMPLERS]
     report.table(f"{cfg.preset} UNet (1×8×8, {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters), batch "
                  f"{cfg.batch_size}, guidance {cfg.guidance_scale:g}, {torch.get_num_threads()} thread(s), "
                  f"{cfg.repeats} rounds", ["sampler", "steps", "network calls / image", "images/s (median)", "min–max",
-                                           "speed-up over DDPM"], rows)  # fmt: skip
+                                           "speed-up over DDPM"], rows)
     results = {"images_per_second": rate, "calls_per_image": calls, "times": times}
 
     if cfg.cifar_preset != "none":
@@ -121,7 +121,7 @@ def run(cfg: GenerationConfig) -> dict:
         per_input = median(cifar_times) / (cfg.cifar_steps * cfg.cifar_batch)
         report.note(f"{cfg.cifar_preset} UNet (3×32×32, {sum(p.numel() for p in cifar.parameters()) / 1e6:.1f}M "
                     f"parameters): {flops_per_input / 1e9:.2f} GFLOP per input (measured), {per_input:.3f} s per input "
-                    f"here = {flops_per_input / per_input / 1e9:.0f} GFLOP/s on this machine")  # fmt: skip
+                    f"here = {flops_per_input / per_input / 1e9:.0f} GFLOP/s on this machine")
         peaks = ({"given": cfg.peak_tflops} if cfg.peak_tflops else
                  {torch.cuda.get_device_name(device): gpu_peak_tflops(torch.cuda.get_device_name(device))}
                  if device.type == "cuda" and gpu_peak_tflops(torch.cuda.get_device_name(device)) else REFERENCE_GPUS)
@@ -133,21 +133,21 @@ def run(cfg: GenerationConfig) -> dict:
             projection[name] = hours
             here = 1e6 * steps[name] * guided * per_input / 3600
             rows.append([name, steps[name] * guided, f"{flops:.2e}", *(f"{h:.2f}" for h in hours.values()),
-                         f"{here:,.0f}"])  # fmt: skip
+                         f"{here:,.0f}"])
         report.table(f"PROJECTION: hours to generate 1M 32×32 CIFAR images with {cfg.cifar_preset} (measured FLOPs, "
                      f"assumed {cfg.utilisation:.0%} of peak)", ["sampler", "calls / image", "FLOP",
                      *(f"h on {gpu} ({peak:g} TFLOP/s)" for gpu, peak in peaks.items()), "h on this CPU"], rows)
         results |= {"cifar_flops_per_input": flops_per_input, "cifar_seconds_per_input_here": per_input,
-                    "cifar_projection_hours": projection, "peaks_tflops": peaks}  # fmt: skip
+                    "cifar_projection_hours": projection, "peaks_tflops": peaks}
     report.results = results
     first_gpu = next(iter(results.get("peaks_tflops", {})), None)
     projected = (f"; projected 1M CIFAR images with DPM-Solver++ {cfg.dpm_steps}: "
                  f"{results['cifar_projection_hours']['dpmsolver++'][first_gpu]:.2f} h on one {first_gpu} at "
                  f"{cfg.utilisation:.0%} (DDPM-{cfg.ddpm_steps}: "
-                 f"{results['cifar_projection_hours']['ddpm'][first_gpu]:.1f} h)" if first_gpu else "")  # fmt: skip
+                 f"{results['cifar_projection_hours']['ddpm'][first_gpu]:.1f} h)" if first_gpu else "")
     report.finish(f"images/s DDPM-{cfg.ddpm_steps} {rate['ddpm']:.2f}, DDIM-{cfg.ddim_steps} {rate['ddim']:.1f}, "
                   f"DPM-Solver++-{cfg.dpm_steps} {rate['dpmsolver++']:.1f} ({calls['ddpm']:g} / {calls['ddim']:g} / "
-                  f"{calls['dpmsolver++']:g} calls per image){projected}")  # fmt: skip
+                  f"{calls['dpmsolver++']:g} calls per image){projected}")
     return results
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from scorenets import ScoreNet
-from trainlib.adversarial import AdversarialConfig, build_classifier
+from trainlib.adversarial import AdversarialConfig
 from trainlib.config import option, parse_config, run_cli
 from trainlib.data_posterior import trajectory_provider
 
@@ -59,7 +59,7 @@ class GPUConfig(BenchConfig):
     model: str = option("classifier", "wrn-28-10")
     preset: str = option("score-net preset of direct SCORE", "cifar32")
     batch_size: int = option("batch per step (Table 4: 512)", 512)
-    steps: int = option("PGD steps (Table 4: 10)", 10)
+    pgd_steps: int = option("PGD steps (Table 4: 10)", 10, ge=1, renamed_from="steps")
     mixed_precision: str = option("autocast dtype on the GPU: bf16 | no", "bf16")
     peak_tflops: float | None = option("the GPU's peak for the achieved fraction (none: datasheet lookup)", None)
     utilisation: float = option("assumed fraction of peak for the CPU-side projection", 0.4)
@@ -78,10 +78,9 @@ class GPUConfig(BenchConfig):
 def training_steps(cfg: GPUConfig, batch: int, attack_steps: int, device: torch.device, mixed_precision: str):
     """TrainingStep per objective on one shared model and score net, and a fixed random batch."""
     train_cfg = AdversarialConfig(dataset="cifar10", model=cfg.model, eps=8 / 255, step_size=2 / 255,
-                                  steps=attack_steps, batch_size=batch, noise_std=8 / 255,
-                                  mixed_precision=mixed_precision)  # fmt: skip
+                                  pgd_steps=attack_steps, batch_size=batch, noise_std=8 / 255,
+                                  mixed_precision=mixed_precision)
     torch.manual_seed(0)
-    model = build_classifier(cfg.model, "cifar10", 10, (3, 32, 32))
     scorenet = ScoreNet.build(cfg.preset, 10, (3, 32, 32)).to(device).eval().requires_grad_(False)
     steps = {}
     for name in OBJECTIVES:
@@ -92,7 +91,7 @@ def training_steps(cfg: GPUConfig, batch: int, attack_steps: int, device: torch.
                                            anchor_smoothing=objective_cfg.anchor_smoothing)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # create_accelerator: "bf16 is not used on the CPU"
-            steps[name] = TrainingStep(objective_cfg, model, provider)
+            steps[name] = TrainingStep(objective_cfg, 10, (3, 32, 32), provider)
     generator = torch.Generator().manual_seed(0)
     x = torch.rand(batch, 3, 32, 32, generator=generator).to(device)
     y = torch.randint(0, 10, (batch,), generator=generator).to(device)
@@ -112,7 +111,7 @@ def cuda_syncs(step, x, y) -> int:
 
 
 def measure_on_gpu(cfg: GPUConfig, report: Report, device: torch.device) -> dict:
-    steps, x, y = training_steps(cfg, cfg.batch_size, cfg.steps, device, cfg.mixed_precision)
+    steps, x, y = training_steps(cfg, cfg.batch_size, cfg.pgd_steps, device, cfg.mixed_precision)
     name = torch.cuda.get_device_name(device)
     peak = cfg.peak_tflops or gpu_peak_tflops(name, "bf16" if cfg.mixed_precision == "bf16" else "tf32")
     flops, syncs = {}, {}
@@ -120,20 +119,20 @@ def measure_on_gpu(cfg: GPUConfig, report: Report, device: torch.device) -> dict
         flops[objective] = count_flops(lambda step=step: step(x, y))
         syncs[objective] = cuda_syncs(step, x, y)
     times = alternate({k: (lambda step=step: step(x, y)) for k, step in steps.items()}, cfg.repeats, cfg.warmup,
-                      device)  # fmt: skip
+                      device)
     rows, results = [], {}
     for objective in OBJECTIVES:
         seconds = median(times[objective])
         achieved = flops[objective] / seconds / 1e12
         results[objective] = dict(seconds=seconds, flops=flops[objective], tflops=achieved, syncs=syncs[objective],
-                                  table4_hours=TABLE4_STEPS * seconds / 3600)  # fmt: skip
+                                  table4_hours=TABLE4_STEPS * seconds / 3600)
         rows.append([objective, f"{seconds:.3f}", spread(times[objective]), f"{flops[objective] / 1e12:.1f}",
                      f"{achieved:.0f}", f"{achieved / peak:.0%}" if peak else "peak unknown", syncs[objective],
-                     f"{TABLE4_STEPS * seconds / 3600:.1f}"])  # fmt: skip
-    report.table(f"{name}: {cfg.model}, batch {cfg.batch_size}, PGD-{cfg.steps}, {cfg.mixed_precision} autocast, "
+                     f"{TABLE4_STEPS * seconds / 3600:.1f}"])
+    report.table(f"{name}: {cfg.model}, batch {cfg.batch_size}, PGD-{cfg.pgd_steps}, {cfg.mixed_precision} autocast, "
                  f"channels-last, score net {cfg.preset}; peak {peak or '?'} TFLOP/s; {cfg.repeats} rounds",
                  ["objective", "s/step (median)", "min–max", "TFLOP/step", "TFLOP/s", "of peak", "host syncs/step",
-                  f"h for a Table 4 row ({TABLE4_STEPS} steps)"], rows)  # fmt: skip
+                  f"h for a Table 4 row ({TABLE4_STEPS} steps)"], rows)
     results["direct_over_trades"] = ratio(times["direct-score"], times["trades-se"])
     return results
 
@@ -148,14 +147,14 @@ def project_from_cpu(cfg: GPUConfig, report: Report, device: torch.device) -> di
     rows, results = [], {}
     for objective in OBJECTIVES:
         slope = per_image[(objective, 2)] - per_image[(objective, 1)]  # FLOPs per image and attack step
-        step_flops = cfg.batch_size * (per_image[(objective, 1)] + (cfg.steps - 1) * slope)
+        step_flops = cfg.batch_size * (per_image[(objective, 1)] + (cfg.pgd_steps - 1) * slope)
         hours = {gpu: projected_hours(TABLE4_STEPS * step_flops, peak, cfg.utilisation)
-                 for gpu, peak in REFERENCE_GPUS.items()}  # fmt: skip
+                 for gpu, peak in REFERENCE_GPUS.items()}
         results[objective] = {"flops_per_step": step_flops, "projected_hours": hours}
         rows.append([objective, f"{step_flops / 1e12:.1f}", f"{TABLE4_STEPS * step_flops:.2e}",
-                     *(f"{h:.1f}" for h in hours.values())])  # fmt: skip
+                     *(f"{h:.1f}" for h in hours.values())])
     report.table(f"PROJECTION (no GPU): a Table 4 row = {TABLE4_STEPS} steps of {cfg.model}, batch {cfg.batch_size}, "
-                 f"PGD-{cfg.steps}; FLOPs measured on this CPU, assumed {cfg.utilisation:.0%} of the bf16 peak",
+                 f"PGD-{cfg.pgd_steps}; FLOPs measured on this CPU, assumed {cfg.utilisation:.0%} of the bf16 peak",
                  ["objective", "TFLOP/step", "FLOP per row", *(f"h on {gpu}" for gpu in REFERENCE_GPUS)], rows)
     return results
 

@@ -4,12 +4,11 @@ SCORE with each data posterior, on the same classifier, batch and attack steps; 
     python -m benchmarks.train_step                   # digits recipe shapes, then CIFAR shapes for K = 10 and K = 100
     python -m benchmarks.train_step --no-cifar        # digits only (~1 min)
 
-A step is what ``trainlib.adversarial.train`` runs per optimizer step, through the same pieces: an accelerator from
-``create_accelerator`` (fp32 on the CPU), the model and ``build_optimizer``'s fused SGD prepared by it, the objective
-from ``build_objective`` attacking the unwrapped model, ``accelerator.backward``, ``optimizer.step``,
-``zero_grad(set_to_none=True)``, the one-cycle LR step and ``EMA.update`` (only the engine's metric accumulation and
-checkpointing are left out). Networks are randomly initialised (cost does not depend on the weights). Direct SCORE
-variants, built as the trainer builds them (``trainlib.data_posterior``):
+A step is ``trainlib.adversarial.Trainer.step``, the function the trainer runs per optimizer step (attack, loss,
+backward, gradient norm and non-finite guard, fused SGD, one-cycle LR step, EMA update), built by the trainer's own
+``build_trainer`` (only the session's metric accumulation and checkpointing are left out). Networks are randomly
+initialised (cost does not depend on the weights). Direct SCORE variants, built as the trainer builds them
+(``trainlib.data_posterior``):
 
 * ``direct-score/posterior-net``: p_φ(·|x', σ) of a ``PosteriorNet`` (the preset for the image size): one backward
   per attack step through the classifier and the posterior net, whatever K is;
@@ -38,13 +37,13 @@ from torch import nn
 
 from datagrad import KernelMixture
 from scorenets import PosteriorNetPosterior, ScoreNet, build_posterior_net
-from trainlib.adversarial import AdversarialConfig, build_classifier, build_optimizer
+from trainlib.adversarial import AdversarialConfig, build_classifier, build_optimizer, build_trainer, make_objective
 from trainlib.config import load_recipe, option, parse_config, run_cli
-from trainlib.data import load_dataset
 from trainlib.data_posterior import trajectory_provider
+from trainlib.datasets import load_dataset
 from trainlib.ema import EMA
-from trainlib.engine import create_accelerator, one_cycle_cosine, rank_generator
-from trainlib.objectives import build_objective, fixed_posterior
+from trainlib.nonfinite import NonFiniteGuard
+from trainlib.objectives import fixed_posterior
 
 from .common import BenchConfig, Report, SyncCounter, alternate, count_flops, median, ratio, setup, spread
 
@@ -91,41 +90,28 @@ class TrainStepConfig(BenchConfig):
 
 # -- one training step, as the trainer runs it ------------------------------------------------------------------------
 class TrainingStep:
-    """One optimizer step of ``trainlib.adversarial.train`` for ``objective`` on a private copy of ``model``."""
+    """One optimizer step of ``trainlib.adversarial.train``, through the same code: the trainer's accelerator, its
+    ``build_trainer`` (model, fused SGD, one-cycle schedule, EMA, unwrapped attack model) and ``Trainer.step`` with a
+    non-finite guard in mode "stop". The model's initial weights come from the accelerator's seed (``cfg.seed``), so
+    every TrainingStep of one config starts from the same weights."""
 
-    def __init__(self, cfg: AdversarialConfig, model: nn.Module, provider=None, total_steps: int = 1000,
-                 channels_last: bool | None = None):  # fmt: skip
-        self.accelerator = create_accelerator(mixed_precision=cfg.mixed_precision, seed=cfg.seed)
-        self.device = self.accelerator.device
-        self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
-        model = copy.deepcopy(model)
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        optimizer = build_optimizer(model, cfg)
-        scheduler = one_cycle_cosine(optimizer, total_steps, cfg.warmup_fraction, cfg.cycle_momentum)
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
-        self.attack_model = self.accelerator.unwrap_model(self.model)
-        self.ema = EMA(self.model, cfg.ema_tau, cfg.ema_warmup_fraction * total_steps)
-        self.objective = build_objective(
-            cfg.objective, cfg, beta=cfg.beta, clip=cfg.clip, clip_scope=cfg.clip_scope,
-            label_smoothing=cfg.label_smoothing, attack_bn=cfg.attack_bn, distance=cfg.distance,
-            clean_weight=cfg.clean_weight, clean_loss=cfg.clean_loss, posterior_provider=provider,
-        )  # fmt: skip
-        self.seed, self.step_count = cfg.seed, 0
-        self.model.train()
+    def __init__(self, cfg: AdversarialConfig, num_classes: int, image_shape, provider=None, total_steps: int = 1000):
+        accelerator = cfg.accelerator()
+        self.device = accelerator.device
+        self.trainer = build_trainer(cfg, accelerator, num_classes, tuple(image_shape), make_objective(cfg, provider),
+                                     total_steps)
+        self.guard = NonFiniteGuard(accelerator)
+        self.step_count = 0
+        self.trainer.model.train()
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor):
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        generator = rank_generator(self.seed, 0, self.step_count, 0, 0, device=self.device)
-        output = self.objective(self.model, self.attack_model, x, y, generator)
-        self.accelerator.backward(output.loss)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.ema.update(self.model)
+    @property
+    def attack_model(self) -> nn.Module:
+        return self.trainer.attack_model
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+        stats, _ = self.trainer.step(x, y, self.step_count, 0, self.guard)
         self.step_count += 1
-        return output
+        return stats
 
 
 class CallRecorder:
@@ -172,7 +158,6 @@ def measure(setting: Setting, report: Report, device: torch.device, max_alternat
     cfg, num_classes = setting.cfg, setting.num_classes
     shape = tuple(setting.x.shape[1:])
     torch.manual_seed(cfg.seed)
-    model = build_classifier(cfg.model, cfg.dataset, num_classes, shape)
     scorenet = ScoreNet.build(setting.preset, num_classes, shape).to(device).eval().requires_grad_(False)
     posterior_net = build_posterior_net(setting.preset, num_classes, shape, 0.01, 1.0).to(device).eval()
     posterior_net.requires_grad_(False)
@@ -180,7 +165,7 @@ def measure(setting: Setting, report: Report, device: torch.device, max_alternat
     steps = {}
     for name in setting.variants:
         variant_cfg, provider = build_variant(name, setting, scorenet, posterior_net, device)
-        steps[name] = TrainingStep(variant_cfg, model, provider)
+        steps[name] = TrainingStep(variant_cfg, num_classes, shape, provider)
     x, y = setting.x.to(device), setting.y.to(device)
 
     counted, single = {}, {}
@@ -199,7 +184,7 @@ def measure(setting: Setting, report: Report, device: torch.device, max_alternat
     times = alternate(alternated, setting.repeats, setting.warmup, device) if alternated else {}
     times |= {name: [seconds] * max(setting.repeats, 1) for name, seconds in single.items()}
 
-    batch, attack_steps = x.shape[0], cfg.steps
+    batch, attack_steps = x.shape[0], cfg.pgd_steps
     reference = "trades-kl" if "trades-kl" in times else setting.variants[0]
     rows = []
     for name in setting.variants:
@@ -243,10 +228,10 @@ def measure_updates(model: nn.Module, cfg: AdversarialConfig, repeats: int, repo
 
     def sgd(**kind):
         return torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
-                               nesterov=True, **kind)  # fmt: skip
+                               nesterov=True, **kind)
 
     optimizers = {"SGD loop": sgd(foreach=False), "SGD foreach": sgd(foreach=True),
-                  "SGD fused (ours)": build_optimizer(model, cfg)}  # fmt: skip
+                  "SGD fused (ours)": build_optimizer(model, cfg)}
     ema = EMA(model, cfg.ema_tau, 0)
     ema.num_updates = 10**6  # past the warm-up: every update averages
 
@@ -262,7 +247,7 @@ def measure_updates(model: nn.Module, cfg: AdversarialConfig, repeats: int, repo
     times = alternate(runs, repeats, 2, device, progress=False)
     medians = {name: median(t) for name, t in times.items()}
     rows = [[name, f"{medians[name] * 1e3:.2f}", f"{ratio(times[name.split()[0] + ' loop'], times[name]):.2f}"]
-            for name in runs]  # fmt: skip
+            for name in runs]
     params = sum(p.numel() for p in model.parameters())
     report.table(f"updates per step: {cfg.model} ({params / 1e6:.1f}M parameters), {repeats} rounds",
                  ["update", "ms (median)", "speed-up over the loop"], rows)
@@ -285,8 +270,8 @@ def cifar_setting(cfg: TrainStepConfig, num_classes: int) -> Setting:
     images = torch.rand(cfg.cifar_train_size, 3, 32, 32, generator=generator)
     labels = torch.arange(cfg.cifar_train_size) % num_classes
     train_cfg = AdversarialConfig(dataset="cifar10" if num_classes == 10 else "cifar100", model=cfg.cifar_model,
-                                  eps=8 / 255, step_size=2 / 255, steps=cfg.cifar_steps, batch_size=cfg.cifar_batch,
-                                  noise_std=8 / 255)
+                                  eps=8 / 255, step_size=2 / 255, pgd_steps=cfg.cifar_steps,
+                                  batch_size=cfg.cifar_batch, noise_std=8 / 255)
     return Setting(f"CIFAR-{num_classes}", train_cfg, cfg.cifar_preset, num_classes, x, y, images, labels,
                    cfg.cifar_variants, cfg.cifar_repeats, 0)
 

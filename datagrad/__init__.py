@@ -30,13 +30,14 @@ from .risks import (
     standard_risk,
 )
 from .smoothing import MeanEstimate, gaussian_risk_samples, noisy_loss, smoothing_estimates
-from .toys import GaussianMixture, MixturePosterior, seed_toy
+from .toys import TOY_MIXTURES, GaussianMixture, MixturePosterior, seed_toy, toy_mixture
 from .worst_case import ATTACKS, WorstCase, bootstrap_mean, worst_case
 
 __all__ = [
     "ATTACKS",
     "DISTANCES",
     "PGD",
+    "TOY_MIXTURES",
     "AlignmentTerms",
     "DataPosterior",
     "Distance",
@@ -71,6 +72,7 @@ __all__ = [
     "self_consistent_kl",
     "smoothing_estimates",
     "standard_risk",
+    "toy_mixture",
     "uniform_in_ball",
     "worst_case",
 ]

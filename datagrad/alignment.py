@@ -155,7 +155,7 @@ def expansion_check(
         predicted, predicted_general = standard + 2 * eps * alignment, standard + eps * general
         gap, gap_general = abs(score - predicted), abs(score - predicted_general)
         points.append(ExpansionPoint(eps, score, predicted, predicted_general, gap, gap_general, gap / eps,
-                                     gap_general / eps))  # fmt: skip
+                                     gap_general / eps))
     eps_list = [p.eps for p in points]
     return {
         "terms": terms,

@@ -113,5 +113,5 @@ def autograd_grad_log_posterior(log_posterior, x: Tensor, num_classes: int) -> T
         x = x.detach().requires_grad_(True)
         log_p = log_posterior(x)
         rows = [torch.autograd.grad(log_p[:, k].sum(), x, retain_graph=k + 1 < num_classes)[0]
-                for k in range(num_classes)]  # fmt: skip
+                for k in range(num_classes)]
     return torch.stack(rows, dim=1)

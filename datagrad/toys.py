@@ -24,6 +24,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -171,3 +172,37 @@ def seed_toy() -> GaussianMixture:
     Its true log-odds are log p(y=1|x)/p(y=0|x) = −0.375 x² + 1.25 x + ½·log 4 − log 5 − 0.375.
     """
     return GaussianMixture(means=[[-1.0], [1.0]], stds=[2.0, 1.0], priors=[5 / 6, 1 / 6])
+
+
+# -- the Gaussian-mixture image toys (gmm-*) ------------------------------------------------------------------------
+def _hadamard_patterns(num_classes: int, side: int) -> np.ndarray:
+    """Rows 1..K of the Sylvester–Hadamard matrix of order side², as ±1 patterns [K, side²].
+
+    h(i, j) = (−1)^popcount(i & j): stripes and checkerboards, any two differing in exactly half the pixels.
+    """
+    index = np.arange(side * side)
+    rows = np.arange(1, num_classes + 1)
+    popcount = np.vectorize(lambda n: bin(n).count("1"))(rows[:, None] & index[None, :])
+    return (1.0 - 2.0 * (popcount % 2)).astype(np.float64)
+
+
+# name: (classes K, image side, pattern amplitude a, per-pixel std s); means 0.5 + a·pattern, equal priors.
+TOY_MIXTURES = {
+    "gmm-8x8": (10, 8, 0.10, 0.15),
+    "gmm-4x4": (3, 4, 0.15, 0.15),
+}
+
+
+def toy_mixture(name: str) -> GaussianMixture:
+    """The exact ``GaussianMixture`` (event shape (1, side, side)) behind a toy dataset.
+
+    Means 0.5 + a·h_k with h_k ±1 Hadamard patterns (so ||μ_j − μ_k||² = 2·d·a² for all j ≠ k), isotropic
+    std s, uniform priors.
+    """
+    if name not in TOY_MIXTURES:
+        raise ValueError(f"unknown toy mixture {name!r}; valid: {', '.join(TOY_MIXTURES)}")
+    num_classes, side, amplitude, std = TOY_MIXTURES[name]
+    means = 0.5 + amplitude * _hadamard_patterns(num_classes, side)
+    return GaussianMixture(means, [std] * num_classes, [1.0 / num_classes] * num_classes, (1, side, side))
+
+

@@ -35,6 +35,7 @@ from .attacks import pgd
 from .distances import get_distance
 from .losses import Model
 from .posteriors import DataPosterior, attach_log_posterior, check_num_classes
+from .seeding import derived_seed
 
 ATTACKS = ("l1", "kl", "data-margin", "model-margin", "madry-kl")
 REPORTED = ("score_l1", "score_kl", "madry_kl")
@@ -139,8 +140,8 @@ def worst_case(
             return KL(log_p_clean.to(log_q.dtype), log_q)  # madry-kl
 
         for restart in range(restarts):
-            generator = torch.Generator(device=x.device).manual_seed(int(np.random.SeedSequence(
-                [seed, ATTACKS.index(attack), restart]).generate_state(1)[0]))
+            generator = torch.Generator(device=x.device).manual_seed(
+                derived_seed(seed, ATTACKS.index(attack), restart, bits=32))
             last = pgd(loss, x, eps, step_size, steps, norm, random_start=True, clamp=clamp, generator=generator)
             with torch.no_grad():
                 record(last, posterior.log_posterior(last).double(), _log_probs(model, last).double(), mine)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from trainlib.data import load_dataset, toy_mixture
 
 from analysis.toy_demo import ToyDemoConfig
 from datagrad import PGD, score_risk
@@ -25,7 +26,6 @@ from trainlib.adversarial import (
 )
 from trainlib.checkpoint import load_weights, load_weights_metadata
 from trainlib.config import config_to_dict, parse_config, run_cli
-from trainlib.data import load_dataset, toy_mixture
 from trainlib.posterior_training import PosteriorNetConfig
 from trainlib.scorenet_training import ScoreNetConfig
 
@@ -39,7 +39,7 @@ def tiny(tmp_path, name="run", **overrides) -> AdversarialConfig:
         dataset="digits", model="mlp", objective="trades-se", eps=0.2, step_size=0.1, steps=2, batch_size=32,
         epoch_size=64, epochs=2, n_val=32, n_test=32, cpu_threads=1, checkpoint_every=1, keep_last=2, log_every=1,
         eval_batch_size=64, out=str(tmp_path / name),
-    )  # fmt: skip
+    )
     options.update(overrides)
     return (DirectScoreConfig if options["objective"] == "direct-score" else AdversarialConfig)(**options)
 
@@ -58,7 +58,7 @@ def test_run_directory_layout(finished_run):
     cfg, results = finished_run
     run = Path(cfg.out)
     for name in ("config.json", "log.txt", "metrics.jsonl", "results.json", "ema.safetensors", "model.safetensors",
-                 "best/ema.safetensors", "best/metrics.json"):  # fmt: skip
+                 "best/ema.safetensors", "best/metrics.json"):
         assert (run / name).is_file(), name
     assert any((run / "tb").iterdir())
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000003", "step_000004"]  # keep_last 2
@@ -92,7 +92,7 @@ def test_evaluate_command_on_run_and_checkpoint(finished_run, tmp_path):
     record = evaluate_checkpoint(EvaluateConfig(
         checkpoint=str(run), n_examples=24, autoattack_version="apgd-ce", eps_curve=(0.0, 1.0), batch_size=24,
         out=str(tmp_path / "eval"),
-    ))  # fmt: skip
+    ))
     saved = json.loads((tmp_path / "eval" / "robustbench.json").read_text())
     assert saved == record and saved["n_examples"] == 24 and saved["eps"] == "51/255"
     assert float(saved["autoattack_acc"]) <= float(saved["pgd_cw_acc"]) + 0.1 <= float(saved["clean_acc"]) + 0.1
@@ -130,7 +130,7 @@ def test_interrupted_then_resumed_run_ends_with_the_same_weights(tmp_path, accum
 def test_direct_score_with_analytic_posterior_lowers_the_score_risk(tmp_path):
     cfg = tiny(tmp_path, dataset="gmm-4x4", objective="direct-score", posterior="analytic", eps=0.1, step_size=0.05,
                steps=3, batch_size=128, epoch_size=1280, epochs=6, log_every=10, val_every=0, checkpoint_every=0,
-               n_test=64)  # fmt: skip
+               n_test=64)
     train(cfg)
     losses = [r["train/loss_robust"] for r in metrics(cfg.out) if "train/loss_robust" in r]
     assert losses[-1] < 0.8 * losses[0]
@@ -203,7 +203,7 @@ def test_direct_score_with_scorenet_makes_one_call_per_attack_step(tmp_path, mon
     monkeypatch.setattr(ScoreNet, "from_pretrained", classmethod(spy))
     scorenet_dir = _save_scorenet(tmp_path / "scorenet", 10)
     cfg = tiny(tmp_path, objective="direct-score", posterior="scorenet", anchor="label", scorenet=str(scorenet_dir),
-               batch_size=8, epoch_size=16, epochs=1, steps=2, val_every=0, n_test=8)  # fmt: skip
+               batch_size=8, epoch_size=16, epochs=1, steps=2, val_every=0, n_test=8)
     train(cfg)
     (scorenet,) = loaded
     training_steps = 2
@@ -266,7 +266,7 @@ def test_recipes_are_valid(recipe, capsys):
 def test_table4_recipes_cover_every_row():
     names = {p.stem for p in RECIPES}
     rows = ["cifar10-linf-wrn-28-10", "cifar10-linf-wrn-70-16", "cifar10-l2-wrn-28-10", "cifar100-linf-wrn-28-10",
-            "cifar100-linf-wrn-70-16"]  # fmt: skip
+            "cifar100-linf-wrn-70-16"]
     assert {f"{row}-{tag}" for row in rows for tag in ("kl", "se-beta3", "se-beta4")} <= names
     for row in rows:
         recipe = json.loads((ROOT / "recipes" / f"{row}-se-beta4.json").read_text())
@@ -282,12 +282,12 @@ def test_two_process_cpu_run_equals_one_process_run(tmp_path):
     and with a model without BN and no random starts the result equals a one-process run on the same global batches."""
     options = ["--model", "cnn-small", "--objective", "standard", "--batch-size", "32", "--epoch-size", "128",
                "--epochs", "1", "--n-val", "32", "--n-test", "32", "--cpu-threads", "1", "--checkpoint-every", "2",
-               "--keep-last", "5", "--num-processes", "2"]  # fmt: skip
+               "--keep-last", "5", "--num-processes", "2"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "TRAINLIB_DEBUG": "1"}
     launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-              "--main_process_port", "0", str(ROOT / "train" / "train_classifier.py")]  # fmt: skip
+              "--main_process_port", "0", str(ROOT / "train" / "train_classifier.py")]
     result = subprocess.run([*launch, *options, "--out", str(tmp_path / "two")], capture_output=True, text=True,
-                            env=env, cwd=tmp_path, timeout=300)  # fmt: skip
+                            env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     two = tmp_path / "two"
     assert json.loads((two / "config.json").read_text())["run"]["world_size"] == 2

@@ -45,7 +45,7 @@ def test_terms_match_finite_differences(norm, q):
     expected_condition = torch.tensor([
         all(math.copysign(1, f[b, k]) == -math.copysign(1, f[b, label[b]]) for k in range(3) if k != label[b])
         for b in range(len(x))
-    ])  # fmt: skip
+    ])
 
     assert torch.equal(terms.label, label)
     torch.testing.assert_close(terms.standard_l1, f.abs().sum(1))

@@ -25,7 +25,7 @@ def tiny_run(directory: Path, objective: str) -> Path:
         dataset="gmm-4x4", model="mlp", objective=objective, eps=0.1, step_size=0.05, steps=2, batch_size=64,
         epoch_size=128, epochs=2, n_val=32, n_test=32, cpu_threads=1, checkpoint_every=0, snapshot_every=1,
         log_every=1, eval_batch_size=64, out=str(directory),
-    )  # fmt: skip
+    )
     train(cfg)
     return directory
 
@@ -37,7 +37,7 @@ def built_report(tmp_path_factory):
     names = [str(r) for r in runs]
     out = root / "out"
     alignment.main([*names, "--n-points", "48", "--eps-scales", "1", "0.5", "0.25", "--pgd-steps", "5",
-                    "--out", str(out)])  # fmt: skip
+                    "--out", str(out)])
     # the library calls behind the other two commands (their figures are drawn by the report below)
     smoothing.run_analysis(smoothing.SmoothingConfig(runs=tuple(names), sigmas=(0.1, 0.3), n_points=200, n_noise=4))
     dynamics.run_analysis(dynamics.DynamicsConfig(runs=tuple(names), n_points=48, pgd_steps=3))
@@ -52,7 +52,7 @@ def test_analyses_are_cached_per_run_and_read_back(built_report, monkeypatch):
         assert sources.cache_path(runs[0], name).is_file(), name
     monkeypatch.setattr(alignment, "analyse", lambda *a: pytest.fail("recomputed a cached analysis"))
     again = alignment.run_analysis(alignment.AlignmentConfig(runs=tuple(map(str, runs)), n_points=48,
-                                                             eps_scales=(1.0, 0.5, 0.25), pgd_steps=5))  # fmt: skip
+                                                             eps_scales=(1.0, 0.5, 0.25), pgd_steps=5))
     assert [r["objective"] for r in again] == ["standard", "trades-se"]
     theorem4 = again[1]
     assert theorem4["dual_norm_q"] == 1.0 and len(theorem4["expansion"]["points"]) == 3
@@ -104,7 +104,7 @@ def test_report_renders_in_headless_chromium_with_every_image(built_report):
 def weights_file(path: Path, dataset: str, num_classes: int, image_shape) -> Path:
     model = build_classifier("mlp", dataset, num_classes, image_shape)
     info = dict(model="mlp", dataset=dataset, num_classes=num_classes, image_shape=list(image_shape), norm="linf",
-                eps=0.2, objective="standard")  # fmt: skip
+                eps=0.2, objective="standard")
     save_weights(path, model.state_dict(), {"trainlib": json.dumps(info)})
     return path
 
@@ -132,7 +132,7 @@ def test_score_net_path_runs_both_theorems(tmp_path):
         "kind": "estimate, as in direct SCORE training", "posterior": "posterior-net", "noise_std": 0.2,
         "posterior_net": str(posterior_net), "scorenet": "runs/scorenet-digits"}
     records = smoothing.main([str(weights), "--scorenet", str(net), "--sigmas", "0.2", "--n-points", "4",
-                              "--n-noise", "2", "--out", str(tmp_path / "out")])  # fmt: skip
+                              "--n-noise", "2", "--out", str(tmp_path / "out")])
     assert records[0]["n_samples"] == 8 and records[0]["settings"]["class_score"] == str(net)
     batched = smoothing.run_analysis(smoothing.SmoothingConfig(runs=(str(weights),), scorenet=str(net), sigmas=(0.2,),
                                                                n_points=4, n_noise=2, batch_size=3), recompute=True)

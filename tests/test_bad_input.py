@@ -67,10 +67,10 @@ def generic_rows() -> list[Row]:
     """Rows every entry point gets: recipe files (parse_config) and an unknown flag."""
     parsed = [entry for entry, (_, uses_parse_config) in ENTRY_POINTS.items() if uses_parse_config]
     recipes = [("unknown key 'bogus_option' in recipe", "unknown-key.json"), ("is not valid JSON", "malformed.json"),
-               ("recipe file not found", "missing.json")]  # fmt: skip
+               ("recipe file not found", "missing.json")]
     rows = [row(entry, names, "--config", f"{{in}}/recipes/{file}") for entry in parsed for names, file in recipes]
     return rows + [row(entry, "unrecognized arguments: --no-such-option", "--out", "{out}", "--no-such-option", "1")
-                   for entry in ENTRY_POINTS]  # fmt: skip
+                   for entry in ENTRY_POINTS]
 
 
 GENERIC = generic_rows()
@@ -222,7 +222,7 @@ ROWS = [
     row("report", "has no results.json", "{in}/run-config-only", "--out", "{out}"),
     row("report", "a run directory is given twice", "{in}/run-config-only", "{in}/run-config-only", "--out", "{out}"),
     row("report", "run directory not found", "{in}/missing-run", "--out", "{out}"),
-]  # fmt: skip
+]
 
 
 # -- the prepared inputs --------------------------------------------------------------------------------------------
@@ -293,7 +293,7 @@ def inputs(tmp_path_factory) -> Path:
     (root / "run-config-only" / "config.json").write_text(json.dumps({"config": {}, "run": {}}))
     (save_scorenet(root / "sn-bad-config", 3, (1, 8, 8)) / "scorenet_config.json").write_text("{")
     generate(GenerateConfig(scorenet=str(root / "sn-3class-8x8"), out=str(root / "generated-run"), num_images=3,
-                            shard_size=3, steps=1, grid_columns=0))  # fmt: skip
+                            shard_size=3, steps=1, grid_columns=0))
     for step, damage in ((1, "pickle"), (2, "corrupt")):  # step checkpoint folders
         folder = root / "checkpoints" / f"step_{step:06d}"
         folder.mkdir(parents=True)
@@ -307,7 +307,7 @@ def inputs(tmp_path_factory) -> Path:
 
 def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
     return {p.relative_to(directory).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(directory.rglob("*"))}  # fmt: skip
+            for p in sorted(directory.rglob("*"))}
 
 
 # -- running a row --------------------------------------------------------------------------------------------------
@@ -335,9 +335,9 @@ def run_subprocess(entry: str, argv: list[str], cwd: Path) -> tuple[int, str]:
     target, _ = ENTRY_POINTS[entry]
     command = [str(ROOT / target)] if target.endswith(".py") else ["-m", target]
     env = {**os.environ, "TRAINLIB_DEBUG": "", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, *command, *argv], cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=300)  # fmt: skip
+                            timeout=300)
     return result.returncode, result.stderr
 
 

@@ -32,7 +32,7 @@ def test_sync_counter_sees_every_kind_of_host_read():
         x.tolist()
         x.cpu()
     assert syncs.counts == {"aten._local_scalar_dense": 3, "aten.equal": 1, "aten.nonzero": 1,
-                            "aten.index (boolean mask)": 1, "Tensor.tolist": 1, "Tensor.cpu": 1}  # fmt: skip
+                            "aten.index (boolean mask)": 1, "Tensor.tolist": 1, "Tensor.cpu": 1}
     assert torch.Tensor.tolist is not None and x.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # methods restored
 
 
@@ -48,7 +48,7 @@ def test_flop_counter_counts_matmuls_forward_and_backward():
 def test_alternation_interleaves_runs_and_ratio_is_per_round():
     order = []
     times = alternate({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, repeats=3, warmup=1,
-                      progress=False)  # fmt: skip
+                      progress=False)
     assert order == ["a", "b", "b", "a"] * 2 and [len(t) for t in times.values()] == [3, 3]  # rotated per round
     assert ratio([2.0, 4.0, 30.0], [1.0, 1.0, 10.0]) == 3.0  # median of 2, 4, 3
 
@@ -101,7 +101,7 @@ def test_train_step_benchmark_counts_network_calls(tmp_path, capsys):
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps({**load_recipe(AdversarialConfig, RECIPE), "batch_size": 4, "steps": 2}))
     record = run_benchmark("train_step", [*COMMON, "--no-cifar", "--updates-repeats", "1", "--digits-recipe",
-                                          str(recipe), "--digits-preset", "tiny8"], capsys, tmp_path)  # fmt: skip
+                                          str(recipe), "--digits-preset", "tiny8"], capsys, tmp_path)
     counts = record["results"]["digits"]["counts"]
     trajectory = counts["direct-score/trajectory"]["calls"]
     assert trajectory["score net"] == [4 * 10] * 3  # the anchor, then one call over B·K inputs per attack step
@@ -120,7 +120,7 @@ def test_attacks_benchmark(tmp_path, capsys):
     else:
         pytest.importorskip("torchattacks", reason="benchmark-only extra: pip install -e '.[bench]' (CI runs it)")
     record = run_benchmark("attacks", [*COMMON, "--train-epochs", "1", "--n-points", "32", "--steps", "2"], capsys,
-                           tmp_path)  # fmt: skip
+                           tmp_path)
     accuracy = record["results"]["linf"]["robust_accuracy"]
     assert set(accuracy) == {"ours", "torchattacks", "torchattacks, frozen", "ours, keep_best"}
 
@@ -128,12 +128,12 @@ def test_attacks_benchmark(tmp_path, capsys):
 def test_data_path_generation_and_gpu_benchmarks(tmp_path, capsys):
     data = run_benchmark("data_path", [*COMMON, "--num-images", "3000", "--shard-size", "1000", "--num-real", "500",
                                        "--batches", "2", "--model", "mlp", "--workdir", str(tmp_path)], capsys,
-                         tmp_path)  # fmt: skip
+                         tmp_path)
     assert data["results"]["memory"]["peak over all readings"]["RssAnon"] > 0
     assert not any(tmp_path.glob("benchmark-shards-*"))  # deleted without --keep
     generation = run_benchmark("generation", [*COMMON, "--batch-size", "2", "--ddpm-steps", "3", "--ddim-steps", "2",
                                               "--dpm-steps", "2", "--cifar-preset", "none"], capsys, tmp_path)
     assert generation["results"]["calls_per_image"] == {"ddpm": 3, "ddim": 2, "dpmsolver++": 2}
     gpu = run_benchmark("gpu", [*COMMON, "--model", "wrn-10-1", "--preset", "tiny8", "--batch-size", "4", "--steps",
-                                "2"], capsys, tmp_path)  # fmt: skip
+                                "2"], capsys, tmp_path)
     assert torch.cuda.is_available() or gpu["headline"].startswith("no GPU figures")

@@ -91,7 +91,7 @@ def test_round_trip_restores_model_optimizer_scheduler_ema_and_rng(run_with_two_
     assert sorted(p.name for p in path.iterdir()) == [
         "custom_checkpoint_0.pkl", "manifest.json", "meta.json", "model.safetensors", "optimizer.bin",
         "random_states_0.pkl", "scheduler.bin",
-    ]  # fmt: skip
+    ]
     training = make_training(1)  # different initial weights
     torch.rand(5), np.random.rand(5), random.random()  # and different RNG positions
     meta = load_checkpoint(training[0], path)

@@ -32,11 +32,11 @@ ROOT = Path(__file__).resolve().parent.parent
 SEED = int(os.environ.get("TRAINLIB_CRASH_SEED", "0"))
 
 SCORENET = ["--dataset", "gmm-4x4", "--preset", "tiny8", "--channels", "8", "16", "--batch-size", "8", "--steps", "12",
-            "--warmup-steps", "2", "--checkpoint-every", "1", "--keep-last", "3", "--log-every", "4"]  # fmt: skip
+            "--warmup-steps", "2", "--checkpoint-every", "1", "--keep-last", "3", "--log-every", "4"]
 CLASSIFIER = ["--dataset", "digits", "--model", "mlp-bn", "--objective", "trades-se", "--eps", "0.2", "--step-size",
               "0.1", "--steps", "2", "--batch-size", "32", "--epoch-size", "128", "--epochs", "3", "--n-val", "16",
               "--n-test", "16", "--cpu-threads", "1", "--checkpoint-every", "1", "--keep-last", "2", "--log-every",
-              "4", "--eval-batch-size", "64"]  # fmt: skip   # 4 steps per epoch, 12 steps, validation every epoch
+              "4", "--eval-batch-size", "64"]  # 4 steps per epoch, 12 steps, validation every epoch
 NO_STEP_CHECKPOINTS = ["--checkpoint-every", "0"]  # references: saving never changes the weights, only costs time
 GENERATE = ["--num-images", "24", "--shard-size", "2", "--batch-size", "2", "--steps", "4", "--grid-columns", "2"]
 
@@ -51,7 +51,7 @@ def start(script: str, argv: list[str], workdir: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRAINLIB_DEBUG": ""}
     with open(workdir / f"{Path(script).stem}.stderr", "w") as log:  # the child keeps its own copy
         return subprocess.Popen([sys.executable, str(ROOT / "train" / script), *argv], cwd=workdir, env=env,
-                                stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)  # fmt: skip
+                                stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
 
 
 def kill_when(process: subprocess.Popen, ready, delay: float, timeout: float = 300.0) -> None:
@@ -121,7 +121,7 @@ def test_killed_scorenet_run_resumes_past_a_corrupt_checkpoint_to_identical_weig
     out = tmp_path / "scorenet"
     k, delay = kill_point(1, 3, 6)
     kill_when(start("train_scorenet.py", [*SCORENET, "--out", str(out)], tmp_path),
-              lambda: newest_step(out) >= k, delay)  # fmt: skip
+              lambda: newest_step(out) >= k, delay)
     assert not (out / "results.json").exists()  # the kill landed mid-run
     checkpoints = list_checkpoints(out / "checkpoints")
     assert len(checkpoints) >= 2 and checkpoints[-1][0] < 12
@@ -138,7 +138,7 @@ def test_killed_scorenet_run_resumes_past_a_corrupt_checkpoint_to_identical_weig
     assert_same_weights(out / "scorenet" / "unet" / "diffusion_pytorch_model.safetensors",
                         scorenet_reference / "scorenet" / "unet" / "diffusion_pytorch_model.safetensors")  # the EMA
     assert_same_weights(out / "checkpoints" / "step_000012" / "model.safetensors",
-                        scorenet_reference / "checkpoints" / "step_000012" / "model.safetensors")  # fmt: skip
+                        scorenet_reference / "checkpoints" / "step_000012" / "model.safetensors")
 
 
 # -- classifier training -----------------------------------------------------------------------------------------
@@ -154,7 +154,7 @@ def test_killed_classifier_run_resumes_to_identical_weights_and_results(classifi
     out = tmp_path / "classifier"
     k, delay = kill_point(2, 2, 6)
     kill_when(start("train_classifier.py", [*CLASSIFIER, "--out", str(out)], tmp_path),
-              lambda: newest_step(out) >= k, delay)  # fmt: skip
+              lambda: newest_step(out) >= k, delay)
     assert not (out / "results.json").exists() and not (out / "ema.safetensors").exists()
     assert newest_step(out) < 12
     leftover = plant_temporary(out, "results.json")
@@ -167,7 +167,7 @@ def test_killed_classifier_run_resumes_to_identical_weights_and_results(classifi
     assert results["best_val"] == reference_results["best_val"] and results["steps"] == 12
     accuracies = ("clean_acc", "pgd_ce_acc", "pgd_cw_acc", "worst_case_acc", "sanity_passed")
     assert {key: results["test"][key] for key in accuracies} == {key: reference_results["test"][key] for key in
-                                                                 accuracies}  # fmt: skip
+                                                                 accuracies}
 
 
 # -- generation ----------------------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ import pickle
 import numpy as np
 import pytest
 import torch
-
 from trainlib.data import (
     BatchLoader,
     ImageDataset,
@@ -22,6 +21,7 @@ from trainlib.data import (
     read_npz,
     toy_mixture,
 )
+
 from trainlib.files import atomic_save_npz
 
 
@@ -56,7 +56,7 @@ def _write_cifar_fixture(root, name, images_per_file):
     rng = np.random.default_rng(0)
     if name == "cifar10":
         folder, files, label_key, meta = "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "labels", (
-            "batches.meta", {"label_names": [f"c{i}" for i in range(10)]})  # fmt: skip
+            "batches.meta", {"label_names": [f"c{i}" for i in range(10)]})
         files.append("test_batch")
     else:
         folder, files, label_key = "cifar-100-python", ["train", "test"], "fine_labels"
@@ -269,7 +269,7 @@ def _loaders(world_size, **kwargs):
         BatchLoader(real, 64, generated=generated, unsup_fraction=0.7, epoch_size=320, seed=5,
                     world_size=world_size, rank=rank, augment=True, **kwargs)
         for rank in range(world_size)
-    ]  # fmt: skip
+    ]
 
 
 def test_mid_epoch_resume_equals_continuing():
@@ -344,7 +344,7 @@ def test_augmented_batches_of_stored_pixels_equal_the_float_path(tmp_path):
         as_float = lambda a: a.astype(np.float32) / np.float32(255) if a.dtype == np.uint8 else a
         everything = torch.from_numpy(np.concatenate([as_float(pixels), as_float(shard)])).permute(0, 3, 1, 2)
         loader = BatchLoader(real, 16, generated=generated, unsup_fraction=0.5, epoch_size=48, seed=1, augment=True,
-                             padding=2, world_size=2, rank=1)  # fmt: skip
+                             padding=2, world_size=2, rank=1)
         for batch in range(len(loader)):
             x, y = loader.batch(0, batch)
             reference, labels = loader.dataset.get(loader.sampler.batch_indices(0, batch))

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 10  # --collective-timeout of the test runs, seconds
 OPTIONS = ["--model", "mlp", "--objective", "standard", "--batch-size", "32", "--epoch-size", "32000", "--epochs", "1",
            "--n-val", "32", "--n-test", "32", "--cpu-threads", "1", "--checkpoint-every", "2", "--log-every", "2",
-           "--num-processes", "2", "--collective-timeout", str(TIMEOUT)]  # fmt: skip   # 1,000 steps: far from done
+           "--num-processes", "2", "--collective-timeout", str(TIMEOUT)]  # 1,000 steps: far from done
 
 
 def free_port() -> int:
@@ -37,12 +37,12 @@ def start_ranks(out: Path, workdir: Path) -> list[subprocess.Popen]:
     for rank in range(2):
         env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TRAINLIB_DEBUG": "", "RANK": str(rank),
                "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port)}  # fmt: skip
+               "MASTER_PORT": str(port)}
         with open(workdir / f"rank{rank}.stderr", "w") as stderr:  # the child keeps its own copy
             ranks.append(subprocess.Popen(
                 [sys.executable, str(ROOT / "train" / "train_classifier.py"), *OPTIONS, "--out", str(out)],
                 cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
-            ))  # fmt: skip
+            ))
     return ranks
 
 

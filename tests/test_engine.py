@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from trainlib.engine import TrainingSession, create_accelerator, one_cycle_cosine, rank_generator
 
 from trainlib.ema import EMA
-from trainlib.engine import TrainingSession, create_accelerator, one_cycle_cosine, rank_generator
 
 
 @dataclasses.dataclass
@@ -90,7 +90,7 @@ def test_refuses_fresh_start_into_existing_run_before_writing(accelerator, tmp_p
 
 def test_metrics_are_window_means_and_checkpoints_are_step_named(accelerator, tmp_path):
     session = TrainingSession(accelerator, tmp_path / "run", TinyConfig(), total_steps=7, log_every=3,
-                              checkpoint_every=2, keep_last=2)  # fmt: skip
+                              checkpoint_every=2, keep_last=2)
     assert session.start().step == 0
     for step in range(1, 8):
         session.log_train(step, {"value": torch.tensor(float(step)), "square": torch.tensor(float(step**2))}, lr=0.5)
@@ -117,7 +117,7 @@ def _train_linear(run_dir, stop_at, total=6, resume="none"):
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     ema = EMA(model, tau=0.5, warmup_steps=1)
     session = TrainingSession(accelerator, run_dir, TinyConfig(), total_steps=total, resume=resume,
-                              checkpoint_every=100)  # fmt: skip
+                              checkpoint_every=100)
     start = session.start(ema)
     step = start.step
     while step < stop_at:

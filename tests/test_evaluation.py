@@ -97,7 +97,7 @@ def test_pgd_equals_closed_form_robust_accuracy_l2(loss):
     distance = s * (x.flatten(1).double() @ w.double() + c) / w.double().norm()
     clear = (distance - eps).abs() > 0.02 * eps
     found = pgd_correct(Linear2(w, c), x[clear], y[clear], eps, "l2", steps=100, step_size=eps / 4, loss=loss,
-                        generator=generator())  # fmt: skip
+                        generator=generator())
     assert torch.equal(found, (distance > eps)[clear])
     assert 0.1 < (distance > eps)[clear].float().mean() < (distance > 0)[clear].float().mean() - 0.05
 
@@ -197,12 +197,12 @@ def test_sanity_checks_pass_on_a_normal_model_and_record_is_robustbench_style(ro
     model, x, y = robust_mlp
     model.train()  # evaluation must switch to eval mode itself and restore the mode afterwards
     result = evaluate(model, x, y, 0.1, "linf", autoattack_version="custom", autoattack_attacks=["apgd-ce", "apgd-t"],
-                      check_examples=256)  # fmt: skip
+                      check_examples=256)
     assert model.training
     assert [check.name for check in result.checks] == [
         "inputs_in_range", "eval_mode", "deterministic", "autoattack_valid", "eps_zero", "large_eps",
         "gradient_masking", "accuracy_order",
-    ]  # fmt: skip
+    ]
     assert result.passed, [check for check in result.checks if not check.passed]
     assert result.autoattack_acc <= min(result.pgd_acc.values()) <= max(result.pgd_acc.values()) <= result.clean_acc
     assert 0.5 < result.autoattack_acc < result.clean_acc  # a meaningful robust accuracy
@@ -329,7 +329,7 @@ def test_bad_arguments_raise():
     ("eps", "text"),
     [(8 / 255, "8/255"), (torch.tensor(8 / 255).item(), "8/255"), (128 / 255, "128/255"), (0.5, "0.5"),
      (0.1, "0.1"), (0.3, "0.3"), (0.0, "0"), (1.0, "1")],
-)  # fmt: skip
+)
 def test_format_eps(eps, text):
     assert format_eps(eps) == text
     assert parse_eps(text) == pytest.approx(eps, abs=1e-7)

@@ -112,7 +112,7 @@ def test_run_dir_writes_config_log_metrics_tensorboard_and_results(tmp_path):
     (metrics,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {k: metrics[k] for k in ("step", "loss", "acc", "bad", "phase")} == {
         "step": 3, "loss": 0.5, "acc": 1, "bad": None, "phase": "train",
-    }  # fmt: skip
+    }
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "run" / "tb").iterdir())
     assert json.loads((tmp_path / "run" / "results.json").read_text()) == {"clean_acc": "90.00"}
 
@@ -134,7 +134,7 @@ def test_run_dir_is_never_deleted_and_resume_appends(tmp_path):
 @pytest.mark.parametrize(("tail", "steps"), [
     ('{"step": 3, "loss"', [1, 2]),  # a crash in the middle of an append
     ('{"step": 3, "loss": 0.1}\n' + "x" * 70000, [1, 3, 2]),  # a partial line longer than one read chunk
-])  # fmt: skip
+])
 def test_resume_cuts_a_partial_last_metrics_line(tmp_path, tail, steps):
     RunDir(tmp_path / "run", Cfg()).log_metrics({"loss": 1.0}, step=1)
     with open(tmp_path / "run" / "metrics.jsonl", "a") as f:

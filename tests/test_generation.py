@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from trainlib.data import load_generated, load_npz
 
 import trainlib.generation as generation
 from scorenets import ScoreNet, sample, to_uint8_nhwc
 from trainlib.adversarial import WEIGHTS_METADATA_KEY, build_classifier
 from trainlib.checkpoint import save_weights
 from trainlib.config import parse_config, run_cli
-from trainlib.data import load_generated, load_npz
 from trainlib.generation import GenerateConfig, derived_seed, generate
 from trainlib.quality import (
     QualityConfig,
@@ -50,14 +50,14 @@ def save_classifier(path, num_classes=K, shape=SHAPE, seed=1):
 
 def config(scorenet_dir, out, **overrides) -> GenerateConfig:
     options = dict(scorenet=str(scorenet_dir), out=str(out), num_images=10, shard_size=4, batch_size=3, steps=2,
-                   grid_columns=2)  # fmt: skip
+                   grid_columns=2)
     return GenerateConfig(**(options | overrides))
 
 
 def shards(out) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{file name: (images, labels)} as in-memory copies (a memory map of a file rewritten in place would fault)."""
     return {p.name: (np.array(d.parts[0]), d.labels.copy()) for p in sorted(Path(out).glob("shard_*.npz"))
-            for d in [load_npz(p)]}  # fmt: skip
+            for d in [load_npz(p)]}
 
 
 def assert_same_shards(a, b):
@@ -186,7 +186,7 @@ def test_filtering_keeps_the_most_confident_candidates_per_class(scorenet_dir, t
 
     classifier_path = save_classifier(tmp_path / "clf.safetensors")
     cfg = config(scorenet_dir, tmp_path / "filtered", num_images=6, shard_size=6,
-                 filter_classifier=str(classifier_path), keep_fraction=0.5)  # fmt: skip
+                 filter_classifier=str(classifier_path), keep_fraction=0.5)
     generate(cfg)
     images, labels = shards(cfg.out)["shard_00000.npz"]
     assert labels.tolist() == [0, 1, 2, 0, 1, 2]
@@ -200,7 +200,7 @@ def test_filtering_keeps_the_most_confident_candidates_per_class(scorenet_dir, t
         best = sorted(confidence.argsort(descending=True)[:2].tolist())
         assert np.array_equal(images[labels == c], candidates[best])
     same = config(scorenet_dir, tmp_path / "filtered-b1", num_images=6, shard_size=6,
-                  filter_classifier=str(classifier_path), keep_fraction=0.5, batch_size=1)  # fmt: skip
+                  filter_classifier=str(classifier_path), keep_fraction=0.5, batch_size=1)
     generate(same)
     assert_same_shards(cfg.out, same.out)
 
@@ -227,12 +227,12 @@ def test_classifier_of_another_class_count_is_refused_before_writing(scorenet_di
     classifier = save_classifier(tmp_path / "clf10.safetensors", num_classes=10)
     out = tmp_path / "out"
     code, err = cli(["--scorenet", str(scorenet_dir), "--out", str(out), "--filter-classifier", str(classifier)],
-                    capsys)  # fmt: skip
+                    capsys)
     assert code == 2 and "is for 10 classes" in err and not out.exists()
 
 
 @pytest.mark.parametrize("flags, message", [(["--num-images", "0"], "num_images"), (["--keep-fraction", "0"],
-                         "keep_fraction"), (["--guidance-scale", "-1"], "guidance_scale")])  # fmt: skip
+                         "keep_fraction"), (["--guidance-scale", "-1"], "guidance_scale")])
 def test_bad_options(scorenet_dir, tmp_path, capsys, flags, message):
     code, err = cli(["--scorenet", str(scorenet_dir), "--out", str(tmp_path / "out"), *flags], capsys)
     assert code == 2 and message in err and not (tmp_path / "out").exists()
@@ -244,7 +244,7 @@ def test_script_entry_point_writes_shards(scorenet_dir, tmp_path):
         [sys.executable, str(ROOT / "train" / "generate.py"), "--scorenet", str(scorenet_dir), "--out", str(out),
          "--num-images", "3", "--steps", "1", "--grid-columns", "1"],
         capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr
     assert load_npz(out / "shard_00000.npz").labels.tolist() == [0, 1, 2]
 
@@ -334,7 +334,7 @@ def test_quality_report_end_to_end(tmp_path):
     "kind, message",
     [("missing", "no .npz shards"), ("wrong-keys", "missing key"), ("out-of-range", "out of range for 3 classes"),
      ("wrong-shape", "generated images are (1, 8, 8)")],
-)  # fmt: skip
+)
 def test_quality_bad_generated_data(tmp_path, capsys, kind, message):
     image, label = np.zeros((4, 4, 4, 1), np.uint8), np.array([0, 1, 2, 0])
     location = tmp_path / "gen"
@@ -346,6 +346,6 @@ def test_quality_bad_generated_data(tmp_path, capsys, kind, message):
     elif kind == "wrong-shape":
         write_generated(location / "s.npz", np.zeros((4, 8, 8, 1), np.uint8), label)
     code, err = cli(["--generated", str(location), "--dataset", "gmm-4x4", "--epochs", "1"], capsys,
-                    entry=quality_report, cls=QualityConfig)  # fmt: skip
+                    entry=quality_report, cls=QualityConfig)
     assert code == 2 and message in err and len(err.splitlines()) == 1
     assert not (location / "quality").exists()

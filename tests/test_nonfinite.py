@@ -7,21 +7,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from trainlib.engine import NonFiniteError, NonFiniteGuard
 
 import trainlib.adversarial as adversarial
 import trainlib.scorenet_training as scorenet_training
 from trainlib.adversarial import AdversarialConfig
 from trainlib.checkpoint import list_checkpoints, load_weights, verify_checkpoint
 from trainlib.config import NONFINITE_EXIT_CODE, parse_config, run_cli
-from trainlib.engine import NonFiniteError, NonFiniteGuard
 from trainlib.scorenet_training import ScoreNetConfig, load_scorenet
 
 CLASSIFIER = ["--dataset", "digits", "--model", "mlp", "--objective", "trades-se", "--eps", "0.2", "--step-size", "0.1",
               "--steps", "1", "--batch-size", "32", "--epoch-size", "64", "--epochs", "4", "--n-val", "16",
               "--n-test", "16", "--cpu-threads", "1", "--checkpoint-every", "2", "--keep-last", "5", "--log-every", "3",
-              "--eval-batch-size", "64"]  # fmt: skip   # 2 steps per epoch, 8 steps
+              "--eval-batch-size", "64"]  # 2 steps per epoch, 8 steps
 SCORENET = ["--dataset", "gmm-4x4", "--preset", "tiny8", "--channels", "8", "16", "--batch-size", "8", "--steps", "6",
-            "--warmup-steps", "1", "--checkpoint-every", "2", "--keep-last", "5", "--log-every", "3"]  # fmt: skip
+            "--warmup-steps", "1", "--checkpoint-every", "2", "--keep-last", "5", "--log-every", "3"]
 
 
 def poison_step(call, bad_steps: set[int], what: str, model):
@@ -115,7 +115,7 @@ def test_stop_mode_records_the_first_bad_step_on_the_device_without_a_host_sync(
 @pytest.mark.parametrize(("boundary", "flags", "saved"), [
     ("log", ["--log-every", "3", "--checkpoint-every", "2"], [2, 4]),  # first check after step 5: the log at step 6
     ("validation", ["--log-every", "100", "--checkpoint-every", "4"], [4]),  # ... the EMA validation of epoch 3
-])  # fmt: skip
+])
 def test_classifier_stops_at_a_nan_loss_keeps_the_last_good_checkpoint_and_resumes(
     tmp_path, capsys, monkeypatch, boundary, flags, saved
 ):
@@ -144,14 +144,14 @@ def test_classifier_skip_mode_leaves_the_bad_step_without_an_update(tmp_path, mo
     out = tmp_path / "run"
     poison_objective(monkeypatch, {3, 4}, what="gradient")
     cfg = parse_config(AdversarialConfig, [*CLASSIFIER, "--nonfinite", "skip", "--checkpoint-every", "1",
-                                           "--keep-last", "10", "--out", str(out)])  # fmt: skip
+                                           "--keep-last", "10", "--out", str(out)])
     results = adversarial.train(cfg)
     assert results["steps"] == 8 and all_finite(load_weights(out / "ema.safetensors"))
     states = {step: torch.load(path / "custom_checkpoint_0.pkl", weights_only=True)  # the registered EMA
-              for step, path in list_checkpoints(out / "checkpoints")}  # fmt: skip
+              for step, path in list_checkpoints(out / "checkpoints")}
     weights = {step: load_weights(path / "model.safetensors") for step, path in list_checkpoints(out / "checkpoints")}
     schedule = {step: torch.load(path / "scheduler.bin", weights_only=True)["last_epoch"]
-                for step, path in list_checkpoints(out / "checkpoints")}  # fmt: skip
+                for step, path in list_checkpoints(out / "checkpoints")}
     for unchanged in (3, 4):
         assert all(torch.equal(weights[unchanged][k], weights[2][k]) for k in weights[2])
         assert states[unchanged]["num_updates"] == 2 and schedule[unchanged] == 2
@@ -178,7 +178,7 @@ def test_scorenet_skip_mode_finishes_with_finite_weights(tmp_path, monkeypatch):
     out = tmp_path / "sn"
     poison_dsm(monkeypatch, {2, 5}, "loss")
     summary = scorenet_training.train(parse_config(ScoreNetConfig, [*SCORENET, "--nonfinite", "skip", "--out",
-                                                                    str(out)]))  # fmt: skip
+                                                                    str(out)]))
     assert summary["steps"] == 6 and all_finite(load_scorenet(out).state_dict())
     assert all_finite(load_weights(out / "checkpoints" / "step_000006" / "model.safetensors"))
     assert "skipped step 5: non-finite loss and gradient norm (2 skipped so far)" in (out / "log.txt").read_text()

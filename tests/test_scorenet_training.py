@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def tiny_config(out, **overrides) -> ScoreNetConfig:
     """gmm-4x4 (3 classes, 1×4×4) with the tiny8 UNet: a training step takes a few milliseconds."""
     options = dict(dataset="gmm-4x4", preset="tiny8", batch_size=8, steps=5, warmup_steps=2, checkpoint_every=3,
-                   log_every=2, out=str(out))  # fmt: skip
+                   log_every=2, out=str(out))
     return ScoreNetConfig(**(options | overrides))
 
 
@@ -136,7 +136,7 @@ def test_bad_data_gives_one_error_line_and_no_run_directory(tmp_path, capsys, ki
     "flags, message",
     [(["--label-dropout", "1.5"], "label_dropout"), (["--preset", "huge"], "unknown UNet preset"),
      (["--batch-size", "10", "--grad-accumulation", "3"], "divisible"), (["--dataset", "mnist"], "unknown dataset")],
-)  # fmt: skip
+)
 def test_bad_options_are_refused(tmp_path, capsys, flags, message):
     code, err = cli([*flags, "--out", str(tmp_path / "run")], capsys)
     assert code == 2 and message in err and len(err.splitlines()) == 1
@@ -161,6 +161,6 @@ def test_fresh_start_into_an_existing_run_is_refused(finished_run, capsys):
 
 def test_script_entry_point_dry_run():
     result = subprocess.run([sys.executable, str(ROOT / "train" / "train_scorenet.py"), "--dry-run", "--steps", "7"],
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["steps"] == 7 and json.loads(result.stdout)["dataset"] == "digits"

@@ -4,7 +4,7 @@
     python train/evaluate.py --checkpoint runs/cifar10-linf-wrn28-10-se-beta4 --which best   # full test set
 
 Writes robustbench.json (clean_acc, autoattack_acc, eps, n_examples, ...), evaluation.json and accuracy_vs_eps.png
-into --out (default: <run>/eval). Options: ``trainlib.adversarial.EvaluateConfig`` (``--help``).
+into --out (default: <run>/eval). Options: ``trainlib.evaluate_command.EvaluateConfig`` (``--help``).
 """
 
 import sys
@@ -12,8 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from trainlib.adversarial import EvaluateConfig, evaluate_checkpoint
 from trainlib.config import parse_config, run_cli
+from trainlib.evaluate_command import EvaluateConfig, evaluate_checkpoint
 
 if __name__ == "__main__":
     run_cli(lambda: evaluate_checkpoint(parse_config(EvaluateConfig, prog="train/evaluate.py")))

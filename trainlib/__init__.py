@@ -5,14 +5,19 @@
     rundir      run directory: config.json, log.txt, metrics.jsonl, tb/, results.json (main process only)
     checkpoint  step-named, checksummed accelerate checkpoints; resume resolution; safetensors snapshots
     ema         EMA of weights with warm-up and the (1 + δ)/(10 + δ) decay ramp, BN statistics copied
-    data        datasets (digits, CIFAR, toys, npz), memory-mapped generated shards, real/generated
-                batch mixing, batched crop + flip augmentation
+    datasets    the image container and the named datasets (digits, CIFAR, gmm-*, digits-mixture, npz:PATH)
+    npz         validated, memory-mapped npz files and generated shards
+    sampling    real/generated batch mixing, deterministic and resumable, sharded by rank (``BatchLoader``)
+    augment     batched crop + flip
 
-Heavier modules are imported by name: ``models`` (classifiers), ``objectives`` (training losses), ``evaluation``
-(clean / PGD / AutoAttack with sanity checks), ``engine`` (accelerator, training session), ``adversarial``
-(classifier training and evaluation commands), ``scorenet_training``, ``generation`` and ``quality``.
+Heavier modules are imported by name: ``accelerator``, ``nonfinite`` and ``session`` (the engine of every run),
+``models`` and ``classifiers`` (networks; building, saving and loading classifiers), ``attack_mode``,
+``objectives`` (training losses), ``evaluation`` (clean / PGD / AutoAttack with sanity checks), ``adversarial``
+(classifier training), ``evaluate_command``, ``adam_loop`` (the loop of ``scorenet_training`` and
+``posterior_training``), ``data_posterior`` (p_d for direct SCORE), ``generation`` and ``quality``.
 """
 
+from .augment import random_crop_flip
 from .checkpoint import (
     CheckpointMeta,
     CheckpointWarning,
@@ -26,17 +31,7 @@ from .checkpoint import (
     verify_checkpoint,
 )
 from .config import config_hash, config_to_dict, parse_config, run_cli, save_config
-from .data import (
-    BatchLoader,
-    ImageDataset,
-    MixedBatchSampler,
-    load_dataset,
-    load_generated,
-    load_npz,
-    ordered_batches,
-    random_crop_flip,
-    toy_mixture,
-)
+from .datasets import ImageDataset, load_dataset
 from .ema import EMA
 from .files import (
     atomic_directory,
@@ -46,7 +41,9 @@ from .files import (
     atomic_write_text,
     cleanup_temporaries,
 )
+from .npz import load_generated, load_npz
 from .rundir import RunDir
+from .sampling import BatchLoader, MixedBatchSampler, ordered_batches
 
 __all__ = [
     "EMA",
@@ -79,6 +76,5 @@ __all__ = [
     "save_config",
     "save_step_checkpoint",
     "save_weights",
-    "toy_mixture",
     "verify_checkpoint",
 ]

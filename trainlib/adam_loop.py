@@ -1,7 +1,7 @@
 """The fixed-step Adam loop shared by the networks trained on noised data: score nets and posterior nets.
 
 ``AdamLoopOptions`` holds the fields both configs share (data, optimization, engine); ``fit`` runs the loop, top to
-bottom, on the shared engine (``trainlib.engine``):
+bottom, on the shared engine (``trainlib.accelerator`` and ``trainlib.session``):
 
     step     loss, stats = loss_fn(model, x, y, generator), the generator seeded by (seed, step, micro-batch, rank);
              backward through accelerate (gradient accumulation, bf16/fp16 autocast on GPUs, fp32 on the CPU);
@@ -23,78 +23,49 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .config import option
-from .data import BatchLoader, check_dataset_name
+from datagrad.seeding import seeded_generator
+
+from .config import checking_input, option
+from .datasets import check_dataset_name
 from .ema import EMA
-from .engine import DEFAULT_COLLECTIVE_TIMEOUT, TrainingSession, check_collective_timeout, gradient_norm, rank_generator
+from .nonfinite import gradient_norm
+from .sampling import BatchLoader
+from .session import EngineOptions
 
 LossFn = Callable[[nn.Module, Tensor, Tensor, torch.Generator], tuple[Tensor, dict[str, Tensor]]]
 
 
 @dataclass
-class AdamLoopOptions:
-    """Options shared by score-net and posterior-net training (``fit``)."""
+class AdamLoopOptions(EngineOptions):
+    """Options shared by score-net and posterior-net training (``fit``): the engine's, data and optimization."""
 
     # data
-    dataset: str = option("digits (embedded 8x8) | cifar10 | cifar100 | gmm-8x8 | gmm-4x4 | npz:PATH", "digits")
+    dataset: str = option("digits (embedded 8x8) | cifar10 | cifar100 | gmm-8x8 | gmm-4x4 | digits-mixture | npz:PATH",
+                          "digits")
     data_dir: str = option("where CIFAR is downloaded to / read from", "data")
     augment: Literal["auto", "on", "off"] = option("random horizontal flips; auto: on for CIFAR only", "auto")
     # optimization
-    batch_size: int = option("global batch size (all processes, after accumulation)", 64)
-    steps: int = option("optimizer steps", 2000)
-    lr: float = option("peak Adam learning rate", 1e-3)
+    batch_size: int = option("global batch size (all processes, after accumulation)", 64, ge=1)
+    train_steps: int = option("optimizer steps", 2000, ge=1, renamed_from="steps")
+    lr: float = option("peak Adam learning rate", 1e-3, gt=0)
     lr_schedule: Literal["cosine", "constant"] = option("after the warm-up: cosine decay to 0, or constant", "cosine")
-    warmup_steps: int = option("linear learning-rate warm-up steps", 100)
-    grad_clip: float = option("clip the global gradient norm to this (0: no clipping)", 1.0)
-    ema_tau: float = option("EMA decay tau of the saved network (ramped in as (1+t)/(10+t))", 0.999)
-    # engine
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = option("auto: bf16 on GPUs, fp32 on the CPU", "auto")
-    grad_accumulation: int = option("micro-batches per optimizer step", 1)
-    num_processes: int | None = option("refuse to start unless the world size is this", None)
-    collective_timeout: float = option("seconds a process waits for the others in a collective before failing",
-                                       DEFAULT_COLLECTIVE_TIMEOUT)
-    nonfinite: Literal["stop", "skip"] = option(
-        "NaN/inf loss or gradient: stop (exit 3, newest checkpoint = last good) or skip the update (syncs each step)",
-        "stop")
-    seed: int = option("seed of initialisation, data order and noise", 0)
-    out: str = option("run directory", "runs/run")
-    resume: str = option("none | latest | PATH of a checkpoint folder", "none")
-    checkpoint_every: int = option("save a checkpoint and the EMA network every N steps (0: at the end only)", 500)
-    keep_last: int = option("step checkpoints to keep", 2)
-    log_every: int = option("average and log training metrics every N steps", 50)
+    warmup_steps: int = option("linear learning-rate warm-up steps", 100, ge=0)
+    grad_clip: float = option("clip the global gradient norm to this (0: no clipping)", 1.0, ge=0)
+    ema_tau: float = option("EMA decay tau of the saved network (ramped in as (1+t)/(10+t))", 0.999, ge=0, lt=1)
 
     def validate(self) -> None:
         """Check values that need no files (``--dry-run`` runs this too)."""
+        super().validate()
         check_dataset_name(self.dataset)
-        positive = dict(batch_size=self.batch_size, steps=self.steps, lr=self.lr, log_every=self.log_every,
-                        keep_last=self.keep_last, grad_accumulation=self.grad_accumulation)
-        for name, value in positive.items():
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
-        for name in ("warmup_steps", "grad_clip", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.ema_tau < 1:
-            raise ValueError(f"ema_tau must be in [0, 1), got {self.ema_tau}")
-        if self.batch_size % self.grad_accumulation:
-            raise ValueError(f"batch_size {self.batch_size} must be divisible by grad_accumulation "
-                             f"{self.grad_accumulation}")
-        if self.num_processes is not None and self.num_processes < 1:
-            raise ValueError(f"num_processes must be >= 1 or none, got {self.num_processes}")
-        check_collective_timeout(self.collective_timeout)
-
-
-def resolve_mixed_precision(mixed_precision: str) -> str:
-    """Mixed precision "auto" → "bf16" on a CUDA GPU that supports it, else "no" (fp32); other values pass through."""
-    if mixed_precision != "auto":
-        return mixed_precision
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        self.micro_batch(self.batch_size)
 
 
 def learning_rate_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
     """lr(step)/lr_peak for the optimizer step ``step`` (0-based): linear warm-up, then cosine to 0 or constant.
 
-    warm-up: (step + 1)/warmup_steps for step < warmup_steps; cosine: ½(1 + cos(π·(step − w)/(T − w))).
+    warm-up: (step + 1)/warmup_steps for step < warmup_steps; cosine: ½(1 + cos(π·(step − w)/(T − w))). Our own
+    rather than diffusers' ``get_cosine_schedule_with_warmup``, whose warm-up is step/warmup_steps (the first step at
+    lr 0): the two differ, and the trained score nets were made with this one.
     """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
@@ -117,8 +88,8 @@ def fit(
     results: dict,
     saved_message: str,
 ) -> dict | None:
-    """Train ``model`` for ``cfg.steps`` optimizer steps (module docstring); returns ``results`` with the step count
-    on the main process (also written to results.json), None elsewhere.
+    """Train ``model`` for ``cfg.train_steps`` optimizer steps (module docstring); returns ``results`` with the step
+    count on the main process (also written to results.json), None elsewhere.
 
     Call on every rank after loading the data and building the model (bad input must fail before this: the run
     directory is created here). ``summary`` is the first log line, ``saved_message`` the last.
@@ -127,15 +98,13 @@ def fit(
     out = Path(cfg.out)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)  # one kernel: 3x faster than the loop
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: learning_rate_factor(step, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
+        optimizer, lambda step: learning_rate_factor(step, cfg.warmup_steps, cfg.train_steps, cfg.lr_schedule)
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     ema = EMA(model, cfg.ema_tau)
 
-    session = TrainingSession(
-        accelerator, out, cfg, resume=cfg.resume, total_steps=cfg.steps, checkpoint_every=cfg.checkpoint_every,
-        keep_last=cfg.keep_last, log_every=cfg.log_every, description=description, nonfinite=cfg.nonfinite,
-    )
+    with checking_input():  # a run directory already in use, a checkpoint to resume that is not there: bad input
+        session = cfg.session(accelerator, cfg.train_steps, description)
     start = session.start(ema)
     session.print(summary)
 
@@ -148,10 +117,10 @@ def fit(
     saved_step = -1  # step of the last EMA network saved by this session
     model.train()
     epoch = start.epoch
-    while step < cfg.steps:
+    while step < cfg.train_steps:
         first = start.batch_for(epoch)
         for batch, (x, y) in enumerate(loader.epoch(epoch, first), first):
-            generator = rank_generator(cfg.seed, step, batch % cfg.grad_accumulation, rank, device=device)
+            generator = seeded_generator(cfg.seed, step, batch % cfg.grad_accumulation, rank, device=device)
             with accelerator.accumulate(model):
                 loss, stats = loss_fn(model, x, y, generator)
                 accelerator.backward(loss)
@@ -177,7 +146,7 @@ def fit(
             if session.maybe_checkpoint(step, *position) is not None:
                 save()
                 saved_step = step
-            if step >= cfg.steps:
+            if step >= cfg.train_steps:
                 break
         epoch += 1
     session.flush(step, lr=scheduler.get_last_lr()[0])

@@ -27,7 +27,6 @@ written atomically; loading never unpickles anything.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import pickle
@@ -40,7 +39,7 @@ from typing import Any
 
 import torch
 
-from .files import atomic_path, atomic_write_json, replace_directory, temporary_path
+from .files import atomic_path, atomic_write_json, replace_directory, sha256_file, temporary_path
 
 META_FILE = "meta.json"
 MANIFEST_FILE = "manifest.json"
@@ -70,15 +69,6 @@ def step_dir_name(step: int) -> str:
 
 
 # -- manifest -------------------------------------------------------------------------------------------
-def _sha256_and_fsync(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-        os.fsync(f.fileno())
-    return digest.hexdigest()
-
-
 def _checkpoint_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
 
@@ -87,7 +77,7 @@ def write_manifest(directory: str | os.PathLike) -> None:
     """Hash (and fsync) every file in ``directory``, then write manifest.json atomically."""
     directory = Path(directory)
     files = {
-        p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256_and_fsync(p)}
+        p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p, fsync=True)}
         for p in _checkpoint_files(directory)
     }
     atomic_write_json(directory / MANIFEST_FILE, {"format": 1, "files": files})
@@ -114,7 +104,7 @@ def verify_checkpoint(directory: str | os.PathLike) -> str | None:
             return f"file {name} missing"
         if path.stat().st_size != entry["bytes"]:
             return f"file {name} truncated or resized ({path.stat().st_size} bytes, expected {entry['bytes']})"
-        if _sha256_and_fsync(path) != entry["sha256"]:
+        if sha256_file(path) != entry["sha256"]:
             return f"file {name} checksum mismatch"
     return None
 

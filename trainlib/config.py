@@ -1,7 +1,8 @@
 """Command-line interfaces over plain dataclass configs.
 
-Every entry point has one config dataclass; its fields (with ``field(metadata={"help": ...})``) are the
-documentation of the options. ``parse_config(Cfg)`` builds the parser from the fields:
+Every entry point has one config dataclass; its fields (``option(help, default, gt=..., renamed_from=...)``) are the
+documentation of the options, their ranges (checked by ``Options.validate``) and their former names.
+``parse_config(Cfg)`` builds the parser from the fields:
 
     int / float / str / Path   --batch-size 128
     bool                       --ema / --no-ema
@@ -17,32 +18,38 @@ that, an unknown recipe key or a missing required option prints one line ``error
 and exits with status 2 (argparse's own usage errors exit 2 as well). ``--dry-run`` prints the resolved
 config as JSON and exits 0.
 
+Why not tyro or simple-parsing: both map dataclasses to flags, but the contract here also needs recipes with "_"
+comment keys and run directories' config.json as input, ``none`` for optional values, a renamed flag or key failing
+with one line that names its successor, and every usage error as ONE ``error:`` line with exit status 2 (theirs
+print multi-line, formatted help); wrapping them would be longer than this module.
+
 ``run_cli(main)`` wraps an entry point and maps what stops a run to one ``error:`` line on stderr and an exit
 status a job scheduler can act on (set TRAINLIB_DEBUG=1 to see tracebacks always):
 
-    2  bad input: a ValueError raised by project code or any FileNotFoundError (found while validating options
-       or loading data, before anything is written); argparse's own usage errors too
-    3  a non-finite loss or gradient stopped training (``RunFault`` from ``trainlib.engine``); the newest
+    2  bad input: an ``InputError``, raised only while an entry point validates its options and loads its inputs,
+       before it writes anything (``checking_input()`` turns the ValueError / FileNotFoundError of that phase into
+       one); argparse's own usage errors and invalid recipes too
+    3  a non-finite loss or gradient stopped training (``RunFault`` from ``trainlib.nonfinite``); the newest
        checkpoint is the last good state: resume it (e.g. with a lower learning rate) or use ``--nonfinite skip``
     4  lost contact with another process: a collective (barrier, all-reduce, DDP's gradient sync) failed because a
        peer died, or timed out after the run's ``--collective-timeout`` because a peer hung; ``--resume latest``
        continues from the last checkpoint
 
-Every other exception (a bug) keeps its traceback.
+Every other exception keeps its traceback and its own exit status: a ValueError raised in the middle of a run (after
+files were written) is a failure, not bad input.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import sys
-import traceback
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal, NoReturn, TypeVar, Union
 
@@ -53,7 +60,6 @@ NONFINITE_EXIT_CODE = 3
 LOST_PROCESS_EXIT_CODE = 4
 _RESERVED = ("config", "dry_run", "help")
 _SCALARS = (int, float, str, bool, Path)
-_PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 # -- field types ----------------------------------------------------------------------------------------
@@ -183,10 +189,46 @@ def _default(f: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
+# -- fields ----------------------------------------------------------------------------------------------
+_BOUNDS = {"gt": (">", lambda v, b: v > b), "ge": (">=", lambda v, b: v >= b), "lt": ("<", lambda v, b: v < b),
+           "le": ("<=", lambda v, b: v <= b)}
+
+
+def option(help: str, default, *, gt=None, ge=None, lt=None, le=None, renamed_from: str | None = None):
+    """A config field with its help text and, declaratively, its range (``gt`` / ``ge`` / ``lt`` / ``le``; None
+    passes) and the name it had before (``renamed_from``: the old flag and recipe key fail with a line naming this
+    one): ``lr: float = option("peak learning rate", 0.2, gt=0)``."""
+    bounds = {key: value for key, value in dict(gt=gt, ge=ge, lt=lt, le=le).items() if value is not None}
+    return dataclasses.field(default=default, metadata={"help": help, "bounds": bounds, "renamed_from": renamed_from})
+
+
+def check_bounds(config: Any) -> None:
+    """ValueError naming the first field of ``config`` outside the range its ``option`` declares."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if value is None:
+            continue
+        for key, bound in f.metadata.get("bounds", {}).items():
+            symbol, holds = _BOUNDS[key]
+            if not holds(value, bound):
+                raise ValueError(f"{f.name} must be {symbol} {bound}, got {value}")
+
+
+class Options:
+    """Base of the config dataclasses: ``validate()`` checks the declared ranges; subclasses add their own checks
+    (call ``super().validate()``)."""
+
+    def validate(self) -> None:
+        check_bounds(self)
+
+
+def _renamed(cls: type) -> dict[str, str]:
+    """{old name: new name} of the fields of ``cls`` declared with ``renamed_from``."""
+    fields, _ = _fields(cls)
+    return {f.metadata["renamed_from"]: f.name for f in fields if f.metadata.get("renamed_from")}
+
+
 # -- parsing ----------------------------------------------------------------------------------------------
-def option(help: str, default):
-    """A config field with its help text: ``lr: float = option("peak learning rate", 0.2)``."""
-    return dataclasses.field(default=default, metadata={"help": help})
 
 
 def positional(help: str, default: tuple = ()):
@@ -232,7 +274,18 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
             help=help_text,
             **_argument_kwargs(hints[f.name]),
         )
+    for old, new in _renamed(cls).items():
+        parser.add_argument("--" + old.replace("_", "-"), nargs="*", help=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                            action=_renamed_action(old, new))
     return parser
+
+
+def _renamed_action(old: str, new: str) -> type[argparse.Action]:
+    class Renamed(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            fail(f"--{old.replace('_', '-')} was renamed --{new.replace('_', '-')}")
+
+    return Renamed
 
 
 def load_recipe(cls: type, path: str | os.PathLike) -> dict[str, Any]:
@@ -249,11 +302,13 @@ def load_recipe(cls: type, path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"recipe {path} must hold a JSON object of options, got {type(data).__name__}")
     fields, hints = _fields(cls)
-    names = [f.name for f in fields]
+    names, renamed = [f.name for f in fields], _renamed(cls)
     values = {}
     for key, value in data.items():
         if key.startswith("_"):
             continue
+        if key in renamed and key not in names:
+            raise ValueError(f"key {key!r} in recipe {path} was renamed {renamed[key]!r}")
         if key not in names:
             raise ValueError(f"unknown key {key!r} in recipe {path} (valid keys: {', '.join(names)})")
         try:
@@ -315,8 +370,9 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 def config_hash(config: Any) -> str:
     """First 16 hex digits of the sha256 of the config's canonical JSON (key order independent)."""
-    canonical = json.dumps(config_to_dict(config), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    from .files import sha256_json
+
+    return sha256_json(config_to_dict(config))
 
 
 def save_config(config: Any, path: str | os.PathLike) -> None:
@@ -327,6 +383,24 @@ def save_config(config: Any, path: str | os.PathLike) -> None:
 
 
 # -- entry points ---------------------------------------------------------------------------------------
+class InputError(ValueError):
+    """Bad input (an invalid option, a missing or unusable file, data that do not fit), found before anything was
+    written: ``run_cli`` prints its message as one line and exits with status 2."""
+
+
+@contextlib.contextmanager
+def checking_input() -> Iterator[None]:
+    """The input-checking phase of an entry point (validate options, load data and models, everything before the
+    first write): a ValueError or FileNotFoundError raised inside is bad input and leaves as an ``InputError``
+    (the original chained). Keep writes out of this block."""
+    try:
+        yield
+    except InputError:
+        raise
+    except (ValueError, FileNotFoundError) as error:
+        raise InputError(str(error)) from error
+
+
 class RunFault(RuntimeError):
     """A fault a run detected and stopped on, not bad input: ``run_cli`` prints one line and exits ``exit_code``."""
 
@@ -350,15 +424,6 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _raised_in_project(error: BaseException) -> bool:
-    """Whether the innermost frame of the error's traceback is project code (not a dependency)."""
-    frames = traceback.extract_tb(error.__traceback__)
-    if not frames:
-        return False
-    filename = Path(frames[-1].filename).resolve()
-    return filename.is_relative_to(_PROJECT_ROOT) and "site-packages" not in filename.parts
-
-
 def _close_progress_bars() -> None:
     """End open tqdm bars with their newline, so an error printed next starts a line of its own."""
     tqdm = sys.modules.get("tqdm")
@@ -377,15 +442,13 @@ def _exit_with(message: str, code: int) -> NoReturn:
 def run_cli(main: Callable[[], T]) -> T:
     """Run an entry point; what stops it becomes one ``error:`` line and the exit status of the module docstring.
 
-    Bad input = FileNotFoundError, or ValueError raised by project code (our validation). Other
-    exceptions, including ValueErrors raised inside dependencies, propagate with their traceback.
+    Bad input is an ``InputError`` (``checking_input``); every other exception propagates with its traceback.
     """
     debug = bool(os.environ.get("TRAINLIB_DEBUG"))
     try:
         return main()
-    except (ValueError, FileNotFoundError) as e:
-        is_input_error = isinstance(e, FileNotFoundError) or _raised_in_project(e)
-        if not is_input_error or debug:
+    except InputError as e:
+        if debug:
             raise
         _exit_with(str(e), INPUT_ERROR_EXIT_CODE)
     except RunFault as e:
@@ -397,4 +460,4 @@ def run_cli(main: Callable[[], T]) -> T:
             raise
         _exit_with(f"lost contact with another process: a collective operation failed ({_first_line(e)}); a process "
                    "died or hung (the wait is bounded by --collective-timeout); continue with --resume latest",
-                   LOST_PROCESS_EXIT_CODE)  # fmt: skip
+                   LOST_PROCESS_EXIT_CODE)

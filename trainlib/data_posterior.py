@@ -25,13 +25,15 @@ from pathlib import Path
 
 import torch
 
-from .data import ImageDataset
+from .datasets import ImageDataset
 from .objectives import PosteriorProvider, fixed_posterior
 
 POSTERIORS = ("posterior-net", "scorenet", "empirical", "analytic")
 ANCHORS = ("posterior-net", "label")
 DEFAULT_SCORENET = "runs/scorenet-digits"
 DEFAULT_POSTERIOR_NET = "runs/posterior-digits"
+DEFAULT_NOISE_STD = 0.2  # σ of the digits recipe ([0, 1] data units): about its ε
+DEFAULT_ANCHOR_SMOOTHING = 1e-4  # the label anchor's α: anchor log-odds ln((1 − α + α/K)/(α/K)) = ln(99991) for K = 10
 
 
 @dataclass(frozen=True)
@@ -103,8 +105,7 @@ def posterior_provider(cfg, train_set: ImageDataset, device: torch.device, max_b
         return fixed_posterior(PosteriorNetPosterior(net, cfg.noise_std))
     from .scorenet_training import load_scorenet
 
-    scorenet = load_scorenet(cfg.scorenet, expected_num_classes=num_classes, device=device)  # frozen, eval
-    _check_shape("score net", cfg.scorenet, tuple(scorenet.image_shape), shape)
+    scorenet = load_scorenet(cfg.scorenet, num_classes, device, expected_image_shape=shape)  # frozen, eval
     return trajectory_provider(scorenet, cfg.noise_std, anchor_net=net, anchor_smoothing=cfg.anchor_smoothing,
                                start_quadrature_points=cfg.start_quadrature_points, max_batch=max_batch)
 
@@ -132,15 +133,9 @@ def trajectory_provider(scorenet, noise_std: float, *, anchor_net=None, anchor_s
 def _posterior_net(cfg, num_classes: int, shape: tuple, device):
     from .posterior_training import load_posterior_net
 
-    net = load_posterior_net(cfg.posterior_net, expected_num_classes=num_classes, device=device)
-    _check_shape("posterior net", cfg.posterior_net, tuple(net.image_shape), shape)
+    net = load_posterior_net(cfg.posterior_net, num_classes, device, expected_image_shape=shape)
     net.check_noise_std(cfg.noise_std)
     return net
-
-
-def _check_shape(what: str, path, found: tuple, expected: tuple) -> None:
-    if found != expected:
-        raise ValueError(f"{what} {path} was trained on images {found}, the data are {expected} (C, H, W)")
 
 
 def ensure_default_nets(cfg, announce=print) -> None:

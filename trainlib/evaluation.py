@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pyautoattack import AutoAttack
@@ -36,9 +35,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from datagrad import PGD
+from datagrad.seeding import seeded_generator
 
+from .attack_mode import attack_mode  # eval mode, parameters frozen; the one training attacks use too
 from .files import atomic_path
-from .objectives import attack_mode  # eval mode, parameters frozen; the one training attacks use too
 
 logger = logging.getLogger(__name__)
 
@@ -131,10 +131,11 @@ def _predict(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
     return torch.cat([model(x[s].to(device)).argmax(dim=1).cpu() for s in _slices(len(x), batch_size)])
 
 
-def _generator(device: torch.device, seed: int, stream: int) -> torch.Generator:
-    """An independent generator per (seed, stream): switching one phase off does not shift another's randomness."""
-    state = np.random.SeedSequence([seed, stream]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator(device=device).manual_seed(int(state) & ((1 << 63) - 1))
+def evaluation_points(dataset, indices, device) -> tuple[Tensor, Tensor]:
+    """(x, y) of the given points of an ``ImageDataset`` for attacks in [0, 1]: toy mixtures' samples (not clipped)
+    are clamped here."""
+    x, y = dataset.get(indices, device)
+    return (x.clamp_(0.0, 1.0) if dataset.mixture is not None else x), y
 
 
 # -- clean and PGD accuracy --------------------------------------------------------------------------------------
@@ -211,11 +212,11 @@ def pgd_accuracy(model: nn.Module, x: Tensor, y: Tensor, eps: float, norm: str =
 def pgd_accuracy_curve(
     model: nn.Module, x: Tensor, y: Tensor, eps_values: Sequence[float], norm: str = "linf", seed: int = 0,
     **pgd_options,
-) -> list[float]:  # fmt: skip
+) -> list[float]:
     """PGD accuracy at each ε (one independent random-start stream per ε)."""
     device = _model_device(model)
     return [
-        pgd_accuracy(model, x, y, eps, norm, generator=_generator(device, seed, i), **pgd_options)
+        pgd_accuracy(model, x, y, eps, norm, generator=seeded_generator(seed, i, device=device), **pgd_options)
         for i, eps in enumerate(eps_values)
     ]
 
@@ -290,7 +291,7 @@ def run_autoattack(
         autoattack = AutoAttack(
             model, norm=THREAT_MODELS[norm], eps=float(eps), version=version,
             attacks=None if attacks is None else list(attacks), device=device, seed=seed,
-        )  # fmt: skip
+        )
         if attacks == ["apgd-ce"]:
             autoattack.apgd.n_restarts = 1
         x_adv, _ = autoattack.run_standard_evaluation(x, y, batch_size=batch_size)
@@ -376,7 +377,7 @@ def _eval_mode_checks(model: nn.Module, x: Tensor) -> tuple[list[SanityCheck], T
             f"two forward passes on {len(x)} inputs: max |logit difference| {difference:.3g} "
             f"(max |logit| {scale:.3g}), same predictions: {same_labels}",
         ),
-    ]  # fmt: skip
+    ]
     return checks, first
 
 
@@ -460,58 +461,58 @@ def evaluate(
         raise ValueError(f"the model must return logits [B, K] with K >= 2, got shape {tuple(logits.shape)}")
     if y.min() < 0 or y.max() >= logits.shape[1]:
         raise ValueError(f"labels must lie in [0, {logits.shape[1]}) for a {logits.shape[1]}-class model, "
-                         f"got [{y.min().item()}, {y.max().item()}]")  # fmt: skip
+                         f"got [{y.min().item()}, {y.max().item()}]")
     checks += mode_checks
     clean = timed("clean", clean_correct, model, x, y, batch_size)
     pgd = {
         loss: timed(f"pgd_{loss}", pgd_correct, model, x, y, eps, norm, loss=loss, progress=progress,
-                    generator=_generator(device, seed, stream), **pgd_options)
+                    generator=seeded_generator(seed, stream, device=device), **pgd_options)
         for stream, loss in enumerate(ATTACK_LOSSES)
-    }  # fmt: skip
+    }
     robust = clean & pgd["ce"] & pgd["cw"]
     autoattack_acc = None
     if autoattack:
         run = timed("autoattack", run_autoattack, model, x, y, eps, norm, autoattack_version, autoattack_attacks,
-                    seed, batch_size)  # fmt: skip
+                    seed, batch_size)
         autoattack_acc, robust = run.correct.float().mean().item(), robust & run.correct
         valid = run.in_range and run.max_perturbation <= eps + 1e-5 and not run.warnings
         checks.append(SanityCheck(
             "autoattack_valid", valid,
             f"max perturbation {run.max_perturbation:.6g} (eps {eps:.6g}), in [0, 1]: {run.in_range}; "
             f"AutoAttack warnings: {run.warnings or 'none'}",
-        ))  # fmt: skip
+        ))
 
     m = min(check_examples, n_examples)
     xs, ys = x[:m], y[:m]
     tick = time.perf_counter()
-    eps_zero = pgd_correct(model, xs, ys, 0.0, norm, steps=5, generator=_generator(device, seed, 2))
+    eps_zero = pgd_correct(model, xs, ys, 0.0, norm, steps=5, generator=seeded_generator(seed, 2, device=device))
     checks.append(SanityCheck(
         "eps_zero", torch.equal(eps_zero, clean[:m]),
         f"PGD at eps 0 {format_accuracy(eps_zero.float().mean().item())} vs clean "
         f"{format_accuracy(clean[:m].float().mean().item())} on {m} examples",
-    ))  # fmt: skip
+    ))
     large_eps = (1.0 if norm == "linf" else math.sqrt(x[0].numel())) if large_eps is None else large_eps
     large = pgd_accuracy(model, xs, ys, large_eps, norm, steps=pgd_steps, batch_size=batch_size,
-                         generator=_generator(device, seed, 3))  # fmt: skip
+                         generator=seeded_generator(seed, 3, device=device))
     checks.append(SanityCheck(
         "large_eps", large <= large_eps_max_acc,
         f"PGD-{pgd_steps} CW at eps {large_eps:.4g}: {format_accuracy(large)} on {m} examples "
         f"(must be <= {format_accuracy(large_eps_max_acc)})",
-    ))  # fmt: skip
+    ))
     weak = pgd["cw"][:m]
     alive = weak.nonzero().squeeze(1)
     strong = weak.clone()
     if alive.numel():
         strong[alive] = pgd_correct(model, xs[alive], ys[alive], eps, norm, steps=masking_steps, loss="cw",
                                     restarts=masking_restarts, batch_size=batch_size,
-                                    generator=_generator(device, seed, 4))  # fmt: skip
+                                    generator=seeded_generator(seed, 4, device=device))
     drop = (weak.float().mean() - strong.float().mean()).item()
     checks.append(SanityCheck(
         "gradient_masking", drop <= masking_threshold,
         f"PGD-{pgd_steps}x{pgd_restarts} CW {format_accuracy(weak.float().mean().item())} vs "
         f"PGD-{masking_steps}x{masking_restarts} CW {format_accuracy(strong.float().mean().item())} on {m} examples: "
         f"drop {format_accuracy(drop)} points (threshold {format_accuracy(masking_threshold)})",
-    ))  # fmt: skip
+    ))
     seconds["checks"] = time.perf_counter() - tick
 
     accuracies = {loss: flags.float().mean().item() for loss, flags in pgd.items()}
@@ -529,18 +530,18 @@ def evaluate(
         check_examples=m, masking_steps=masking_steps, masking_restarts=masking_restarts,
         masking_threshold=masking_threshold, large_eps=large_eps, large_eps_max_acc=large_eps_max_acc,
         order_tolerance=order_tolerance, batch_size=batch_size, eps_value=float(eps),
-    )  # fmt: skip
+    )
     return Evaluation(
         float(eps), norm, n_examples, seed, clean_acc, accuracies, autoattack_acc,
         robust.float().mean().item(), settings, checks, seconds,
-    )  # fmt: skip
+    )
 
 
 # -- figures -----------------------------------------------------------------------------------------------------
 def plot_accuracy_vs_eps(
     path: str | Path, eps_values: Sequence[float], curves: Mapping[str, Sequence[float]], norm: str = "linf",
     title: str | None = None,
-) -> None:  # fmt: skip
+) -> None:
     """Save accuracy (%) against ε·255 for each labelled curve as a PNG, atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

@@ -10,6 +10,7 @@ names are the final name plus ``.tmp-<tag>`` (the tag is the writer's pid unless
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -152,3 +153,24 @@ def cleanup_temporaries(directory: str | os.PathLike) -> list[Path]:
             entry.unlink(missing_ok=True)
         removed.append(entry)
     return removed
+
+
+# -- digests ------------------------------------------------------------------------------------------------------
+def sha256_file(*paths: str | os.PathLike, fsync: bool = False) -> str:
+    """The sha256 hex digest of the files' contents, one after the other (read in 1 MiB chunks); ``fsync``: also
+    flush each file to disk while it is open (checkpoint manifests)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                digest.update(chunk)
+            if fsync:
+                os.fsync(f.fileno())
+    return digest.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    """The first 16 hex digits of the sha256 of ``obj`` as canonical JSON (sorted keys, compact separators, other
+    objects as ``str``): equal for equal settings, whatever their key order."""
+    canonical = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]

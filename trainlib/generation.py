@@ -3,7 +3,7 @@
 Output directory (``--out``):
 
     shard_00000.npz …   ``image`` uint8 [n, H, W, C] and ``label`` int64 [n]; uncompressed ``np.savez`` (so
-                        ``trainlib.data.load_generated`` memory-maps them), each written atomically
+                        ``trainlib.npz.load_generated`` memory-maps them), each written atomically
     generation.json     the settings, the rules below, the shard list and ``complete`` (written by the main process)
     grid.png            the first ``grid_columns`` generated images of every class; row c = class c
 
@@ -32,7 +32,6 @@ classifier other than the quality report's, or the report measures its own selec
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -46,13 +45,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from datagrad.seeding import derived_seed
 from scorenets import DEFAULT_STEPS, SAMPLERS, ScoreNet, sample, to_uint8_nhwc
 
-from .config import config_to_dict, option
-from .data import load_npz
-from .engine import check_collective_timeout, check_world_size, process_group_kwargs
-from .files import atomic_path, atomic_save_npz, atomic_write_json, cleanup_temporaries
-from .quality import load_classifier
+from .accelerator import check_collective_timeout, check_world_size, process_group_kwargs
+from .config import Options, config_to_dict, option
+from .files import atomic_path, atomic_save_npz, atomic_write_json, cleanup_temporaries, sha256_file
+from .npz import load_npz
+from .quality import load_reference
 from .rundir import git_revision, package_versions
 from .scorenet_training import find_scorenet_dir, load_scorenet
 
@@ -65,53 +65,38 @@ GENERATION_COLLECTIVE_TIMEOUT = 6 * 3600.0  # seconds: ranks wait at the end for
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(Options):
     """Generate class-conditional pseudo-data shards from a trained score net (trainlib.generation)."""
 
     scorenet: str = option("score-net run directory or its scorenet/ folder", "runs/scorenet-digits")
     out: str = option("output directory of the shards, generation.json and grid.png", "runs/generated-digits")
-    num_images: int = option("images to generate (label of image i: i mod K)", 1000)
+    num_images: int = option("images to generate (label of image i: i mod K)", 1000, ge=1)
     sampler: Literal["ddpm", "ddim", "dpmsolver++"] = option("diffusers sampler", "dpmsolver++")
-    steps: int | None = option(f"sampler steps (none: {DEFAULT_STEPS})", None)
+    sampler_steps: int | None = option(f"sampler steps (none: {DEFAULT_STEPS})", None, ge=1, renamed_from="steps")
     guidance_scale: float = option("classifier-free guidance w (1: plain conditional model, 0: unconditional)", 1.0)
     seed: int = option("base seed of the per-image seeds", 0)
-    shard_size: int = option("images per shard", 10000)
-    batch_size: int = option("images per sampler call (does not change the output)", 250)
+    shard_size: int = option("images per shard", 10000, ge=1)
+    batch_size: int = option("images per sampler call (does not change the output)", 250, ge=1)
     filter_classifier: str | None = option("classifier run directory or .safetensors: keep the most confident", None)
-    keep_fraction: float = option("with --filter-classifier: fraction kept per class (oversampling 1/f)", 0.2)
-    grid_columns: int = option("images per class in grid.png (0: no grid)", 10)
-    num_processes: int | None = option("refuse to start unless the world size is this", None)
+    keep_fraction: float = option("with --filter-classifier: fraction kept per class (oversampling 1/f)", 0.2, gt=0,
+                                  le=1)
+    grid_columns: int = option("images per class in grid.png (0: no grid)", 10, ge=0)
+    num_processes: int | None = option("refuse to start unless the world size is this", None, ge=1)
     collective_timeout: float = option(
         "seconds a process waits for the others before failing; the final barrier waits for the slowest rank's last "
-        "shard, so this must exceed one shard's generation time", GENERATION_COLLECTIVE_TIMEOUT)  # fmt: skip
+        "shard, so this must exceed one shard's generation time", GENERATION_COLLECTIVE_TIMEOUT, gt=0)
 
     def validate(self) -> None:
         """Check values that need no files (``--dry-run`` runs this too)."""
-        for name in ("num_images", "shard_size", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps must be >= 1 or none, got {self.steps}")
+        super().validate()
         if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
             raise ValueError(f"guidance_scale must be a finite number >= 0, got {self.guidance_scale}")
-        if not 0 < self.keep_fraction <= 1:
-            raise ValueError(f"keep_fraction must be in (0, 1], got {self.keep_fraction}")
-        if self.grid_columns < 0:
-            raise ValueError(f"grid_columns must be >= 0, got {self.grid_columns}")
-        if self.num_processes is not None and self.num_processes < 1:
-            raise ValueError(f"num_processes must be >= 1 or none, got {self.num_processes}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
         check_collective_timeout(self.collective_timeout)
 
 
 # -- the index rules ---------------------------------------------------------------------------------------------------
-def derived_seed(*key: int) -> int:
-    """A 63-bit seed that is a pure function of the integers ``key`` (numpy SeedSequence)."""
-    state = np.random.SeedSequence([int(k) for k in key]).generate_state(1, dtype=np.uint64)[0]
-    return int(state) & ((1 << 63) - 1)
-
-
 def image_labels(start: int, stop: int, num_classes: int) -> np.ndarray:
     """label(i) = i mod K for i in [start, stop): int64 [stop − start]."""
     return np.arange(start, stop, dtype=np.int64) % num_classes
@@ -139,8 +124,8 @@ def draw(
     chunks = []
     for start in range(0, len(labels), cfg.batch_size):
         stop = min(start + cfg.batch_size, len(labels))
-        images = sample(scorenet, labels[start:stop], seeds[start:stop], sampler=cfg.sampler, num_steps=cfg.steps,
-                        guidance_scale=cfg.guidance_scale)  # fmt: skip
+        images = sample(scorenet, labels[start:stop], seeds[start:stop], sampler=cfg.sampler,
+                        num_steps=cfg.sampler_steps, guidance_scale=cfg.guidance_scale)
         chunks.append(to_uint8_nhwc(images))
         if progress is not None:
             progress.update(stop - start)
@@ -190,26 +175,17 @@ def shard_problem(path: Path, labels: np.ndarray, image_shape: tuple[int, int, i
         return str(e)
     if data.parts[0].dtype != np.uint8 or data.parts[0].shape[1:] != (height, width, channels):
         return f"holds {data.parts[0].dtype} images of shape {data.parts[0].shape[1:]}, expected uint8 " \
-               f"{(height, width, channels)}"  # fmt: skip
+               f"{(height, width, channels)}"
     if len(data) != len(labels) or not np.array_equal(data.labels, labels):
         return f"holds {len(data)} images whose labels are not the expected {len(labels)} (i mod K)"
     return None
 
 
 # -- loading the inputs ------------------------------------------------------------------------------------------------
-def _digest(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda f=f: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()[:16]
-
-
 def scorenet_digest(path: str | os.PathLike) -> str:
     """A short sha256 of the saved score net's files (identifies the weights in generation.json)."""
     directory = find_scorenet_dir(path)
-    return _digest(sorted(p for p in directory.rglob("*") if p.is_file()))
+    return sha256_file(*sorted(p for p in directory.rglob("*") if p.is_file()))[:16]
 
 
 def output_settings(cfg: GenerateConfig, scorenet_sha: str, classifier_sha: str | None) -> dict:
@@ -217,9 +193,9 @@ def output_settings(cfg: GenerateConfig, scorenet_sha: str, classifier_sha: str 
     settings = {key: value for key, value in config_to_dict(cfg).items()
                 if key not in ("out", "batch_size", "grid_columns", "num_processes", "scorenet", "filter_classifier",
                                "collective_timeout")}
-    settings["steps"] = cfg.steps if cfg.steps is not None else DEFAULT_STEPS[cfg.sampler]
+    settings["sampler_steps"] = cfg.sampler_steps if cfg.sampler_steps is not None else DEFAULT_STEPS[cfg.sampler]
     settings["keep_fraction"] = cfg.keep_fraction if classifier_sha is not None else 1.0
-    return settings | {"scorenet_sha256": scorenet_sha, "filter_classifier_sha256": classifier_sha}  # fmt: skip
+    return settings | {"scorenet_sha256": scorenet_sha, "filter_classifier_sha256": classifier_sha}
 
 
 def _check_existing(out: Path, settings: dict) -> None:
@@ -253,9 +229,9 @@ def save_grid(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray, n
             mosaic[top : top + height, left : left + width] = images[index]
     scale = max(1, 32 // height)
     figure, axes = plt.subplots(figsize=(max(2.0, 0.45 * columns * scale * width / 32 + 0.6),
-                                         max(2.0, 0.45 * num_classes * scale * height / 32)))  # fmt: skip
+                                         max(2.0, 0.45 * num_classes * scale * height / 32)))
     axes.imshow(mosaic.squeeze(-1) if channels == 1 else mosaic, cmap="gray", vmin=0, vmax=255,
-                interpolation="nearest")  # fmt: skip
+                interpolation="nearest")
     rows = range(num_classes)
     axes.set_yticks([pad + c * (height + pad) + height / 2 for c in rows], [str(c) for c in rows])
     axes.set_xticks([])
@@ -316,11 +292,11 @@ def generate(cfg: GenerateConfig, *, rank: int | None = None, world_size: int | 
     num_classes, image_shape = scorenet.num_classes, tuple(scorenet.image_shape)
     classifier, classifier_sha = None, None
     if cfg.filter_classifier is not None:
-        classifier, info = load_classifier(cfg.filter_classifier, device)
+        classifier, info = load_reference(cfg.filter_classifier, device)
         if info["num_classes"] != num_classes or tuple(info["image_shape"]) != image_shape:
             raise ValueError(f"filter classifier {cfg.filter_classifier} is for {info['num_classes']} classes and "
                              f"images {tuple(info['image_shape'])}, the score net for {num_classes} classes and "
-                             f"{image_shape} (C, H, W)")  # fmt: skip
+                             f"{image_shape} (C, H, W)")
         classifier_sha = info["sha256"]
     settings = output_settings(cfg, scorenet_digest(cfg.scorenet), classifier_sha)
     out = Path(cfg.out)

@@ -43,8 +43,8 @@ score-net trajectory anchored at (x, y)). Calls on it, in order: ``log_posterior
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -53,10 +53,10 @@ from torch import Tensor, nn
 
 from datagrad import PGD, DataPosterior, Distance, check_num_classes, get_distance, self_consistent_distance
 
+from .attack_mode import BN_MODES, attack_mode
+
 PosteriorProvider = Callable[[Tensor, Tensor], DataPosterior]  # (x [B, ...], y [B]) -> p_d for this batch
-OBJECTIVES = ("standard", "pgd-at", "trades-kl", "trades-se", "pgd-at-se", "direct-score")
 DEFAULT_BETA = {"trades-kl": 6.0, "trades-se": 4.0}
-BN_MODES = ("eval", "batch")
 CLIP_SCOPES = ("total", "robust")
 CLEAN_LOSSES = ("ce", "score")
 
@@ -75,39 +75,6 @@ class ObjectiveOutput:
 
 # ----------------------------------------------------------------------------------------------------------
 # Small pieces shared by the objectives
-
-
-@contextmanager
-def attack_mode(model: nn.Module, bn_mode: str = "eval") -> Iterator[nn.Module]:
-    """Freeze parameters and set the BN mode for an inner maximization; restore everything on exit.
-
-    Training attacks and every evaluation (``trainlib.evaluation``) run inside it. Frozen parameters keep autograd
-    from recording the parameter side of the graph: the attack's backward computes input gradients only.
-
-    ``"eval"``: all modules in eval mode (BN uses running statistics). ``"batch"``: all modules in train mode
-    with BN ``track_running_stats`` off, so BN normalises with batch statistics and leaves running ones untouched.
-    """
-    if bn_mode not in BN_MODES:
-        raise ValueError(f"unknown attack BN mode {bn_mode!r}; valid: {', '.join(BN_MODES)}")
-    training = {module: module.training for module in model.modules()}
-    requires_grad = {p: p.requires_grad for p in model.parameters()}
-    batch_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    tracking = [m.track_running_stats for m in batch_norms]
-    try:
-        for p in requires_grad:
-            p.requires_grad_(False)
-        model.train(bn_mode == "batch")
-        if bn_mode == "batch":
-            for m in batch_norms:
-                m.track_running_stats = False
-        yield model
-    finally:
-        for module, mode in training.items():
-            module.training = mode
-        for p, flag in requires_grad.items():
-            p.requires_grad_(flag)
-        for m, flag in zip(batch_norms, tracking, strict=True):
-            m.track_running_stats = flag
 
 
 def smoothed_targets(y: Tensor, num_classes: int, smoothing: float = 0.0, dtype=torch.float32) -> Tensor:
@@ -360,19 +327,17 @@ def _check_in(value: str, valid: tuple[str, ...], what: str) -> None:
 
 
 def attack_from_threat(threat) -> PGD:
-    """PGD for training from any object with ``norm`` ("linf"/"l2"), ``eps``, ``step_size`` and ``steps``:
+    """PGD for training from any object with ``norm`` ("linf"/"l2"), ``eps``, ``step_size`` and ``pgd_steps``:
     uniform random start, clamp to [0, 1], last iterate (no keep_best)."""
-    missing = [a for a in ("norm", "eps", "step_size", "steps") if not hasattr(threat, a)]
+    missing = [a for a in ("norm", "eps", "step_size", "pgd_steps") if not hasattr(threat, a)]
     if missing:
-        raise ValueError(f"threat model needs attributes norm, eps, step_size, steps; missing {', '.join(missing)}")
+        raise ValueError(f"threat model needs attributes norm, eps, step_size, pgd_steps; missing {', '.join(missing)}")
     if not threat.eps > 0 or not threat.step_size > 0:
         raise ValueError(f"threat eps and step_size must be > 0, got eps={threat.eps}, step_size={threat.step_size}")
-    if int(threat.steps) != threat.steps or threat.steps < 1:
-        raise ValueError(f"threat steps must be an integer >= 1, got {threat.steps}")
-    return PGD(
-        eps=float(threat.eps), step_size=float(threat.step_size), steps=int(threat.steps), norm=threat.norm,
-        random_start=True, clamp=(0.0, 1.0), keep_best=False,
-    )
+    if int(threat.pgd_steps) != threat.pgd_steps or threat.pgd_steps < 1:
+        raise ValueError(f"threat pgd_steps must be an integer >= 1, got {threat.pgd_steps}")
+    return PGD(eps=float(threat.eps), step_size=float(threat.step_size), steps=int(threat.pgd_steps),
+               norm=threat.norm, random_start=True, clamp=(0.0, 1.0), keep_best=False)
 
 
 def build_objective(
@@ -391,12 +356,13 @@ def build_objective(
 ) -> Objective:
     """Build an objective by name (``OBJECTIVES``); see the module docstring for the losses.
 
-    threat: ``norm``/``eps``/``step_size``/``steps`` (ignored by "standard"); beta: TRADES weight (default
-    ``DEFAULT_BETA``); clip: c of the SE clip τ = c²K/(K−1) (SE objectives only); label_smoothing: s in [0, 1);
-    attack_bn: "eval" or "batch"; distance, clean_weight, clean_loss ("ce"/"score"), posterior_provider: direct
-    SCORE only. Options an objective does not use are ignored, except clip and clean_weight, which raise.
+    threat: ``norm``/``eps``/``step_size``/``pgd_steps`` (ignored by "standard"); beta: TRADES weight (None: the
+    objective's default, ``DEFAULT_BETA``); clip: c of the SE clip τ = c²K/(K−1) (SE objectives only);
+    label_smoothing: s in [0, 1); attack_bn: "eval" or "batch"; distance, clean_weight, clean_loss ("ce"/"score"),
+    posterior_provider: direct SCORE only. Options an objective has no field for are ignored, except a non-zero
+    clip or clean weight, which raise.
     """
-    _check_in(name, OBJECTIVES, "objective")
+    _check_in(name, tuple(OBJECTIVES), "objective")
     _check_in(attack_bn, BN_MODES, "attack BN mode")
     _check_in(clip_scope, CLIP_SCOPES, "clip scope")
     _check_in(clean_loss, CLEAN_LOSSES, "clean loss")
@@ -405,30 +371,27 @@ def build_objective(
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     if not 0 <= clip < 1:
         raise ValueError(f"clip must be in [0, 1), got {clip}")
-    if clip > 0 and name not in ("trades-se", "pgd-at-se"):
-        raise ValueError(f"clip applies only to trades-se and pgd-at-se, not {name!r}")
-    if clean_weight < 0 or (clean_weight > 0 and name != "direct-score"):
-        raise ValueError(f"clean_weight must be >= 0 and is used by direct-score only; got {clean_weight} for {name!r}")
-    beta = DEFAULT_BETA.get(name, 0.0) if beta is None else beta
-    if beta < 0:
+    if beta is not None and beta < 0:
         raise ValueError(f"beta must be >= 0, got {beta}")
-
-    if name == "standard":
-        return Standard(label_smoothing=label_smoothing)
-    if threat is None:
-        raise ValueError(f"objective {name!r} needs a threat model (norm, eps, step_size, steps)")
-    attack = attack_from_threat(threat)
-    common = dict(attack=attack, label_smoothing=label_smoothing, attack_bn=attack_bn)
-    if name == "pgd-at":
-        return PGDAT(**common)
-    if name == "trades-kl":
-        return TradesKL(beta=beta, **common)
-    if name == "trades-se":
-        return TradesSE(beta=beta, clip=clip, clip_scope=clip_scope, **common)
-    if name == "pgd-at-se":
-        return PGDATSE(clip=clip, **common)
-    if posterior_provider is None:
+    cls = OBJECTIVES[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    if clip > 0 and "clip" not in fields:
+        raise ValueError(f"clip applies only to trades-se and pgd-at-se, not {name!r}")
+    if clean_weight < 0 or (clean_weight > 0 and "clean_weight" not in fields):
+        raise ValueError(f"clean_weight must be >= 0 and is used by direct-score only; got {clean_weight} for {name!r}")
+    options = dict(beta=beta, clip=clip, clip_scope=clip_scope, label_smoothing=label_smoothing, attack_bn=attack_bn,
+                   distance=distance, clean_weight=clean_weight, clean_loss=clean_loss,
+                   posterior_provider=posterior_provider)
+    kwargs = {key: value for key, value in options.items() if key in fields and value is not None}
+    if "attack" in fields:
+        if threat is None:
+            raise ValueError(f"objective {name!r} needs a threat model (norm, eps, step_size, pgd_steps)")
+        kwargs["attack"] = attack_from_threat(threat)
+    if "posterior_provider" in fields and posterior_provider is None:
         raise ValueError("objective 'direct-score' needs a posterior provider (a score-net checkpoint or an analytic "
                          "posterior for toy data)")
-    return DirectScore(posterior_provider=posterior_provider, distance=distance, clean_weight=clean_weight,
-                       clean_loss=clean_loss, **common)
+    return cls(**kwargs)
+
+
+OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (Standard, PGDAT, TradesKL, TradesSE, PGDATSE,
+                                                                    DirectScore)}

@@ -26,11 +26,12 @@ import torch
 
 from scorenets import POSTERIOR_PRESETS, PosteriorNet, build_posterior_net, dlsm_loss
 
-from .adam_loop import AdamLoopOptions, fit, resolve_mixed_precision
-from .config import option
-from .data import BatchLoader, load_dataset, load_generated, shard_paths
-from .engine import create_accelerator
+from .adam_loop import AdamLoopOptions, fit
+from .config import checking_input, option
+from .datasets import load_dataset
 from .files import atomic_directory
+from .npz import load_generated, shard_paths
+from .sampling import BatchLoader
 
 POSTERIOR_SUBDIR = "posterior_net"  # <run>/posterior_net: the EMA posterior net, PosteriorNet.from_pretrained
 PRESET_BY_IMAGE_SIZE = {4: "tiny8", 8: "tiny8", 16: "small16", 32: "cifar32"}
@@ -44,15 +45,15 @@ class PosteriorNetConfig(AdamLoopOptions):
     preset: str | None = option("posterior-net preset tiny8 | small16 | cifar32 (none: by image size)", None)
     scorenet: str | None = option("frozen score net whose unconditional score the DLSM term uses (none: no DLSM)",
                                   "runs/scorenet-digits")
-    sigma_min: float = option("smallest noise std sigma trained on ([0, 1] data units)", 0.02)
-    sigma_max: float = option("largest noise std sigma trained on (sigma is log-uniform in between)", 1.0)
-    ce_weight: float = option("weight of the cross-entropy term", 1.0)
+    sigma_min: float = option("smallest noise std sigma trained on ([0, 1] data units)", 0.02, gt=0)
+    sigma_max: float = option("largest noise std sigma trained on (sigma is log-uniform in between)", 1.0, gt=0)
+    ce_weight: float = option("weight of the cross-entropy term", 1.0, gt=0)
     dlsm_weight: float = option("weight of the DLSM term and of the other classes' score matching (0: cross-entropy "
-                                "only)", 10.0)
+                                "only)", 10.0, ge=0)
     other_classes: int = option("random non-label classes per example whose gradient is matched to the score net's "
-                                "class score (scorenets.dlsm)", 2)
+                                "class score (scorenets.dlsm)", 2, ge=0)
     generated: str | None = option("generated pseudo-data mixed into each batch: an .npz, a directory or a glob", None)
-    unsup_fraction: float = option("fraction of each batch drawn (with replacement) from --generated", 0.7)
+    unsup_fraction: float = option("fraction of each batch drawn (with replacement) from --generated", 0.7, ge=0, lt=1)
     batch_size: int = option("global batch size (all processes, after accumulation)", 64)
     out: str = option("run directory (the EMA posterior net goes to <out>/posterior_net)", "runs/posterior-digits")
 
@@ -60,19 +61,10 @@ class PosteriorNetConfig(AdamLoopOptions):
         super().validate()
         if self.preset is not None and self.preset not in POSTERIOR_PRESETS:
             raise ValueError(f"unknown posterior-net preset {self.preset!r}; valid: {', '.join(POSTERIOR_PRESETS)}")
-        if not (math.isfinite(self.sigma_min) and 0 < self.sigma_min < self.sigma_max < math.inf):
+        if not (math.isfinite(self.sigma_max) and self.sigma_min < self.sigma_max):
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min} and {self.sigma_max}")
-        if self.ce_weight < 0 or self.dlsm_weight < 0 or self.ce_weight + self.dlsm_weight == 0:
-            raise ValueError(f"ce_weight and dlsm_weight must be >= 0 and not both 0, got {self.ce_weight}, "
-                             f"{self.dlsm_weight}")
-        if self.ce_weight == 0:
-            raise ValueError("ce_weight must be > 0: DLSM alone fixes the posterior only up to a function of x")
         if self.dlsm_weight > 0 and not self.scorenet:
             raise ValueError("the DLSM term needs a score net (--scorenet DIR); use --dlsm-weight 0 to train without")
-        if self.other_classes < 0:
-            raise ValueError(f"other_classes must be >= 0, got {self.other_classes}")
-        if not 0 <= self.unsup_fraction < 1:
-            raise ValueError(f"unsup_fraction must be in [0, 1), got {self.unsup_fraction}")
 
 
 def find_posterior_dir(path: str | os.PathLike) -> Path:
@@ -86,9 +78,13 @@ def find_posterior_dir(path: str | os.PathLike) -> Path:
 
 
 def load_posterior_net(
-    path: str | os.PathLike, expected_num_classes: int | None = None, device: torch.device | str | None = None
+    path: str | os.PathLike, expected_num_classes: int | None = None, device: torch.device | str | None = None,
+    expected_image_shape: tuple[int, int, int] | None = None,
 ) -> PosteriorNet:
-    """The posterior net saved at ``path`` (run directory or folder), frozen and in eval mode; clear errors."""
+    """The posterior net saved at ``path`` (run directory or folder), frozen and in eval mode; clear errors (also
+    when the class count or the image shape differs from the expected one)."""
+    from .scorenet_training import check_image_shape
+
     directory = find_posterior_dir(path)
     if not (directory / PosteriorNet.config_name).is_file():
         raise ValueError(f"{directory} is not a saved posterior net: {PosteriorNet.config_name} is missing")
@@ -99,6 +95,7 @@ def load_posterior_net(
     if expected_num_classes is not None and net.num_classes != int(expected_num_classes):
         raise ValueError(f"{directory} holds a posterior net for {net.num_classes} classes, expected "
                          f"{expected_num_classes}")
+    check_image_shape("posterior net", path, net.image_shape, expected_image_shape)
     net = net.requires_grad_(False).eval()
     return net.to(device) if device is not None else net
 
@@ -112,41 +109,32 @@ def train(cfg: PosteriorNetConfig) -> dict | None:
     """Train as configured (module docstring); returns a summary on the main process, None elsewhere."""
     from .scorenet_training import load_scorenet
 
-    cfg.validate()
-    accelerator = create_accelerator(
-        mixed_precision=resolve_mixed_precision(cfg.mixed_precision), gradient_accumulation_steps=cfg.grad_accumulation,
-        seed=cfg.seed, num_processes=cfg.num_processes, collective_timeout=cfg.collective_timeout,
-    )
-    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
-    micro_batch = cfg.batch_size // cfg.grad_accumulation
-    if micro_batch % world:
-        raise ValueError(f"batch_size / grad_accumulation = {micro_batch} must be divisible by {world} processes")
-
-    # Everything that can fail on bad input happens before the run directory is written.
-    with accelerator.main_process_first():
-        train_set = load_dataset(cfg.dataset, "train", cfg.data_dir)
-    num_classes, image_shape = train_set.num_classes, train_set.image_shape
-    generated = None
-    if cfg.generated is not None and cfg.unsup_fraction > 0:
-        shard_paths(cfg.generated)
-        generated = load_generated(cfg.generated, num_classes)
-    scorenet = None
-    if cfg.dlsm_weight > 0:
-        scorenet = load_scorenet(cfg.scorenet, expected_num_classes=num_classes, device=device)
-        if tuple(scorenet.image_shape) != tuple(image_shape):
-            raise ValueError(f"score net {cfg.scorenet} was trained on images {tuple(scorenet.image_shape)}, the data "
-                             f"are {tuple(image_shape)} (C, H, W)")
-        for sigma in (cfg.sigma_min, cfg.sigma_max):
-            scorenet.schedule.sigma_to_t(sigma)  # a clear error outside the score net's range
-    size = image_shape[1]
-    preset = cfg.preset or PRESET_BY_IMAGE_SIZE.get(size)
-    if preset is None:
-        raise ValueError(f"no default posterior-net preset for {size}x{size} images; choose one with --preset")
-    schedule = scorenet.schedule.scheduler_config() if scorenet is not None else None
-    model = build_posterior_net(preset, num_classes, image_shape, cfg.sigma_min, cfg.sigma_max, schedule=schedule)
-    out = Path(cfg.out)
-    if cfg.resume != "none":
-        _check_resumed(out, model)
+    with checking_input():  # bad input fails here, before the run directory is written
+        cfg.validate()
+        accelerator = cfg.accelerator()
+        device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+        micro_batch = cfg.micro_batch(cfg.batch_size, world)
+        with accelerator.main_process_first():
+            train_set = load_dataset(cfg.dataset, "train", cfg.data_dir)
+        num_classes, image_shape = train_set.num_classes, train_set.image_shape
+        generated = None
+        if cfg.generated is not None and cfg.unsup_fraction > 0:
+            shard_paths(cfg.generated)
+            generated = load_generated(cfg.generated, num_classes)
+        scorenet = None
+        if cfg.dlsm_weight > 0:
+            scorenet = load_scorenet(cfg.scorenet, num_classes, device, expected_image_shape=image_shape)
+            for sigma in (cfg.sigma_min, cfg.sigma_max):
+                scorenet.schedule.sigma_to_t(sigma)  # a clear error outside the score net's range
+        size = image_shape[1]
+        preset = cfg.preset or PRESET_BY_IMAGE_SIZE.get(size)
+        if preset is None:
+            raise ValueError(f"no default posterior-net preset for {size}x{size} images; choose one with --preset")
+        schedule = scorenet.schedule.scheduler_config() if scorenet is not None else None
+        model = build_posterior_net(preset, num_classes, image_shape, cfg.sigma_min, cfg.sigma_max, schedule=schedule)
+        out = Path(cfg.out)
+        if cfg.resume != "none":
+            _check_resumed(out, model)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     loader = BatchLoader(
         train_set, micro_batch, generated=generated, unsup_fraction=cfg.unsup_fraction if generated else 0,
@@ -163,7 +151,7 @@ def train(cfg: PosteriorNetConfig) -> dict | None:
     summary = (f"posterior net on {train_set.name} ({len(train_set)} images {image_shape}"
                f"{f' + {len(generated)} generated' if generated else ''}, {num_classes} classes), {preset} "
                f"({parameters / 1e6:.2f}M parameters), {terms}, sigma in [{cfg.sigma_min:g}, {cfg.sigma_max:g}], "
-               f"{cfg.steps} steps of {cfg.batch_size} on {world} process(es), {device}")
+               f"{cfg.train_steps} steps of {cfg.batch_size} on {world} process(es), {device}")
     results = {"posterior_net": str(out / POSTERIOR_SUBDIR), "preset": preset, "parameters": parameters,
                "dataset": cfg.dataset, "num_classes": num_classes, "image_shape": list(image_shape),
                "sigma_range": [cfg.sigma_min, cfg.sigma_max]}

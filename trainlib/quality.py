@@ -22,7 +22,6 @@ Writes ``<out>/quality.json`` (default ``<out>`` = ``<generated>/quality``) and 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -36,11 +35,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import trange
 
-from .adversarial import WEIGHTS_METADATA_KEY, build_classifier
-from .checkpoint import load_weights, load_weights_metadata, save_weights
+from .checkpoint import save_weights
+from .classifiers import WEIGHTS_METADATA_KEY, build_classifier, load_classifier
 from .config import config_to_dict, option, parse_config, run_cli
-from .data import BatchLoader, ImageDataset, check_dataset_name, load_dataset, load_generated, ordered_batches
-from .files import atomic_write_json
+from .datasets import ImageDataset, check_dataset_name, load_dataset
+from .files import atomic_write_json, sha256_file
+from .npz import load_generated
+from .sampling import BatchLoader, ordered_batches
 
 CLASSIFIER_FILE = "classifier.safetensors"
 REPORT_FILE = "quality.json"
@@ -55,7 +56,7 @@ class QualityConfig:
     data_dir: str = option("where CIFAR is downloaded to / read from", "data")
     classifier: str | None = option("a trained classifier (run directory or .safetensors); none: train one", None)
     model: str = option("classifier to train: a trainlib.models name, or auto (cnn-small up to 16x16, else "
-                       "preact-resnet18)", "auto")  # fmt: skip
+                       "preact-resnet18)", "auto")
     epochs: int = option("epochs of cross-entropy training of the classifier", 30)
     batch_size: int = option("batch size of classifier training and feature extraction", 128)
     lr: float = option("Adam learning rate of classifier training", 1e-3)
@@ -145,38 +146,11 @@ def class_consistency(predictions: np.ndarray, labels: np.ndarray, num_classes: 
 
 
 # -- the reference classifier -------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
-
-
-def load_classifier(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
-    """A classifier from ``.safetensors`` weights with trainlib metadata, or a run directory's ``ema.safetensors``.
-
-    Returns (model in eval mode on ``device``, info {model, dataset, num_classes, image_shape, sha256, ...}).
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "ema.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"classifier weights not found: {path}")
-    state = load_weights(path)
-    try:
-        info = json.loads(load_weights_metadata(path)[WEIGHTS_METADATA_KEY])
-        model_name, dataset = info["model"], info["dataset"]
-        num_classes, image_shape = int(info["num_classes"]), tuple(info["image_shape"])
-    except (KeyError, ValueError, TypeError):
-        raise ValueError(f"{path} lacks trainlib metadata (model, dataset, num_classes, image_shape)") from None
-    model = build_classifier(model_name, dataset, num_classes, image_shape)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"weights {path} do not fit model {model_name!r}: {str(e).splitlines()[0]}") from None
-    info = dict(info, num_classes=num_classes, image_shape=list(image_shape), sha256=_sha256(path), path=str(path))
-    return model.to(device).eval(), info
+def load_reference(path: str | os.PathLike, device) -> tuple[nn.Module, dict]:
+    """(model in eval mode on ``device``, info: its settings, the sha256 of its weights and their path)."""
+    loaded = load_classifier(path)
+    info = loaded.settings | {"sha256": loaded.sha256[:16], "path": str(loaded.weights)}
+    return loaded.model.to(device), info
 
 
 def default_model(image_shape: tuple[int, int, int]) -> str:
@@ -187,7 +161,7 @@ def default_model(image_shape: tuple[int, int, int]) -> str:
 def train_classifier(
     train_set: ImageDataset, model_name: str, dataset: str, epochs: int, batch_size: int, lr: float, seed: int,
     device: torch.device | str,
-) -> nn.Module:  # fmt: skip
+) -> nn.Module:
     """Cross-entropy training with Adam on ``train_set`` (batches a pure function of the seed); eval mode."""
     torch.manual_seed(seed)
     model = build_classifier(model_name, dataset, train_set.num_classes, train_set.image_shape).to(device)
@@ -207,24 +181,24 @@ def reference_classifier(cfg: QualityConfig, train_set: ImageDataset, out: Path,
     """``cfg.classifier`` if given; else the cached ``<out>/classifier.safetensors`` if trained with these settings,
     else a freshly trained one (then cached)."""
     if cfg.classifier is not None:
-        return load_classifier(cfg.classifier, device)
+        return load_reference(cfg.classifier, device)
     model_name = default_model(train_set.image_shape) if cfg.model == "auto" else cfg.model
     training = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
-                "train_examples": len(train_set)}  # fmt: skip
+                "train_examples": len(train_set)}
     cached = out / CLASSIFIER_FILE
     if cached.is_file():
         try:
-            model, info = load_classifier(cached, device)
+            model, info = load_reference(cached, device)
             if (info.get("training"), info["model"], info["dataset"]) == (training, model_name, cfg.dataset):
                 return model, info
         except ValueError:
             pass  # unreadable cache: train again and overwrite it
     model = train_classifier(train_set, model_name, cfg.dataset, cfg.epochs, cfg.batch_size, cfg.lr, cfg.seed, device)
     info = {"model": model_name, "dataset": cfg.dataset, "num_classes": train_set.num_classes,
-            "image_shape": list(train_set.image_shape), "training": training}  # fmt: skip
+            "image_shape": list(train_set.image_shape), "training": training}
     out.mkdir(parents=True, exist_ok=True)
     save_weights(cached, model.state_dict(), {WEIGHTS_METADATA_KEY: json.dumps(info)})
-    return model, dict(info, sha256=_sha256(cached), path=str(cached))
+    return model, dict(info, sha256=sha256_file(cached)[:16], path=str(cached))
 
 
 # -- the report ----------------------------------------------------------------------------------------------------
@@ -242,13 +216,13 @@ def quality_report(cfg: QualityConfig) -> dict:
     generated = load_generated(cfg.generated, train_set.num_classes)  # checks keys, dtypes, label range
     if generated.image_shape != train_set.image_shape:
         raise ValueError(f"generated images are {generated.image_shape} (C, H, W), {cfg.dataset} images are "
-                         f"{train_set.image_shape}")  # fmt: skip
+                         f"{train_set.image_shape}")
     out = Path(cfg.out) if cfg.out is not None else default_out(cfg.generated)
     classifier, info = reference_classifier(cfg, train_set, out, device)
     if info["num_classes"] != train_set.num_classes or tuple(info["image_shape"]) != train_set.image_shape:
         raise ValueError(f"classifier {info['path']} is for {info['num_classes']} classes and images "
                          f"{tuple(info['image_shape'])}, {cfg.dataset} has {train_set.num_classes} classes and "
-                         f"{train_set.image_shape}")  # fmt: skip
+                         f"{train_set.image_shape}")
 
     gen_pred, gen_labels, gen_features = predict(classifier, generated, cfg.batch_size, cfg.max_generated)
     test_pred, test_labels, test_features = predict(classifier, test_set, cfg.batch_size)
@@ -289,7 +263,7 @@ def format_report(report: dict) -> str:
         ("  reference: real train vs test", f"{report['frechet_distance_real_train_vs_test']:.4g}"),
         ("worst class consistency", f"{np.nanmin(report['class_consistency_per_class']):.4f} (class "
                                     f"{int(np.nanargmin(report['class_consistency_per_class']))})"),
-    ]  # fmt: skip
+    ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 

@@ -45,7 +45,7 @@ def git_revision(directory: str | os.PathLike = _PROJECT_ROOT) -> str:
         result = subprocess.run(
             ["git", "--no-optional-locks", "-C", str(directory), *args],
             capture_output=True, text=True, timeout=10, check=True,
-        )  # fmt: skip
+        )
         return result.stdout.strip()
 
     try:

@@ -2,7 +2,7 @@
 
 ``ScoreNetConfig``'s fields, with their help strings, are the documentation of the recipe. ``train(cfg)`` prepares
 the data and the UNet and runs the fixed-step Adam loop ``trainlib.adam_loop.fit`` (shared with the posterior net)
-on the engine (``trainlib.engine``: accelerator, run directory, resume, checkpoints, logging):
+on the engine (``trainlib.accelerator``, ``trainlib.session``: run directory, resume, checkpoints, logging):
 
     data     the real train split of ``dataset`` (images in [0, 1]); batches are a pure function of (seed, epoch,
              batch), so resuming mid-epoch is exact; horizontal flips (CIFAR only by default; never crops, which
@@ -35,10 +35,10 @@ import torch
 from scorenets import PRESETS, ScoreNet, dsm_loss
 from scorenets.unet import CONFIG_NAME
 
-from .adam_loop import AdamLoopOptions, fit, resolve_mixed_precision
-from .config import option
-from .data import BatchLoader, ImageDataset, load_dataset
-from .engine import create_accelerator
+from .adam_loop import AdamLoopOptions, fit
+from .config import checking_input, option
+from .datasets import ImageDataset, load_dataset
+from .sampling import BatchLoader
 
 SCORENET_SUBDIR = "scorenet"  # <run>/scorenet: the EMA score net, readable with ScoreNet.from_pretrained
 PRESET_BY_IMAGE_SIZE = {8: "tiny8", 16: "small16", 32: "cifar32"}
@@ -52,7 +52,8 @@ class ScoreNetConfig(AdamLoopOptions):
     # model
     preset: str | None = option("UNet preset tiny8 | small16 | cifar32 (none: by image size 8 / 16 / 32)", None)
     channels: tuple[int, ...] = option("UNet block widths per level, multiples of its norm groups (empty: preset)", ())
-    label_dropout: float = option("probability of replacing a label by the null class K (classifier-free)", 0.1)
+    label_dropout: float = option("probability of replacing a label by the null class K (classifier-free)", 0.1, ge=0,
+                                  lt=1)
     seed: int = option("seed of initialisation, data order, noise and label dropout", 0)
     out: str = option("run directory (the EMA score net goes to <out>/scorenet)", "runs/scorenet-digits")
 
@@ -63,8 +64,6 @@ class ScoreNetConfig(AdamLoopOptions):
             raise ValueError(f"unknown UNet preset {self.preset!r}; valid presets: {', '.join(PRESETS)}")
         if any(width < 1 for width in self.channels):
             raise ValueError(f"channels must be positive widths, got {list(self.channels)}")
-        if not 0 <= self.label_dropout < 1:
-            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
 
 
 # -- loading a trained score net -----------------------------------------------------------------------------------
@@ -79,11 +78,22 @@ def find_scorenet_dir(path: str | os.PathLike) -> Path:
 
 
 def load_scorenet(
-    path: str | os.PathLike, expected_num_classes: int | None = None, device: torch.device | str | None = None
+    path: str | os.PathLike, expected_num_classes: int | None = None, device: torch.device | str | None = None,
+    expected_image_shape: tuple[int, int, int] | None = None,
 ) -> ScoreNet:
-    """``ScoreNet.from_pretrained`` on a run directory or a score-net folder; eval mode, no parameter gradients."""
+    """``ScoreNet.from_pretrained`` on a run directory or a score-net folder; eval mode, no parameter gradients.
+    ValueError when the class count or the image shape (C, H, W) differs from the expected one."""
     scorenet = ScoreNet.from_pretrained(find_scorenet_dir(path), expected_num_classes, device)
+    check_image_shape("score net", path, scorenet.image_shape, expected_image_shape)
     return scorenet.requires_grad_(False).eval()
+
+
+def check_image_shape(what: str, path, found, expected) -> None:
+    """ValueError when a network saved at ``path`` was trained on images of another shape (C, H, W) than ``expected``
+    (None: anything goes)."""
+    if expected is not None and tuple(found) != tuple(expected):
+        raise ValueError(f"{what} {path} was trained on images {tuple(found)}, the data are {tuple(expected)} "
+                         "(C, H, W)")
 
 
 # -- building blocks -------------------------------------------------------------------------------------------------
@@ -94,7 +104,7 @@ def resolve_preset(preset: str | None, image_shape: tuple[int, int, int]) -> str
     size = image_shape[1]
     if size not in PRESET_BY_IMAGE_SIZE:
         raise ValueError(f"no default UNet preset for {size}×{size} images; choose one with --preset "
-                         f"({', '.join(PRESETS)})")  # fmt: skip
+                         f"({', '.join(PRESETS)})")
     return PRESET_BY_IMAGE_SIZE[size]
 
 
@@ -105,12 +115,12 @@ def resolve_channels(preset: str, channels: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(levels)
     if len(channels) != len(levels) or any(width % groups for width in channels):
         raise ValueError(f"preset {preset!r} needs {len(levels)} block widths, each a multiple of its {groups} norm "
-                         f"groups; got channels {list(channels)}")  # fmt: skip
+                         f"groups; got channels {list(channels)}")
     return tuple(channels)
 
 
 def _check_resumed_scorenet(out: Path, num_classes: int, image_shape: tuple[int, int, int], preset: str,
-                            channels: tuple[int, ...]) -> None:  # fmt: skip
+                            channels: tuple[int, ...]) -> None:
     """Refuse to resume a run whose saved score net is for other data (a clear error instead of a size mismatch)."""
     settings_file = out / SCORENET_SUBDIR / CONFIG_NAME
     if not settings_file.is_file():
@@ -122,7 +132,7 @@ def _check_resumed_scorenet(out: Path, num_classes: int, image_shape: tuple[int,
     wanted = (num_classes, tuple(image_shape), preset, channels)
     if found != wanted:
         raise ValueError(f"{out} holds a score net for (classes, image shape, preset, channels) = {found}, this run "
-                         f"trains {wanted}; choose another --out")  # fmt: skip
+                         f"trains {wanted}; choose another --out")
 
 
 def _save_scorenet(ema_model: ScoreNet, out: Path) -> None:
@@ -133,31 +143,25 @@ def _save_scorenet(ema_model: ScoreNet, out: Path) -> None:
 # -- training --------------------------------------------------------------------------------------------------------
 def train(cfg: ScoreNetConfig) -> dict | None:
     """Train as configured (module docstring); returns a summary on the main process, None elsewhere."""
-    cfg.validate()
-    accelerator = create_accelerator(
-        mixed_precision=resolve_mixed_precision(cfg.mixed_precision), gradient_accumulation_steps=cfg.grad_accumulation,
-        seed=cfg.seed, num_processes=cfg.num_processes, collective_timeout=cfg.collective_timeout,
-    )  # fmt: skip
-    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
-    micro_batch = cfg.batch_size // cfg.grad_accumulation
-    if micro_batch % world:
-        raise ValueError(f"batch_size / grad_accumulation = {micro_batch} must be divisible by {world} processes")
-
-    # Everything that can fail on bad input happens before the run directory is written.
-    with accelerator.main_process_first():
-        train_set: ImageDataset = load_dataset(cfg.dataset, "train", cfg.data_dir)
-    num_classes, image_shape = train_set.num_classes, train_set.image_shape
-    preset = resolve_preset(cfg.preset, image_shape)
-    channels = resolve_channels(preset, cfg.channels)
-    out = Path(cfg.out)
-    if cfg.resume != "none":
-        _check_resumed_scorenet(out, num_classes, image_shape, preset, channels)
+    with checking_input():  # bad input fails here, before the run directory is written
+        cfg.validate()
+        accelerator = cfg.accelerator()
+        device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+        micro_batch = cfg.micro_batch(cfg.batch_size, world)
+        with accelerator.main_process_first():
+            train_set: ImageDataset = load_dataset(cfg.dataset, "train", cfg.data_dir)
+        num_classes, image_shape = train_set.num_classes, train_set.image_shape
+        preset = resolve_preset(cfg.preset, image_shape)
+        channels = resolve_channels(preset, cfg.channels)
+        out = Path(cfg.out)
+        if cfg.resume != "none":
+            _check_resumed_scorenet(out, num_classes, image_shape, preset, channels)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     flip = cfg.augment == "on" or (cfg.augment == "auto" and cfg.dataset in FLIP_DATASETS)
     loader = BatchLoader(
         train_set, micro_batch, epoch_size=steps_per_epoch * cfg.batch_size, seed=cfg.seed, world_size=world,
         rank=rank, device=device, augment=flip, padding=0,  # padding 0: crop offsets are 0, so flips only
-    )  # fmt: skip
+    )
 
     model = ScoreNet.build(preset, num_classes, image_shape, block_out_channels=channels)
     schedule = model.schedule
@@ -168,10 +172,10 @@ def train(cfg: ScoreNetConfig) -> dict | None:
 
     parameters = sum(p.numel() for p in model.parameters())
     summary = (f"DSM on {train_set.name} ({len(train_set)} images {image_shape}, {num_classes} classes), "
-               f"{preset} UNet ({parameters / 1e6:.2f}M parameters), {cfg.steps} steps of {cfg.batch_size} on "
-               f"{world} process(es), {device}")  # fmt: skip
+               f"{preset} UNet ({parameters / 1e6:.2f}M parameters), {cfg.train_steps} steps of {cfg.batch_size} on "
+               f"{world} process(es), {device}")
     results = {"scorenet": str(out / SCORENET_SUBDIR), "preset": preset, "parameters": parameters,
-               "dataset": cfg.dataset, "num_classes": num_classes, "image_shape": list(image_shape)}  # fmt: skip
+               "dataset": cfg.dataset, "num_classes": num_classes, "image_shape": list(image_shape)}
     return fit(cfg, accelerator, loader, model, loss_fn, _save_scorenet, description="score net", summary=summary,
                results=results, saved_message=f"saved the EMA score net to {out / SCORENET_SUBDIR} (load it with "
-               "ScoreNet.from_pretrained)")  # fmt: skip
+               "ScoreNet.from_pretrained)")

@@ -1,4 +1,4 @@
-"""The pieces every training loop shares, written once: accelerator, run directory, resume, checkpoints, logging.
+"""The training session: run directory, resume, checkpoints, logging and the non-finite guard of one run.
 
 A training module keeps its loop visible (nanoGPT style) and calls these pieces::
 
@@ -32,256 +32,103 @@ A training module keeps its loop visible (nanoGPT style) and calls these pieces:
 
 What each piece guarantees:
 
-* ``create_accelerator``: an ``accelerate.Accelerator`` with step-named checkpoints (automatic naming off;
-  docs/conventions.md §7), mixed precision "no" | "bf16" | "fp16" on accelerators and plain fp32 on the CPU (a
-  requested bf16/fp16 is dropped there with a warning), gradient accumulation,
-  ``step_scheduler_with_optimizer=False`` (so a prepared scheduler steps once per call, not once per process: call
-  it only when ``accelerator.sync_gradients``), and the seed ``seed + rank`` for Python, NumPy and torch. It refuses
-  to start (ValueError on every rank) when the world size it got differs from the ``num_processes`` asked for, or
-  from the launcher's ``WORLD_SIZE`` (``accelerate launch --multi_gpu`` without a GPU and without
-  ``ACCELERATE_USE_CPU=1`` silently starts independent processes).
 * ``TrainingSession``: resolves ``--resume none|latest|PATH`` on the main process and broadcasts it (every rank
   resumes from the same verified checkpoint or raises the same error), refuses a fresh start into a directory that
   already holds a run (before writing anything), creates the ``RunDir`` (main process only), removes temporaries
   left in ``checkpoints/`` by a crash before the first barrier, and hands out the start position. Positions are
   ``(step, epoch, batch_in_epoch)`` of the NEXT batch: with a data path that is a pure function of (seed, epoch,
-  batch) (``trainlib.data.BatchLoader``), resuming mid-epoch is starting at ``batch_in_epoch``.
+  batch) (``trainlib.sampling.BatchLoader``), resuming mid-epoch is starting at ``batch_in_epoch``.
 * ``maybe_checkpoint``: on EVERY rank (``save_state`` writes per-rank RNG files and barriers), every
   ``checkpoint_every`` optimizer steps and at the end, named ``checkpoints/step_NNNNNN``, keeping ``keep_last``.
 * ``log_train``: accumulates detached metric tensors on the device every step (no host sync), and every ``log_every``
   steps averages them over steps and processes (one collective, on every rank), moves them to the host once and
   writes ``train/<name>`` records to metrics.jsonl and TensorBoard on the main process. ``log`` writes other
   metrics (main process only, no collective). The tqdm progress bar lives on the main process only.
-* ``session.guard`` (``NonFiniteGuard``): watches the loss and gradient norm of every optimizer step. Mode "stop"
-  (default) keeps the first non-finite step in a device tensor (no host sync in the step); the session checks it,
-  on every rank, before it writes metrics or a checkpoint (and ``check_finite()`` before any other write), and
-  raises ``NonFiniteError`` naming the step and the quantity (exit status 3 through ``run_cli``). Nothing is
-  written after a bad step, so the newest checkpoint is the last good state. Mode "skip" decides on the host every
-  step (one device-to-host sync per step, plus one all-reduce of a flag with several processes) and the loop skips
-  the optimizer, scheduler and EMA updates of a bad step; skipped steps are counted, logged and checkpointed.
+* ``session.guard``: a ``trainlib.nonfinite.NonFiniteGuard`` watching every optimizer step (its module docstring).
 
-Nothing here knows about classifiers, score networks or losses.
+Nothing here knows about classifiers, score networks or losses; ``trainlib.accelerator`` makes the accelerator.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import math
 import os
 import time
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from .accelerator import DEFAULT_COLLECTIVE_TIMEOUT, check_collective_timeout, create_accelerator
 from .checkpoint import CheckpointMeta, load_checkpoint, read_meta, resolve_resume, save_step_checkpoint
-from .config import NONFINITE_EXIT_CODE, RunFault, config_hash
+from .config import Options, config_hash, option
 from .files import cleanup_temporaries
+from .nonfinite import NonFiniteGuard, check_nonfinite_mode
 from .rundir import RunDir
 
-MIXED_PRECISION = ("no", "bf16", "fp16")
-NONFINITE_MODES = ("stop", "skip")
-DEFAULT_COLLECTIVE_TIMEOUT = 1800.0  # seconds; torch's own default for gloo (NCCL: 600)
+
+@dataclasses.dataclass
+class EngineOptions(Options):
+    """The options every training run has: accelerator and processes, run directory, checkpoints, logging."""
+
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = option(
+        "autocast dtype on GPUs (auto: bf16 where supported; always fp32 on the CPU)", "auto")
+    grad_accumulation: int = option("micro-batches per optimizer step", 1, ge=1)
+    num_processes: int | None = option("refuse to start unless the world size is this", None, ge=1)
+    cpu_threads: int | None = option("torch threads per process on the CPU (none: torch's default)", None, ge=1)
+    collective_timeout: float = option("seconds a process waits for the others in a collective before failing",
+                                       DEFAULT_COLLECTIVE_TIMEOUT, gt=0)
+    nonfinite: Literal["stop", "skip"] = option(
+        "NaN/inf loss or gradient: stop (exit 3, newest checkpoint = last good) or skip the update (syncs each step)",
+        "stop")
+    seed: int = option("seed of initialisation, data order, noise and attacks", 0)
+    out: str = option("run directory", "runs/run")
+    resume: str = option("none | latest | PATH of a checkpoint folder", "none")
+    checkpoint_every: int = option("save a checkpoint every N optimizer steps (0: at the end only)", 500, ge=0)
+    keep_last: int = option("step checkpoints to keep", 2, ge=1)
+    log_every: int = option("average and log training metrics every N steps", 50, ge=1)
+
+    def validate(self) -> None:
+        super().validate()
+        check_collective_timeout(self.collective_timeout)
+
+    def micro_batch(self, batch_size: int, world_size: int = 1) -> int:
+        """The per-process micro-batch of a global ``batch_size``; ValueError when it does not divide evenly."""
+        if batch_size % self.grad_accumulation:
+            raise ValueError(f"batch_size {batch_size} must be divisible by grad_accumulation {self.grad_accumulation}")
+        micro = batch_size // self.grad_accumulation
+        if micro % world_size:
+            raise ValueError(f"batch_size / grad_accumulation = {micro} must be divisible by {world_size} processes")
+        return micro
+
+    def accelerator(self):
+        """The run's ``Accelerator`` (``trainlib.accelerator.create_accelerator`` with these options)."""
+        return create_accelerator(
+            mixed_precision=resolve_mixed_precision(self.mixed_precision),
+            gradient_accumulation_steps=self.grad_accumulation, seed=self.seed, num_processes=self.num_processes,
+            cpu_threads=self.cpu_threads, collective_timeout=self.collective_timeout)
+
+    def session(self, accelerator, total_steps: int, description: str) -> TrainingSession:
+        """The run's ``TrainingSession`` (resume, checkpoints, logging as these options say)."""
+        return TrainingSession(accelerator, self.out, self, resume=self.resume, total_steps=total_steps,
+                               checkpoint_every=self.checkpoint_every, keep_last=self.keep_last,
+                               log_every=self.log_every, description=description, nonfinite=self.nonfinite)
 
 
-# -- accelerator ------------------------------------------------------------------------------------------------
-def _on_cpu(cpu: bool) -> bool:
-    from accelerate.utils import parse_flag_from_env
-
-    return cpu or parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
-
-
-def check_world_size(accelerator, num_processes: int | None = None) -> None:
-    """Raise ValueError unless the accelerator's world size is what was asked for and what the launcher set up."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    got = accelerator.num_processes
-    if launched != got:
-        raise ValueError(
-            f"the launcher started {launched} processes (WORLD_SIZE) but they did not join one process group "
-            f"(world size {got}); on a CPU-only machine launch with ACCELERATE_USE_CPU=1 accelerate launch "
-            "--multi_gpu --num_processes N --main_process_port 0 ..."
-        )
-    if num_processes is not None and got != num_processes:
-        raise ValueError(
-            f"asked for {num_processes} process(es) (--num-processes) but the run has world size {got}; launch with "
-            f"`accelerate launch --num_processes {num_processes} ...` or change --num-processes"
-        )
+def resolve_mixed_precision(mixed_precision: str) -> str:
+    """Mixed precision "auto" → "bf16" on a CUDA GPU that supports it, else "no" (fp32); other values pass through."""
+    if mixed_precision != "auto":
+        return mixed_precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def create_accelerator(
-    *,
-    mixed_precision: str = "no",
-    gradient_accumulation_steps: int = 1,
-    seed: int = 0,
-    num_processes: int | None = None,
-    cpu: bool = False,
-    cpu_threads: int | None = None,
-    collective_timeout: float = DEFAULT_COLLECTIVE_TIMEOUT,
-):
-    """An ``Accelerator`` set up as described in the module docstring (guards the world size, seeds seed + rank).
-
-    ``cpu_threads``: torch intra-op threads per process when running on the CPU (None: torch's default). Small
-    models gain little from threads, and threads oversubscribing the cores (several processes, a busy machine)
-    can make them many times slower. ``collective_timeout``: seconds a process waits in a collective for the others
-    before the run fails (exit status 4 through ``run_cli``), so a hung peer cannot stall the rest forever, with or
-    without a launcher agent watching (a peer that dies is noticed at once by the broken connection). It must
-    cover the longest single-process phase a barrier waits for (dataset download, hashing a checkpoint).
-    """
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
-
-    if mixed_precision not in MIXED_PRECISION:
-        raise ValueError(f"unknown mixed precision {mixed_precision!r}; valid: {', '.join(MIXED_PRECISION)}")
-    if gradient_accumulation_steps < 1:
-        raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
-    if num_processes is not None and num_processes < 1:
-        raise ValueError(f"num_processes must be >= 1, got {num_processes}")
-    if cpu_threads is not None and cpu_threads < 1:
-        raise ValueError(f"cpu_threads must be >= 1, got {cpu_threads}")
-    check_collective_timeout(collective_timeout)
-    if mixed_precision != "no" and _on_cpu(cpu):
-        warnings.warn(f"mixed precision {mixed_precision!r} is not used on the CPU; training in fp32", stacklevel=2)
-        mixed_precision = "no"
-    accelerator = Accelerator(
-        cpu=cpu,
-        mixed_precision=mixed_precision,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        step_scheduler_with_optimizer=False,
-        project_config=ProjectConfiguration(automatic_checkpoint_naming=False),
-        kwargs_handlers=[process_group_kwargs(collective_timeout)],
-    )
-    check_world_size(accelerator, num_processes)
-    if cpu_threads is not None and accelerator.device.type == "cpu":
-        torch.set_num_threads(cpu_threads)
-    set_seed(seed, device_specific=True)  # seed + process index
-    return accelerator
-
-
-def check_collective_timeout(seconds: float) -> None:
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise ValueError(f"collective_timeout must be a positive number of seconds, got {seconds}")
-
-
-def process_group_kwargs(collective_timeout: float):
-    """accelerate's ``InitProcessGroupKwargs`` with the collective timeout (gloo and NCCL honour it)."""
-    from accelerate.utils import InitProcessGroupKwargs
-
-    return InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=collective_timeout))
-
-
-def rank_generator(seed: int, *stream: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A torch generator that is a pure function of (seed, *stream), e.g. (seed, step, rank): resumes exactly."""
-    import numpy as np
-
-    state = np.random.SeedSequence([seed, *stream]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator(device=device).manual_seed(int(state) & ((1 << 63) - 1))
-
-
-def one_cycle_cosine(optimizer, total_steps: int, warmup_fraction: float = 0.025, cycle_momentum: bool = True):
-    """PyTorch's ``OneCycleLR`` stepped once per optimizer step, with its defaults (as the public SCORE code).
-
-    lr rises from lr_max/25 to lr_max over the first ``warmup_fraction`` of steps (cosine), then falls (cosine) to
-    lr_max/(25·10⁴); with ``cycle_momentum`` the SGD momentum goes 0.95 → 0.85 → 0.95 in antiphase. lr_max is each
-    parameter group's ``lr``.
-    """
-    if total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-    if not 0 < warmup_fraction < 1:
-        raise ValueError(f"warmup_fraction must be in (0, 1), got {warmup_fraction}")
-    max_lr = [group["lr"] for group in optimizer.param_groups]
-    return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=warmup_fraction, anneal_strategy="cos",
-        cycle_momentum=cycle_momentum,
-    )  # fmt: skip
-
-
-# -- non-finite steps -------------------------------------------------------------------------------------------
-class NonFiniteError(RunFault):
-    """Training met a NaN/inf loss or gradient norm (``run_cli``: one line, exit status 3)."""
-
-    exit_code = NONFINITE_EXIT_CODE
-
-
-_NONE = torch.iinfo(torch.int64).max  # "no bad step yet"
 _SKIPPED_KEY = "nonfinite_skipped"  # CheckpointMeta.extra: steps skipped so far (mode "skip")
 _METRICS_SIZE_KEY = "metrics_bytes"  # CheckpointMeta.extra: size of metrics.jsonl when the checkpoint was saved
-_WHAT = {1: "loss", 2: "gradient norm", 3: "loss and gradient norm"}
 
 
-def check_nonfinite_mode(mode: str) -> None:
-    if mode not in NONFINITE_MODES:
-        raise ValueError(f"unknown non-finite mode {mode!r}; valid: {', '.join(NONFINITE_MODES)}")
-
-
-def gradient_norm(model: torch.nn.Module) -> Tensor:
-    """The global ℓ2 norm of the parameter gradients, as a device tensor (foreach kernels, no host sync)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-
-
-class NonFiniteGuard:
-    """Watches each optimizer step's loss and gradient norm for NaN/inf (module docstring: modes "stop" and "skip").
-
-    The state of mode "stop" is one int64 device tensor, 4·step + kind of the first bad step (kind 1: loss,
-    2: gradient norm, 3: both), updated by a few scalar kernels per step; ``check`` moves it to the host.
-    """
-
-    def __init__(self, accelerator, mode: str = "stop", log=None):
-        check_nonfinite_mode(mode)
-        self.accelerator, self.mode, self.log = accelerator, mode, log or print
-        self.first_bad = torch.full((), _NONE, dtype=torch.int64, device=accelerator.device)
-        self.skipped = 0  # steps skipped so far (mode "skip"; checkpointed)
-
-    def _kind(self, loss: Tensor, grad_norm: Tensor | None) -> Tensor:
-        kind = (~torch.isfinite(loss.detach()).all()).long()
-        if grad_norm is not None:
-            kind = kind + 2 * (~torch.isfinite(grad_norm.detach())).long()
-        return kind
-
-    def observe(self, step: int, loss: Tensor, grad_norm: Tensor | None = None) -> bool:
-        """Record optimizer step ``step`` (1-based); returns whether to apply its update (always True for "stop").
-
-        ``grad_norm``: the global gradient norm, or None where a grad scaler owns overflow (fp16) or none is taken.
-        """
-        kind = self._kind(loss, grad_norm)
-        if self.mode == "stop":
-            code = torch.where(kind > 0, 4 * step + kind, _NONE)
-            torch.minimum(self.first_bad, code, out=self.first_bad)
-            return True
-        if self.accelerator.num_processes > 1:
-            kind = self.accelerator.reduce(kind, reduction="max")  # every rank skips the same steps
-        bad = int(kind.item())  # the one host sync per step of mode "skip"
-        if bad:
-            self.skipped += 1
-            if self.accelerator.is_main_process:
-                self.log(f"skipped step {step}: non-finite {_WHAT.get(bad, 'loss or gradient norm')} "
-                         f"({self.skipped} skipped so far)")  # fmt: skip
-        return not bad
-
-    def check(self, last_checkpoint: Path | None = None) -> None:
-        """Raise ``NonFiniteError`` (on every rank: a collective) if a step of mode "stop" was non-finite."""
-        if self.mode != "stop":
-            return
-        code = self.first_bad
-        if self.accelerator.num_processes > 1:
-            code = -self.accelerator.reduce(-code, reduction="max")  # the earliest bad step over the ranks
-        code = int(code.item())
-        if code == _NONE:
-            return
-        step, kind = divmod(code, 4)
-        kept = f"the newest checkpoint ({last_checkpoint.name})" if last_checkpoint else "no checkpoint was saved; it"
-        raise NonFiniteError(
-            f"non-finite {_WHAT[kind]} at step {step}; stopped before writing anything after it: {kept} is the last "
-            "good state; resume it with --resume latest (e.g. with a lower --lr) or skip such steps with "
-            "--nonfinite skip"
-        )
-
-
-# -- the session ------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class StartPosition:
     """Where training (re)starts: ``step`` optimizer steps done; the next batch is ``batch_in_epoch`` of ``epoch``."""
@@ -341,7 +188,7 @@ class TrainingSession:
         self.run = RunDir(
             out_dir, config, is_main_process=accelerator.is_main_process, world_size=accelerator.num_processes,
             resume=resume != "none",
-        )  # fmt: skip
+        )
         if accelerator.is_main_process:
             for path in cleanup_temporaries(self.run.checkpoints_dir):
                 self.run.log(f"removed temporary {path.name} left by an interrupted save")
@@ -374,7 +221,7 @@ class TrainingSession:
             return
         if dropped:
             self.run.log(f"removed {dropped} metrics record(s) written after step {step}; the resumed run writes them "
-                         "again")  # fmt: skip
+                         "again")
 
     def start(self, *stateful: Any) -> StartPosition:
         """Register extra state (e.g. the EMA) for checkpointing, then restore the resolved checkpoint, if any.
@@ -394,12 +241,12 @@ class TrainingSession:
             self._last_saved, self._last_checkpoint = meta.step, self._checkpoint
             self.guard.skipped = int(meta.extra.get(_SKIPPED_KEY, 0))
             self.run.log(f"resumed from {self._checkpoint} at step {meta.step} (epoch {meta.epoch}, "
-                         f"batch {meta.batch_in_epoch})")  # fmt: skip
+                         f"batch {meta.batch_in_epoch})")
         if self.accelerator.is_main_process:
             from tqdm.auto import tqdm
 
             self._progress = tqdm(total=self.total_steps, initial=position.step, desc=self._description,
-                                  dynamic_ncols=True)  # fmt: skip
+                                  dynamic_ncols=True)
         return position
 
     # -- checkpoints ----------------------------------------------------------------------------------------
