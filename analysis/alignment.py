@@ -95,16 +95,12 @@ def analyse(classifier: sources.Classifier, data: sources.DataSource, cfg: Align
 
 def run_analysis(cfg: AlignmentConfig, recompute: bool = False) -> list[dict]:
     """Analyse every run (cached per run); returns the records."""
-    cfg.validate()
-    dtype = torch.float64 if cfg.float64 else torch.float32
-    records, data, data_key = [], None, None
-    for run in tqdm(cfg.runs, desc="Theorem 4", disable=len(cfg.runs) < 2):
-        classifier = sources.open_classifier(run, cfg.which, dtype, cfg.data_dir)
-        if data is None or data_key != classifier.test.name:  # one posterior (score net) per dataset
-            data = sources.DataSource(classifier, cfg)
-            data_key = classifier.test.name
+    opened = sources.open_all(cfg, cfg.which, torch.float64 if cfg.float64 else torch.float32)
+    records = []
+    for classifier, data in tqdm(opened, desc="Theorem 4", disable=len(opened) < 2):
         settings = cfg.settings(classifier, data)
-        records.append(sources.cached(run, RESULT_NAME, settings, analyse, classifier, data, cfg, recompute=recompute))
+        records.append(sources.cached(classifier.source, RESULT_NAME, settings, analyse, classifier, data, cfg,
+                                      recompute=recompute))
     return records
 
 

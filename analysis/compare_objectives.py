@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from trainlib import adversarial
-from trainlib.config import config_to_dict, load_recipe, option, parse_config, run_cli
+from trainlib.config import checking_input, config_to_dict, load_recipe, option, parse_config, run_cli
 from trainlib.data_posterior import DEFAULT_NOISE_STD, DEFAULT_POSTERIOR_NET
 from trainlib.datasets import load_dataset
 from trainlib.evaluation import evaluation_points
@@ -254,8 +254,9 @@ def plot(path: Path, rows: list[dict], truth: str) -> None:
 
 
 def compare(cfg: CompareConfig) -> list[dict]:
-    cfg.validate()
-    plan = entries(cfg)
+    with checking_input():  # options and recipes: bad input fails before anything is trained or written
+        cfg.validate()
+        plan = entries(cfg)
     datasets = {entry.config.dataset for entry in plan}
     truths = list(cfg.truth)
     rows = []

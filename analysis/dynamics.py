@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from datagrad import PGD, alignment_terms, intrinsic_risk, madry_risk, score_risk, standard_risk
 from trainlib.classifiers import list_snapshots
-from trainlib.config import config_to_dict, option, parse_config, positional, run_cli
+from trainlib.config import checking_input, config_to_dict, option, parse_config, positional, run_cli
 
 from . import sources
 
@@ -162,23 +162,22 @@ def analyse_run(run: Path, evaluator: Evaluator, cfg: DynamicsConfig, settings: 
 
 
 def run_analysis(cfg: DynamicsConfig) -> list[dict]:
-    cfg.validate()
-    records, evaluators = [], {}
-    for run in cfg.runs:
-        run = sources.check_run_dir(run)
-        snapshots = list_snapshots(run)
-        if not snapshots:
-            raise ValueError(f"{run} has no per-epoch snapshots (snapshots/epoch_NNNN.safetensors): train it with "
-                             "--snapshot-every 1")
-        first = sources.open_classifier(snapshots[0][1], dtype=torch.float64 if cfg.float64 else torch.float32,
-                                        data_dir=cfg.data_dir)
-        key = (first.test.name, first.settings["norm"], first.settings["eps"])
-        if key not in evaluators:
-            data = sources.DataSource(first, cfg)
-            evaluators[key] = Evaluator(first, data, cfg)
-        evaluator = evaluators[key]
-        records.append(analyse_run(run, evaluator, cfg, cfg.settings(evaluator.data)))
-    return records
+    with checking_input():  # every run and its first snapshot, before anything is computed or written
+        cfg.validate()
+        plan, evaluators = [], {}
+        for run in cfg.runs:
+            run = sources.check_run_dir(run)
+            snapshots = list_snapshots(run)
+            if not snapshots:
+                raise ValueError(f"{run} has no per-epoch snapshots (snapshots/epoch_NNNN.safetensors): train it "
+                                 "with --snapshot-every 1")
+            first = sources.open_classifier(snapshots[0][1], dtype=torch.float64 if cfg.float64 else torch.float32,
+                                            data_dir=cfg.data_dir)
+            key = (first.test.name, first.settings["norm"], first.settings["eps"])
+            if key not in evaluators:
+                evaluators[key] = Evaluator(first, sources.DataSource(first, cfg), cfg)
+            plan.append((run, evaluators[key]))
+    return [analyse_run(run, evaluator, cfg, cfg.settings(evaluator.data)) for run, evaluator in plan]
 
 
 # -- figures ----------------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainlib.config import option, parse_config, positional, run_cli
+from trainlib.config import checking_input, option, parse_config, positional, run_cli
 from trainlib.files import atomic_write_json, atomic_write_text
 from trainlib.rundir import git_revision
 
@@ -367,10 +367,11 @@ def render_markdown(title: str, meta: list[str], notes: list[str], table_list, f
 
 
 def build_report(cfg: ReportConfig) -> dict:
-    cfg.validate()
-    runs = [sources.check_run_dir(run) for run in cfg.runs]
-    if len({r.resolve() for r in runs}) != len(runs):
-        raise ValueError("a run directory is given twice")
+    with checking_input():  # bad input fails here, before anything is written
+        cfg.validate()
+        runs = [sources.check_run_dir(run) for run in cfg.runs]
+        if len({r.resolve() for r in runs}) != len(runs):
+            raise ValueError("a run directory is given twice")
     infos = [run_info(run) for run in runs]
     analyses = gather(cfg, runs)
     out = Path(cfg.out)

@@ -62,10 +62,9 @@ def cosine(a: Tensor, b: Tensor) -> Tensor:
 
 def compute(cfg: SaliencyConfig) -> dict:
     """Images, labels, the data gradient and every run's model gradient (numpy, channels summed) with cosines."""
-    cfg.validate()
-    classifiers = [sources.open_classifier(run, cfg.which, torch.float64, cfg.data_dir) for run in cfg.runs]
-    first = classifiers[0]
-    data = sources.DataSource(first, cfg)
+    opened = sources.open_all(cfg, cfg.which, torch.float64)
+    classifiers = [classifier for classifier, _ in opened]
+    first, data = opened[0]
     x, y = sources.test_points(first.test, cfg.n_images, torch.float64)
     rows = torch.arange(len(y), device=x.device)
     with torch.no_grad():

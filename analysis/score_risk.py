@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from datagrad import ATTACKS, KernelMixture, bootstrap_mean, worst_case
 from scorenets import PosteriorNetPosterior, check_noise_std
 from trainlib import evaluation
-from trainlib.config import config_to_dict, option, parse_config, run_cli
+from trainlib.config import checking_input, config_to_dict, option, parse_config, run_cli
 from trainlib.data_posterior import DEFAULT_NOISE_STD, DEFAULT_POSTERIOR_NET
 from trainlib.datasets import ImageDataset, load_dataset
 from trainlib.evaluation import evaluation_points
@@ -142,14 +142,18 @@ def analyse(classifier: sources.Classifier, cfg: ScoreRiskConfig) -> dict:
 
 
 def run_analysis(cfg: ScoreRiskConfig, recompute: bool = False) -> list[dict]:
-    cfg.validate()
+    with checking_input():
+        cfg.validate()
+        classifiers = [sources.open_classifier(run, cfg.which, torch.float32, cfg.data_dir) for run in cfg.runs]
+        for classifier in classifiers:  # the truth of every run, before anything is computed or written
+            truth_posterior(classifier.test, classifier.settings["dataset"], cfg, sources.compute_device())
     records = []
-    for run in tqdm(cfg.runs, desc="SCORE risk", disable=len(cfg.runs) < 2):
-        classifier = sources.open_classifier(run, cfg.which, torch.float32, cfg.data_dir)
+    for classifier in tqdm(classifiers, desc="SCORE risk", disable=len(classifiers) < 2):
         description = {"truth": cfg.truth} | ({} if cfg.truth == "auto" else {"noise_std": cfg.noise_std})
         if cfg.truth == "posterior-net":
             description["posterior_net"] = cfg.posterior_net
-        records.append(sources.cached(run, RESULT_NAME, cfg.settings(description), analyse, classifier, cfg,
+        settings = cfg.settings(description)
+        records.append(sources.cached(classifier.source, RESULT_NAME, settings, analyse, classifier, cfg,
                                       recompute=recompute))
     return records
 

@@ -112,22 +112,23 @@ def analyse(classifier: sources.Classifier, points: NoisyPoints, cfg: SmoothingC
 
 
 def run_analysis(cfg: SmoothingConfig, recompute: bool = False) -> list[dict]:
-    cfg.validate()
     dtype = torch.float64 if cfg.float64 else torch.float32
-    records, points, key = [], None, None
-    for run in tqdm(cfg.runs, desc="Theorem 5", disable=len(cfg.runs) < 2):
-        classifier = sources.open_classifier(run, cfg.which, dtype, cfg.data_dir)
-        if points is None or key != classifier.test.name:
-            data = sources.DataSource(classifier, cfg)
-            if data.scorenet is not None:
-                for sigma in cfg.sigmas:
-                    data.scorenet.schedule.sigma_to_t(sigma)  # outside the trained range: a clear error now
-            points, key = NoisyPoints(classifier, data, cfg, dtype), classifier.test.name
-        points.data.check(classifier)
+
+    def check(classifier, data):
+        if data.scorenet is not None:
+            for sigma in cfg.sigmas:
+                data.scorenet.schedule.sigma_to_t(sigma)  # outside the trained range: a clear error now
+
+    records, points = [], {}
+    for classifier, data in tqdm(sources.open_all(cfg, cfg.which, dtype, check), desc="Theorem 5",
+                                 disable=len(cfg.runs) < 2):
+        if id(data) not in points:  # one set of noisy points per dataset
+            points[id(data)] = NoisyPoints(classifier, data, cfg, dtype)
+        run_points = points[id(data)]
         keep = ("which", "sigmas", "n_points", "n_noise", "fd_step", "seed", "float64")
         settings = {k: v for k, v in config_to_dict(cfg).items() if k in keep}
-        settings["class_score"] = "exact mixture" if points.data.mixture is not None else str(cfg.scorenet)
-        records.append(sources.cached(run, RESULT_NAME, settings, analyse, classifier, points, cfg,
+        settings["class_score"] = "exact mixture" if data.mixture is not None else str(cfg.scorenet)
+        records.append(sources.cached(classifier.source, RESULT_NAME, settings, analyse, classifier, run_points, cfg,
                                       recompute=recompute))
     return records
 

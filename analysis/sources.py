@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from datagrad import DataPosterior, GaussianMixture
 from scorenets import check_noise_std
 from trainlib.classifiers import load_classifier
-from trainlib.config import option, positional
+from trainlib.config import checking_input, option, positional
 from trainlib.data_posterior import (
     ANCHORS,
     DEFAULT_ANCHOR_SMOOTHING,
@@ -136,6 +136,23 @@ def open_classifier(source: str | Path, which: str = "final", dtype=torch.float6
     test = load_dataset(settings["dataset"], "test", data_dir, settings["num_classes"])
     model = loaded.model.to(device=compute_device(), dtype=dtype).eval().requires_grad_(False)
     return Classifier(source, model, settings, test)
+
+
+def open_all(cfg: ReadoutOptions, which: str = "final", dtype=torch.float64, check=None) -> list[tuple]:
+    """Every run of ``cfg.runs`` opened with its data source (one per dataset), or bad input (``InputError``)
+    before anything is written: options, run directories, weights, networks and ``check(classifier, data)``."""
+    with checking_input():
+        cfg.validate()
+        opened, by_dataset = [], {}
+        for run in cfg.runs:
+            classifier = open_classifier(run, which, dtype, cfg.data_dir)
+            data = by_dataset.get(classifier.test.name) or DataSource(classifier, cfg)
+            by_dataset[classifier.test.name] = data
+            data.check(classifier)
+            if check is not None:
+                check(classifier, data)
+            opened.append((classifier, data))
+    return opened
 
 
 def test_points(test: ImageDataset, n: int, dtype=torch.float64) -> tuple[Tensor, Tensor]:

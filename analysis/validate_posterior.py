@@ -58,7 +58,7 @@ from datagrad.seeding import seeded_generator
 from scorenets import check_noise_std
 from trainlib.adversarial import AdversarialConfig
 from trainlib.attack_mode import attack_mode
-from trainlib.config import config_to_dict, load_recipe, option, parse_config, run_cli
+from trainlib.config import checking_input, config_to_dict, load_recipe, option, parse_config, run_cli
 from trainlib.data_posterior import PosteriorSpec, posterior_provider
 from trainlib.datasets import load_dataset
 from trainlib.files import atomic_write_json, atomic_write_text
@@ -200,14 +200,20 @@ def worst_case_error(estimate, truth, training: AdversarialConfig, x: Tensor, cf
 
 def validate(cfg: ValidateConfig) -> dict:
     """Every (σ, estimator, split): the metrics along the path (module docstring)."""
-    cfg.validate()
-    training = cfg.training_config()
-    device = compute_device()
-    classifier = open_classifier(cfg.classifier or training.out, dtype=torch.float32, data_dir=training.data_dir)
-    if classifier.settings.get("dataset") != training.dataset:
-        found = classifier.settings.get("dataset")
-        raise ValueError(f"classifier {classifier.source} was trained on {found!r}, the recipe is for "
-                         f"{training.dataset!r}")
+    with checking_input():  # options, recipe, classifier, networks: before anything is computed or written
+        cfg.validate()
+        training = cfg.training_config()
+        device = compute_device()
+        classifier = open_classifier(cfg.classifier or training.out, dtype=torch.float32, data_dir=training.data_dir)
+        if classifier.settings.get("dataset") != training.dataset:
+            found = classifier.settings.get("dataset")
+            raise ValueError(f"classifier {classifier.source} was trained on {found!r}, the recipe is for "
+                             f"{training.dataset!r}")
+        train = load_dataset(training.dataset, "train", training.data_dir)
+        for sigma in list(cfg.sigmas) or [training.noise_std]:
+            for estimator in cfg.estimators:
+                if estimator != "exact":
+                    posterior_provider(estimator_spec(training, estimator, sigma), train, device)
     sigmas = list(cfg.sigmas) or [training.noise_std]
     results = []
     for sigma in sigmas:

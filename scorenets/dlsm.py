@@ -28,6 +28,14 @@ classes k ≠ y uniformly and matches the classifier-guided ε of class k to the
 score net). loss = mean_b [ w_CE·CE + w_DLSM·(DLSM + Σ_m OTHER)/(1 + m) ]. Cost: the posterior net runs on (1 + m)·B
 inputs (one double backward) and the score net makes one call over (1 + m)·B inputs.
 
+Adversarial points. Noisy samples rarely lie along the few directions in which the posterior changes fastest, yet an
+attack on a classifier that copies p_φ goes exactly there; p_φ is then off where it matters most (measured: README,
+posterior network). With ``adversarial_radius`` ρ > 0, the score matching of the m other classes and of the label
+(ADVERSARIAL: the label's class ε from the score net as target, since n is the denoising target at x̃ only) happens
+at x̃ + δ, ‖δ‖_∞ ≤ ρ, found by PGD on KL(p_φ(·|x̃, σ) ‖ p_φ(·|x̃ + δ, σ)): where the network's own posterior moves
+fastest. Cost: ``adversarial_steps`` extra forward/backward passes of the network and 2·(1 + m)·B more score-net
+inputs.
+
 The score net's input for x̃ is its diffusion state u_t = (2x̃ − 1)·sqrt(ᾱ(t)) at t = t(σ) (``scorenets.noise``).
 """
 
@@ -38,6 +46,8 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from datagrad import pgd
 
 from .noise import NoiseSchedule, to_model_range
 
@@ -62,49 +72,77 @@ def dlsm_loss(
     dlsm_weight: float = 1.0,
     ce_weight: float = 1.0,
     other_classes: int = 0,
+    adversarial_radius: float = 0.0,
+    adversarial_steps: int = 2,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The loss of the module docstring on a batch x [B, C, H, W] in [0, 1] with labels [B]; (loss, detached stats).
 
     ``posterior_net(x̃, σ [B]) -> logits [B, K]`` (a ``PosteriorNet`` or its DDP wrapper). With ``dlsm_weight > 0``,
     ``scorenet(u_t, t, labels)`` is the frozen ε-model (a ``ScoreNet``), ``schedule`` its noise schedule and
-    ``null_class`` its unconditional label K; ``other_classes`` m adds the OTHER term for m random classes k ≠ y.
-    ``generator`` (on x's device) draws σ, n and the other classes.
+    ``null_class`` its unconditional label K; ``other_classes`` m adds the OTHER term for m random classes k ≠ y;
+    ``adversarial_radius`` ρ > 0 moves the score matching of those classes, and of the label, to x̃ + δ (ADVERSARIAL,
+    module docstring). ``generator`` (on x's device) draws σ, n, the other classes and the attack's start.
     """
     if dlsm_weight > 0 and (scorenet is None or schedule is None or null_class is None):
         raise ValueError("DLSM (dlsm_weight > 0) needs the frozen score net, its schedule and its null class")
-    batch, copies = x.shape[0], 1 + (other_classes if dlsm_weight > 0 else 0)
+    batch = x.shape[0]
     sigma = log_uniform(*sigma_range, batch, generator, x.device).to(x.dtype)  # [B]
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     x_noisy = x + sigma.view(-1, 1, 1, 1) * noise
-    classes = labels
-    if copies > 1:  # m other classes per example: y + 1 + U{0, …, K − 2} (mod K) never hits y
-        shift = torch.randint(0, null_class - 1, (copies - 1, batch), generator=generator, device=x.device)
-        classes = torch.cat([labels, ((labels + 1 + shift) % null_class).flatten()])  # [(1 + m)·B]
-        x_noisy, sigma_all = x_noisy.repeat(copies, 1, 1, 1), sigma.repeat(copies)
-    else:
-        sigma_all = sigma
-    x_noisy.requires_grad_(dlsm_weight > 0)
-    log_p = posterior_net(x_noisy, sigma_all).log_softmax(dim=1, dtype=torch.float32)  # [(1 + m)·B, K]
-    log_p_class = log_p.gather(1, classes.view(-1, 1)).squeeze(1)  # [(1 + m)·B]
+    adversarial = dlsm_weight > 0 and adversarial_radius > 0
+    matched = other_classes + int(adversarial) if dlsm_weight > 0 else 0  # copies matched to the score net
+    classes, points = labels, x_noisy
+    if matched:  # m other classes per example: y + 1 + U{0, …, K − 2} (mod K) never hits y; the label at x̃ + δ
+        shift = torch.randint(0, null_class - 1, (other_classes, batch), generator=generator, device=x.device)
+        others = ((labels + 1 + shift) % null_class).flatten()
+        classes = torch.cat([labels, labels, others] if adversarial else [labels, others])  # [(1 + M)·B]
+        moved = _away_from(posterior_net, x_noisy, sigma, adversarial_radius, adversarial_steps, generator) \
+            if adversarial else x_noisy
+        points = torch.cat([x_noisy, moved.repeat(matched, 1, 1, 1)])
+    copies = 1 + matched
+    sigma_all = sigma.repeat(copies)
+    points = points.detach().requires_grad_(dlsm_weight > 0)
+    log_p = posterior_net(points, sigma_all).log_softmax(dim=1, dtype=torch.float32)  # [(1 + M)·B, K]
+    log_p_class = log_p.gather(1, classes.view(-1, 1)).squeeze(1)  # [(1 + M)·B]
     ce = -log_p_class[:batch]
     loss = ce_weight * ce.mean()
     stats = {"ce": ce.detach().mean(), "acc": (log_p[:batch].detach().argmax(dim=1) == labels).float().mean()}
     if dlsm_weight > 0:
-        (grad,) = torch.autograd.grad(log_p_class.sum(), x_noisy, create_graph=True)  # ∇_x̃ log p_φ(k|x̃, σ)
-        with torch.no_grad():
-            t = schedule.t_at_sigma(sigma_all.double()).float()
-            u_t = to_model_range(x_noisy.detach()) * schedule.alpha_bar_at(t).sqrt().to(x.dtype).view(-1, 1, 1, 1)
-            score_labels = torch.cat([torch.full_like(labels, null_class), classes[batch:]])
-            eps = scorenet(u_t, t, score_labels).to(x.dtype)  # [(1 + m)·B]: ε_∅, then the other classes' ε
-        eps_null = eps[:batch].repeat(copies, 1, 1, 1)
-        target = torch.cat([noise, eps[batch:]])  # DLSM: the noise; other classes: the score net's class ε
+        (grad,) = torch.autograd.grad(log_p_class.sum(), points, create_graph=True)  # ∇ log p_φ(k|·, σ)
+        with torch.no_grad():  # the score net: ε_∅ at x̃ (and at x̃ + δ), ε_k at every matched copy
+            inputs, sigmas = points.detach(), sigma_all
+            if adversarial:
+                inputs, sigmas = torch.cat([inputs[:batch], inputs[batch:2 * batch], inputs[batch:]]), sigma.repeat(
+                    2 + matched)
+            t = schedule.t_at_sigma(sigmas.double()).float()
+            u_t = to_model_range(inputs) * schedule.alpha_bar_at(t).sqrt().to(x.dtype).view(-1, 1, 1, 1)
+            nulls = torch.full((batch * (2 if adversarial else 1),), null_class, device=x.device, dtype=labels.dtype)
+            eps = scorenet(u_t, t, torch.cat([nulls, classes[batch:]])).to(x.dtype)
+        first = len(nulls)  # eps[:first]: the null class; eps[first:]: the matched copies' classes
+        eps_null = eps[:batch].repeat(copies, 1, 1, 1) if not adversarial else torch.cat(
+            [eps[:batch], eps[batch:2 * batch].repeat(matched, 1, 1, 1)])
+        target = torch.cat([noise, eps[first:]])  # DLSM: the noise; matched copies: the score net's ε_k
         eps_guided = eps_null - sigma_all.view(-1, 1, 1, 1) * grad
-        per_example = (eps_guided - target).pow(2).flatten(1).mean(dim=1)  # [(1 + m)·B]
-        dlsm = per_example[:batch]
+        per_example = (eps_guided - target).pow(2).flatten(1).mean(dim=1)  # [(1 + M)·B]
         loss = loss + dlsm_weight * per_example.view(copies, batch).mean(dim=0).mean()
-        stats["dlsm"] = dlsm.detach().mean()
-        if copies > 1:
+        stats["dlsm"] = per_example[:batch].detach().mean()
+        if matched:
             stats["other"] = per_example[batch:].detach().mean()
     stats["loss"] = loss.detach()
     return loss, stats
+
+
+def _away_from(posterior_net, x_noisy: Tensor, sigma: Tensor, radius: float, steps: int, generator) -> Tensor:
+    """x̃ + δ, ‖δ‖_∞ ≤ ρ, δ by ``steps`` PGD steps of ρ/2 from a uniform start maximizing KL(p_φ(·|x̃) ‖ p_φ(·|x̃ + δ))
+    (the unwrapped network; no gradient to its parameters): where the network's posterior moves fastest."""
+    network = getattr(posterior_net, "module", posterior_net)
+    with torch.no_grad():
+        reference = network(x_noisy, sigma).log_softmax(dim=1, dtype=torch.float32)
+
+    def moved(z: Tensor) -> Tensor:
+        log_q = network(z, sigma).log_softmax(dim=1, dtype=torch.float32)
+        return (reference.exp() * (reference - log_q)).sum(dim=1)
+
+    return pgd(moved, x_noisy.detach(), radius, radius / 2, steps, "linf", random_start=True, clamp=None,
+               generator=generator).detach()

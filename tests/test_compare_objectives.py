@@ -10,7 +10,7 @@ from trainlib.config import parse_config
 
 
 def recipe(path, **values):
-    base = dict(dataset="gmm-4x4", model="mlp", eps=0.1, step_size=0.05, steps=2, batch_size=64, epoch_size=256,
+    base = dict(dataset="gmm-4x4", model="mlp", eps=0.1, step_size=0.05, pgd_steps=2, batch_size=64, epoch_size=256,
                 epochs=1, n_val=32, n_test=32, cpu_threads=1, checkpoint_every=0, log_every=2, val_every=0,
                 eval_batch_size=64)
     path.write_text(json.dumps({**base, **values}))
@@ -80,11 +80,11 @@ def test_score_risk_command_on_a_run(compared, capsys):
 
 def test_budget_gives_every_row_the_same_epochs_batch_and_attack(compared):
     root, _, _ = compared
-    budget = recipe(root / "budget.json", objective="trades-se", epochs=3, batch_size=32, steps=5, step_size=0.03)
+    budget = recipe(root / "budget.json", objective="trades-se", epochs=3, batch_size=32, pgd_steps=5, step_size=0.03)
     argv = ["--recipes", str(root / "gmm-4x4-standard.json"), str(root / "gmm-4x4-direct-score.json"), "--budget",
             budget, "--out", str(root / "budget")]
     plan = compare_objectives.entries(parse_config(compare_objectives.CompareConfig, argv))
     for entry in plan:
         c = entry.config
-        assert (c.epochs, c.batch_size, c.steps, c.step_size, c.epoch_size) == (3, 32, 5, 0.03, 256)
+        assert (c.epochs, c.batch_size, c.pgd_steps, c.step_size, c.epoch_size) == (3, 32, 5, 0.03, 256)
     assert [e.config.objective for e in plan] == ["standard", "direct-score"]  # the objectives stay the recipes'

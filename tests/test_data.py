@@ -7,22 +7,13 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from trainlib.data import (
-    BatchLoader,
-    ImageDataset,
-    MixedBatchSampler,
-    crop_flip,
-    load_dataset,
-    load_generated,
-    load_npz,
-    ordered_batches,
-    random_crop_flip,
-    random_crop_flip_params,
-    read_npz,
-    toy_mixture,
-)
 
+from datagrad import toy_mixture
+from trainlib.augment import crop_flip, random_crop_flip, random_crop_flip_params
+from trainlib.datasets import ImageDataset, load_dataset
 from trainlib.files import atomic_save_npz
+from trainlib.npz import load_generated, load_npz, read_npz
+from trainlib.sampling import BatchLoader, MixedBatchSampler, ordered_batches
 
 
 # -- named datasets --------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""trainlib.engine: world-size guard, run-directory safety, metric averaging, step checkpoints, exact resume."""
+"""The engine (trainlib.accelerator, trainlib.session, the one-cycle schedule, datagrad.seeding): world-size guard,
+run-directory safety, metric averaging, step checkpoints, exact resume."""
 
 import dataclasses
 import json
@@ -6,9 +7,12 @@ import math
 
 import pytest
 import torch
-from trainlib.engine import TrainingSession, create_accelerator, one_cycle_cosine, rank_generator
 
+from datagrad.seeding import derived_seed, seeded_generator
+from trainlib.accelerator import create_accelerator
+from trainlib.adversarial import one_cycle_cosine
 from trainlib.ema import EMA
+from trainlib.session import TrainingSession
 
 
 @dataclasses.dataclass
@@ -43,11 +47,16 @@ def test_mixed_precision_is_fp32_on_cpu_and_bad_options_fail():
         create_accelerator(gradient_accumulation_steps=0)
 
 
-def test_rank_generator_is_a_pure_function_of_its_key():
-    draw = lambda *key: torch.rand(4, generator=rank_generator(0, *key))
+def test_seeded_generator_is_a_pure_function_of_its_key():
+    draw = lambda *key: torch.rand(4, generator=seeded_generator(0, *key))
     assert torch.equal(draw(5, 1), draw(5, 1))
     assert not torch.equal(draw(5, 1), draw(5, 0))
     assert not torch.equal(draw(5, 1), draw(6, 1))
+    # the first word of SeedSequence's state, masked: the 32-bit seed is the low half of the 63-bit one
+    import numpy as np
+
+    state = int(np.random.SeedSequence([7, 1, 2]).generate_state(1, dtype=np.uint64)[0])
+    assert derived_seed(7, 1, 2) == state & (2**63 - 1) and derived_seed(7, 1, 2, bits=32) == state & (2**32 - 1)
 
 
 def test_one_cycle_cosine_endpoints():

@@ -7,21 +7,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainlib.engine import NonFiniteError, NonFiniteGuard
 
 import trainlib.adversarial as adversarial
 import trainlib.scorenet_training as scorenet_training
 from trainlib.adversarial import AdversarialConfig
 from trainlib.checkpoint import list_checkpoints, load_weights, verify_checkpoint
 from trainlib.config import NONFINITE_EXIT_CODE, parse_config, run_cli
+from trainlib.nonfinite import NonFiniteError, NonFiniteGuard
 from trainlib.scorenet_training import ScoreNetConfig, load_scorenet
 
 CLASSIFIER = ["--dataset", "digits", "--model", "mlp", "--objective", "trades-se", "--eps", "0.2", "--step-size", "0.1",
-              "--steps", "1", "--batch-size", "32", "--epoch-size", "64", "--epochs", "4", "--n-val", "16",
+              "--pgd-steps", "1", "--batch-size", "32", "--epoch-size", "64", "--epochs", "4", "--n-val", "16",
               "--n-test", "16", "--cpu-threads", "1", "--checkpoint-every", "2", "--keep-last", "5", "--log-every", "3",
               "--eval-batch-size", "64"]  # 2 steps per epoch, 8 steps
-SCORENET = ["--dataset", "gmm-4x4", "--preset", "tiny8", "--channels", "8", "16", "--batch-size", "8", "--steps", "6",
-            "--warmup-steps", "1", "--checkpoint-every", "2", "--keep-last", "5", "--log-every", "3"]
+SCORENET = ["--dataset", "gmm-4x4", "--preset", "tiny8", "--channels", "8", "16", "--batch-size", "8", "--train-steps",
+            "6", "--warmup-steps", "1", "--checkpoint-every", "2", "--keep-last", "5", "--log-every", "3"]
 
 
 def poison_step(call, bad_steps: set[int], what: str, model):

@@ -14,11 +14,11 @@ import pytest
 import torch
 from torch import nn
 
-from datagrad import autograd_grad_log_posterior
+from datagrad import autograd_grad_log_posterior, toy_mixture
 from scorenets import NoiseSchedule, PosteriorNetPosterior, build_posterior_net, dlsm_loss
 from scorenets.noise import to_data_range
 from trainlib.checkpoint import load_weights
-from trainlib.data import load_dataset, toy_mixture
+from trainlib.datasets import load_dataset
 from trainlib.posterior_training import PosteriorNetConfig, load_posterior_net, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,7 +170,7 @@ def test_loss_without_dlsm_needs_no_score_net_and_is_cross_entropy():
 
 # -- training ----------------------------------------------------------------------------------------------------------
 def _tiny_config(tmp_path, name, **overrides):
-    options = dict(dataset="gmm-4x4", scorenet=None, dlsm_weight=0.0, other_classes=0, steps=6, batch_size=16,
+    options = dict(dataset="gmm-4x4", scorenet=None, dlsm_weight=0.0, other_classes=0, train_steps=6, batch_size=16,
                    checkpoint_every=3, log_every=2, out=str(tmp_path / name), sigma_min=0.05, sigma_max=0.5)
     options.update(overrides)
     return PosteriorNetConfig(**options)
@@ -193,10 +193,10 @@ def test_training_writes_a_loadable_net_and_resume_latest_gives_the_same_weights
 
 
 def test_script_dry_run_and_help():
-    result = subprocess.run([sys.executable, str(ROOT / "train" / "train_posterior.py"), "--dry-run", "--steps", "5"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, str(ROOT / "train" / "train_posterior.py"), "--dry-run", "--train-steps",
+                             "5"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["steps"] == 5
+    assert json.loads(result.stdout)["train_steps"] == 5
 
 
 @pytest.mark.slow

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from analysis import validate_posterior as vp
-from datagrad import GaussianMixture
-from trainlib.adversarial import WEIGHTS_METADATA_KEY, build_classifier
+from datagrad import GaussianMixture, toy_mixture
 from trainlib.checkpoint import save_weights
+from trainlib.classifiers import WEIGHTS_METADATA_KEY, build_classifier
 from trainlib.config import run_cli
-from trainlib.data import load_dataset, toy_mixture
+from trainlib.datasets import load_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,7 +86,7 @@ def gmm_recipe(tmp_path):
     recipe.write_text(json.dumps({
         "dataset": "gmm-8x8", "model": "mlp", "objective": "direct-score", "posterior": "posterior-net",
         "posterior_net": "stand-in", "scorenet": "stand-in", "noise_std": 0.08, "eps": 0.08, "step_size": 0.04,
-        "steps": 3, "anchor_smoothing": 0.1}))
+        "pgd_steps": 3, "anchor_smoothing": 0.1}))
     return recipe, weights
 
 
@@ -140,7 +140,7 @@ def test_a_wrong_stand_in_gives_bad_numbers(tmp_path, stand_ins):
 def test_real_digits_truth_is_the_exact_smoothed_training_posterior(tmp_path):
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps({"dataset": "digits", "objective": "direct-score", "posterior": "posterior-net",
-                                  "posterior_net": "unused", "noise_std": 0.2, "steps": 2}))
+                                  "posterior_net": "unused", "noise_std": 0.2, "pgd_steps": 2}))
     weights = tmp_path / "classifier.safetensors"
     info = {"model": "mlp", "dataset": "digits", "num_classes": 10, "image_shape": [1, 8, 8], "eps": 0.2}
     save_weights(weights, build_classifier("mlp", "digits", 10, (1, 8, 8)).state_dict(),

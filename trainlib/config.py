@@ -342,7 +342,7 @@ def parse_config(
         validate = getattr(config, "validate", None)
         if callable(validate):
             validate()
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     if dry_run:
         print(json.dumps(config_to_dict(config), indent=2))

@@ -49,7 +49,7 @@ from datagrad.seeding import derived_seed
 from scorenets import DEFAULT_STEPS, SAMPLERS, ScoreNet, sample, to_uint8_nhwc
 
 from .accelerator import check_collective_timeout, check_world_size, process_group_kwargs
-from .config import Options, config_to_dict, option
+from .config import Options, checking_input, config_to_dict, option
 from .files import atomic_path, atomic_save_npz, atomic_write_json, cleanup_temporaries, sha256_file
 from .npz import load_npz
 from .quality import load_reference
@@ -265,42 +265,42 @@ def generate(cfg: GenerateConfig, *, rank: int | None = None, world_size: int | 
     acts as process ``rank`` of ``world_size`` without any collective (to split work by hand, or in tests). Returns
     the manifest on the main process (rank 0), None elsewhere.
     """
-    cfg.validate()
-    if (rank is None) != (world_size is None):
-        raise ValueError("give both rank and world_size, or neither")
-    state = None
-    if rank is None:
-        from accelerate import PartialState
-        from accelerate.utils import parse_flag_from_env
+    with checking_input():  # bad input fails here, before anything is written
+        cfg.validate()
+        if (rank is None) != (world_size is None):
+            raise ValueError("give both rank and world_size, or neither")
+        state = None
+        if rank is None:
+            from accelerate import PartialState
+            from accelerate.utils import parse_flag_from_env
 
-        timeout = process_group_kwargs(cfg.collective_timeout).to_kwargs()  # {"timeout": timedelta}
-        state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), **timeout)  # Accelerator reads the flag
-        check_world_size(state, cfg.num_processes)
-        rank, world_size, device = state.process_index, state.num_processes, state.device
-    else:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} out of range for world size {world_size}")
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    is_main = rank == 0
+            timeout = process_group_kwargs(cfg.collective_timeout).to_kwargs()  # {"timeout": timedelta}
+            state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), **timeout)  # Accelerator reads the flag
+            check_world_size(state, cfg.num_processes)
+            rank, world_size, device = state.process_index, state.num_processes, state.device
+        else:
+            if not 0 <= rank < world_size:
+                raise ValueError(f"rank {rank} out of range for world size {world_size}")
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        is_main = rank == 0
 
-    def barrier() -> None:
-        if state is not None:
-            state.wait_for_everyone()
+        def barrier() -> None:
+            if state is not None:
+                state.wait_for_everyone()
 
-    # Everything that can fail on bad input happens before anything is written.
-    scorenet = load_scorenet(cfg.scorenet, device=device)
-    num_classes, image_shape = scorenet.num_classes, tuple(scorenet.image_shape)
-    classifier, classifier_sha = None, None
-    if cfg.filter_classifier is not None:
-        classifier, info = load_reference(cfg.filter_classifier, device)
-        if info["num_classes"] != num_classes or tuple(info["image_shape"]) != image_shape:
-            raise ValueError(f"filter classifier {cfg.filter_classifier} is for {info['num_classes']} classes and "
-                             f"images {tuple(info['image_shape'])}, the score net for {num_classes} classes and "
-                             f"{image_shape} (C, H, W)")
-        classifier_sha = info["sha256"]
-    settings = output_settings(cfg, scorenet_digest(cfg.scorenet), classifier_sha)
-    out = Path(cfg.out)
-    _check_existing(out, settings)
+        scorenet = load_scorenet(cfg.scorenet, device=device)
+        num_classes, image_shape = scorenet.num_classes, tuple(scorenet.image_shape)
+        classifier, classifier_sha = None, None
+        if cfg.filter_classifier is not None:
+            classifier, info = load_reference(cfg.filter_classifier, device)
+            if info["num_classes"] != num_classes or tuple(info["image_shape"]) != image_shape:
+                raise ValueError(f"filter classifier {cfg.filter_classifier} is for {info['num_classes']} classes and "
+                                 f"images {tuple(info['image_shape'])}, the score net for {num_classes} classes and "
+                                 f"{image_shape} (C, H, W)")
+            classifier_sha = info["sha256"]
+        settings = output_settings(cfg, scorenet_digest(cfg.scorenet), classifier_sha)
+        out = Path(cfg.out)
+        _check_existing(out, settings)
     ranges = shard_ranges(cfg.num_images, cfg.shard_size)
     manifest = {
         "settings": settings,

@@ -52,6 +52,10 @@ class PosteriorNetConfig(AdamLoopOptions):
                                 "only)", 10.0, ge=0)
     other_classes: int = option("random non-label classes per example whose gradient is matched to the score net's "
                                 "class score (scorenets.dlsm)", 2, ge=0)
+    adversarial_radius: float = option("l-inf radius of the points x + delta where the label's and the other classes' "
+                                       "gradients are matched instead (0: at the noisy points; scorenets.dlsm)", 0.0,
+                                       ge=0)
+    adversarial_steps: int = option("PGD steps finding those points", 2, ge=1)
     generated: str | None = option("generated pseudo-data mixed into each batch: an .npz, a directory or a glob", None)
     unsup_fraction: float = option("fraction of each batch drawn (with replacement) from --generated", 0.7, ge=0, lt=1)
     batch_size: int = option("global batch size (all processes, after accumulation)", 64)
@@ -144,7 +148,8 @@ def train(cfg: PosteriorNetConfig) -> dict | None:
     if num_classes - 1 < cfg.other_classes:
         raise ValueError(f"other_classes {cfg.other_classes} exceeds the {num_classes - 1} classes besides the label")
     loss_fn = partial(_loss, sigma_range=(cfg.sigma_min, cfg.sigma_max), scorenet=scorenet,
-                      dlsm_weight=cfg.dlsm_weight, ce_weight=cfg.ce_weight, other_classes=cfg.other_classes)
+                      dlsm_weight=cfg.dlsm_weight, ce_weight=cfg.ce_weight, other_classes=cfg.other_classes,
+                      adversarial_radius=cfg.adversarial_radius, adversarial_steps=cfg.adversarial_steps)
     parameters = sum(p.numel() for p in model.parameters())
     terms = (f"CE + {cfg.dlsm_weight:g}·DLSM with {cfg.other_classes} other class(es) (score net {cfg.scorenet})"
              if scorenet is not None else "CE")
@@ -160,11 +165,11 @@ def train(cfg: PosteriorNetConfig) -> dict | None:
                f"{out / POSTERIOR_SUBDIR} (load it with trainlib.posterior_training.load_posterior_net)")
 
 
-def _loss(net, x, y, generator, *, sigma_range, scorenet, dlsm_weight, ce_weight, other_classes):
+def _loss(net, x, y, generator, *, scorenet, **options):
     """``scorenets.dlsm_loss`` with the frozen score net's schedule and null class."""
     schedule, null_class = (scorenet.schedule, scorenet.null_class) if scorenet is not None else (None, None)
-    return dlsm_loss(net, x, y, sigma_range, scorenet=scorenet, schedule=schedule, null_class=null_class,
-                     dlsm_weight=dlsm_weight, ce_weight=ce_weight, other_classes=other_classes, generator=generator)
+    return dlsm_loss(net, x, y, scorenet=scorenet, schedule=schedule, null_class=null_class, generator=generator,
+                     **options)
 
 
 def _check_resumed(out: Path, model: PosteriorNet) -> None:

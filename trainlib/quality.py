@@ -37,7 +37,7 @@ from tqdm.auto import trange
 
 from .checkpoint import save_weights
 from .classifiers import WEIGHTS_METADATA_KEY, build_classifier, load_classifier
-from .config import config_to_dict, option, parse_config, run_cli
+from .config import checking_input, config_to_dict, option, parse_config, run_cli
 from .datasets import ImageDataset, check_dataset_name, load_dataset
 from .files import atomic_write_json, sha256_file
 from .npz import load_generated
@@ -209,14 +209,15 @@ def default_out(generated: str) -> Path:
 
 def quality_report(cfg: QualityConfig) -> dict:
     """Class consistency and Fréchet distance of ``cfg.generated`` (module docstring); writes quality.json."""
-    cfg.validate()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    train_set = load_dataset(cfg.dataset, "train", cfg.data_dir)
-    test_set = load_dataset(cfg.dataset, "test", cfg.data_dir, train_set.num_classes)
-    generated = load_generated(cfg.generated, train_set.num_classes)  # checks keys, dtypes, label range
-    if generated.image_shape != train_set.image_shape:
-        raise ValueError(f"generated images are {generated.image_shape} (C, H, W), {cfg.dataset} images are "
-                         f"{train_set.image_shape}")
+    with checking_input():  # bad input fails here, before anything is written
+        cfg.validate()
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        train_set = load_dataset(cfg.dataset, "train", cfg.data_dir)
+        test_set = load_dataset(cfg.dataset, "test", cfg.data_dir, train_set.num_classes)
+        generated = load_generated(cfg.generated, train_set.num_classes)  # checks keys, dtypes, label range
+        if generated.image_shape != train_set.image_shape:
+            raise ValueError(f"generated images are {generated.image_shape} (C, H, W), {cfg.dataset} images are "
+                             f"{train_set.image_shape}")
     out = Path(cfg.out) if cfg.out is not None else default_out(cfg.generated)
     classifier, info = reference_classifier(cfg, train_set, out, device)
     if info["num_classes"] != train_set.num_classes or tuple(info["image_shape"]) != train_set.image_shape:
