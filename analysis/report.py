@@ -372,7 +372,7 @@ def build_report(cfg: ReportConfig) -> dict:
         runs = [sources.check_run_dir(run) for run in cfg.runs]
         if len({r.resolve() for r in runs}) != len(runs):
             raise ValueError("a run directory is given twice")
-    infos = [run_info(run) for run in runs]
+        infos = [run_info(run) for run in runs]
     analyses = gather(cfg, runs)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -52,20 +52,15 @@ class AttackConfig(BenchConfig):
 
     repeats: int = option("timed rounds of the alternation (a multiple of the 5 runs: each leads equally often)", 10)
     model: str = option("classifier, adversarially trained here on digits for --train-epochs", "cnn-small")
-    train_epochs: int = option("epochs of PGD-AT before the benchmark", 10)
+    train_epochs: int = option("epochs of PGD-AT before the benchmark", 10, ge=1)
     pgd_steps: int = option("attack steps K", 10, ge=1, renamed_from="steps")
-    linf_eps: float = option("l-inf radius (digits recipes: 0.2)", 0.2)
-    l2_eps: float = option("l2 radius", 1.0)
-    n_points: int = option("test points attacked (one batch)", 360)
+    linf_eps: float = option("l-inf radius (digits recipes: 0.2)", 0.2, gt=0)
+    l2_eps: float = option("l2 radius", 1.0, gt=0)
+    n_points: int = option("test points attacked (one batch)", 360, ge=1)
     seed: int = option("seed of training and random starts", 0)
 
     def validate(self) -> None:
         super().validate()
-        for name in ("train_epochs", "steps", "n_points"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not (self.linf_eps > 0 and self.l2_eps > 0):
-            raise ValueError("linf_eps and l2_eps must be > 0")
         try:
             import torchattacks  # noqa: F401
         except ImportError:

@@ -58,7 +58,7 @@ class GPUConfig(BenchConfig):
     repeats: int = option("timed rounds", 3)
     model: str = option("classifier", "wrn-28-10")
     preset: str = option("score-net preset of direct SCORE", "cifar32")
-    batch_size: int = option("batch per step (Table 4: 512)", 512)
+    batch_size: int = option("batch per step (Table 4: 512)", 512, ge=1)
     pgd_steps: int = option("PGD steps (Table 4: 10)", 10, ge=1, renamed_from="steps")
     mixed_precision: str = option("autocast dtype on the GPU: bf16 | no", "bf16")
     peak_tflops: float | None = option("the GPU's peak for the achieved fraction (none: datasheet lookup)", None)
@@ -68,9 +68,6 @@ class GPUConfig(BenchConfig):
         super().validate()
         if self.mixed_precision not in ("bf16", "no"):
             raise ValueError(f"mixed_precision must be bf16 or no, got {self.mixed_precision!r}")
-        for name in ("batch_size", "steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.utilisation <= 1:
             raise ValueError(f"utilisation must be in (0, 1], got {self.utilisation}")
 

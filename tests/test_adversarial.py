@@ -1,5 +1,6 @@
 """trainlib.adversarial end to end on tiny runs: run-directory layout, exact resume, direct SCORE (analytic and score
-net), evaluation command, recipes, bad input, and a 2-process CPU run against a 1-process run."""
+net and posterior net), evaluation command, recipes, and a 2-process CPU run against a 1-process run (bad input:
+tests/test_bad_input.py)."""
 
 import json
 import os
@@ -9,23 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainlib.data import load_dataset, toy_mixture
 
 from analysis.toy_demo import ToyDemoConfig
-from datagrad import PGD, score_risk
+from datagrad import PGD, score_risk, toy_mixture
 from scorenets import PosteriorNet, ScoreNet, build_posterior_net
-from trainlib.adversarial import (
-    AdversarialConfig,
-    DirectScoreConfig,
-    EvaluateConfig,
-    build_classifier,
-    evaluate_checkpoint,
-    list_snapshots,
-    resolve_weights,
-    train,
-)
+from trainlib.adversarial import AdversarialConfig, DirectScoreConfig, train
 from trainlib.checkpoint import load_weights, load_weights_metadata
-from trainlib.config import config_to_dict, parse_config, run_cli
+from trainlib.classifiers import build_classifier, list_snapshots, load_classifier
+from trainlib.config import config_to_dict, parse_config
+from trainlib.datasets import load_dataset
+from trainlib.evaluate_command import EvaluateConfig, evaluate_checkpoint
 from trainlib.posterior_training import PosteriorNetConfig
 from trainlib.scorenet_training import ScoreNetConfig
 
@@ -36,7 +30,7 @@ RECIPES = sorted((ROOT / "recipes").glob("*.json"))
 def tiny(tmp_path, name="run", **overrides) -> AdversarialConfig:
     """A digits run of a few steps with a small MLP (seconds on one CPU thread)."""
     options = dict(
-        dataset="digits", model="mlp", objective="trades-se", eps=0.2, step_size=0.1, steps=2, batch_size=32,
+        dataset="digits", model="mlp", objective="trades-se", eps=0.2, step_size=0.1, pgd_steps=2, batch_size=32,
         epoch_size=64, epochs=2, n_val=32, n_test=32, cpu_threads=1, checkpoint_every=1, keep_last=2, log_every=1,
         eval_batch_size=64, out=str(tmp_path / name),
     )
@@ -84,10 +78,11 @@ def test_evaluate_command_on_run_and_checkpoint(finished_run, tmp_path):
     cfg, _ = finished_run
     run = Path(cfg.out)
     # the final checkpoint's registered EMA state is the EMA written at the end of the run
-    from_checkpoint, settings, _ = resolve_weights(EvaluateConfig(checkpoint=str(run / "checkpoints" / "step_000004")))
+    from_checkpoint = load_classifier(run / "checkpoints" / "step_000004")
     final = load_weights(run / "ema.safetensors")
-    assert settings["model"] == "mlp" and from_checkpoint.keys() == final.keys()
-    assert all(torch.equal(from_checkpoint[k], final[k]) for k in final)
+    state = from_checkpoint.model.state_dict()
+    assert from_checkpoint.settings["model"] == "mlp" and state.keys() == final.keys()
+    assert all(torch.equal(state[k], final[k]) for k in final)
 
     record = evaluate_checkpoint(EvaluateConfig(
         checkpoint=str(run), n_examples=24, autoattack_version="apgd-ce", eps_curve=(0.0, 1.0), batch_size=24,
@@ -129,7 +124,7 @@ def test_interrupted_then_resumed_run_ends_with_the_same_weights(tmp_path, accum
 
 def test_direct_score_with_analytic_posterior_lowers_the_score_risk(tmp_path):
     cfg = tiny(tmp_path, dataset="gmm-4x4", objective="direct-score", posterior="analytic", eps=0.1, step_size=0.05,
-               steps=3, batch_size=128, epoch_size=1280, epochs=6, log_every=10, val_every=0, checkpoint_every=0,
+               pgd_steps=3, batch_size=128, epoch_size=1280, epochs=6, log_every=10, val_every=0, checkpoint_every=0,
                n_test=64)
     train(cfg)
     losses = [r["train/loss_robust"] for r in metrics(cfg.out) if "train/loss_robust" in r]
@@ -168,7 +163,7 @@ def test_direct_score_with_the_posterior_net_anchor_calls_it_once_per_batch(tmp_
     cfg = tiny(tmp_path, objective="direct-score", posterior="scorenet",
                scorenet=str(_save_scorenet(tmp_path / "scorenet", 10)),
                posterior_net=str(_save_posterior_net(tmp_path / "posterior", 10)), batch_size=8, epoch_size=16,
-               epochs=1, steps=2, val_every=0, n_test=8)
+               epochs=1, pgd_steps=2, val_every=0, n_test=8)
     train(cfg)
     assert calls == [(cfg.batch_size, False)] * 2  # two training steps, one anchor each
 
@@ -182,9 +177,9 @@ def test_direct_score_with_the_posterior_net_makes_no_scorenet_call(tmp_path, mo
                                                                      or original(self, x, s)))
     monkeypatch.setattr(ScoreNet, "from_pretrained", None)  # any score-net load would fail
     cfg = tiny(tmp_path, objective="direct-score", posterior_net=str(_save_posterior_net(tmp_path / "posterior", 10)),
-               scorenet=None, batch_size=8, epoch_size=16, epochs=1, steps=2, val_every=0, n_test=8)
+               scorenet=None, batch_size=8, epoch_size=16, epochs=1, pgd_steps=2, val_every=0, n_test=8)
     train(cfg)
-    per_step = [(cfg.batch_size, True)] * cfg.steps + [(cfg.batch_size, False)]
+    per_step = [(cfg.batch_size, True)] * cfg.pgd_steps + [(cfg.batch_size, False)]
     assert calls == per_step * 2
     assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in metrics(cfg.out) if "train/loss" in r)
 
@@ -203,52 +198,14 @@ def test_direct_score_with_scorenet_makes_one_call_per_attack_step(tmp_path, mon
     monkeypatch.setattr(ScoreNet, "from_pretrained", classmethod(spy))
     scorenet_dir = _save_scorenet(tmp_path / "scorenet", 10)
     cfg = tiny(tmp_path, objective="direct-score", posterior="scorenet", anchor="label", scorenet=str(scorenet_dir),
-               batch_size=8, epoch_size=16, epochs=1, steps=2, val_every=0, n_test=8)
+               batch_size=8, epoch_size=16, epochs=1, pgd_steps=2, val_every=0, n_test=8)
     train(cfg)
     (scorenet,) = loaded
     training_steps = 2
-    assert scorenet.forward_calls == training_steps * (1 + cfg.steps)  # the anchor + one batched call per PGD step
+    assert scorenet.forward_calls == training_steps * (1 + cfg.pgd_steps)  # the anchor + one batched call per PGD step
     assert inputs == [cfg.batch_size * 10] * scorenet.forward_calls  # each call: all K classes of the batch at once
     assert not scorenet.training and not any(p.requires_grad for p in scorenet.parameters())
     assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in metrics(cfg.out) if "train/loss" in r)
-
-
-# -- bad input ---------------------------------------------------------------------------------------------------------
-def _cli_error(capsys, config_class, argv):
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: train(parse_config(config_class, argv)))
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
-    return lines[0]
-
-
-def test_bad_input_fails_with_one_line_and_no_files(tmp_path, capsys):
-    out = tmp_path / "run"
-    base = ["--out", str(out), "--cpu-threads", "1"]
-    wrong_classes = _save_scorenet(tmp_path / "three-classes", 3)
-    wrong_posterior = _save_posterior_net(tmp_path / "three-class-posterior", 3)
-    posterior_8 = _save_posterior_net(tmp_path / "posterior", 10)
-    label_anchor = ["--posterior", "scorenet", "--anchor", "label"]
-    bad_shard = tmp_path / "shard.npz"
-    bad_shard.write_text("not a zip file")
-    cases = [
-        (DirectScoreConfig, [*label_anchor, "--scorenet", str(tmp_path / "missing")], "score net not found"),
-        (DirectScoreConfig, [*label_anchor, "--scorenet", str(wrong_classes)], "3 classes, expected 10"),
-        (DirectScoreConfig, ["--posterior-net", str(tmp_path / "missing")], "posterior net not found"),
-        (DirectScoreConfig, ["--posterior-net", str(wrong_posterior)], "3 classes, expected 10"),
-        (DirectScoreConfig, ["--posterior-net", str(posterior_8), "--noise-std", "2.0"], "outside the posterior net"),
-        (AdversarialConfig, ["--eps", "-0.1"], "eps must be > 0"),
-        (AdversarialConfig, ["--objective", "madry"], "unknown objective 'madry'"),
-        (AdversarialConfig, ["--dataset", "mnist"], "unknown dataset 'mnist'"),
-        (AdversarialConfig, ["--model", "resnet-9000"], "unknown model"),
-        (AdversarialConfig, ["--generated", str(bad_shard)], "not a valid .npz"),
-        (AdversarialConfig, ["--generated", str(tmp_path / "nothing-*.npz")], "no .npz shards"),
-        (AdversarialConfig, ["--objective", "direct-score", "--posterior", "analytic"], "posterior=analytic needs"),
-        (AdversarialConfig, ["--num-processes", "2"], "asked for 2 process"),
-    ]
-    for config_class, argv, message in cases:
-        assert message in _cli_error(capsys, config_class, base + argv)
-        assert not out.exists(), argv
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)

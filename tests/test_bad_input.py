@@ -2,10 +2,11 @@
 shapes or labels, non-positive eps / σ / steps, unknown names, mismatched class counts between score net, classifier
 and data, recipes with unknown keys or malformed JSON, and a checkpoint carrying a pickle payload.
 
-Each row asserts: a non-zero exit, exactly one line on stderr that starts with "error:" and names the problem (the
-row's substring), no traceback, and no output: the working directory (default output paths are relative to it) is
-still empty, ``--out`` does not exist, and the prepared inputs are unchanged. Rows run in this process through the
-real entry point (``runpy``, as ``python train/x.py`` / ``python -m pkg.mod`` would), a few also as subprocesses.
+Each row asserts: exit status 2 (bad input, ``trainlib.config.InputError``), exactly one line on stderr that starts
+with "error:" and names the problem (the row's substring), no traceback, and no output: the working directory
+(default output paths are relative to it) is still empty, ``--out`` does not exist, and the prepared inputs are
+unchanged. Rows run in this process through the real entry point
+(``runpy``, as ``python train/x.py`` / ``python -m pkg.mod`` would), a few also as subprocesses.
 
 Adding a command: one line in ``ENTRY_POINTS`` (it gets the generic recipe/flag rows when it uses
 ``trainlib.config.parse_config``), then its own rows in ``ROWS``. The README lists the rows."""
@@ -25,8 +26,8 @@ import pytest
 import torch
 
 from scorenets import ScoreNet, build_posterior_net
-from trainlib.adversarial import WEIGHTS_METADATA_KEY, build_classifier
 from trainlib.checkpoint import save_weights, write_manifest
+from trainlib.classifiers import WEIGHTS_METADATA_KEY, build_classifier
 from trainlib.generation import GenerateConfig, generate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,7 +75,7 @@ def generic_rows() -> list[Row]:
 
 
 GENERIC = generic_rows()
-SN, CLF = ["--out", "{out}", "--steps", "2"], ["--out", "{out}", "--epochs", "1", "--cpu-threads", "1"]
+SN, CLF = ["--out", "{out}", "--train-steps", "2"], ["--out", "{out}", "--epochs", "1", "--cpu-threads", "1"]
 TRAJ = [*CLF, "--posterior", "scorenet", "--anchor", "label"]  # direct SCORE on the label-anchored score-net path
 ROWS = [
     *GENERIC,
@@ -88,19 +89,30 @@ ROWS = [
     row("train_scorenet", "float 'image' values must lie in [0, 1]", *SN, "--dataset", "npz:{in}/npz/range.npz"),
     row("train_scorenet", "'label' must hold integers", *SN, "--dataset", "npz:{in}/npz/float-labels.npz"),
     row("train_scorenet", "negative label -1", *SN, "--dataset", "npz:{in}/npz/negative-label.npz"),
-    row("train_scorenet", "steps must be > 0, got 0", "--out", "{out}", "--steps", "0"),
-    row("train_scorenet", "batch_size must be > 0, got -8", *SN, "--batch-size", "-8"),
+    row("train_scorenet", "train_steps must be >= 1, got 0", "--out", "{out}", "--train-steps", "0"),
+    row("train_scorenet", "--steps was renamed --train-steps", "--out", "{out}", "--steps", "2"),
+    row("train_scorenet", "batch_size must be >= 1, got -8", *SN, "--batch-size", "-8"),
     row("train_scorenet", "unknown UNet preset 'huge'", *SN, "--preset", "huge"),
     row("train_scorenet", "unknown dataset 'mnist'", *SN, "--dataset", "mnist"),
     row("train_scorenet", "needs 2 block widths, each a multiple of its 8 norm groups", *SN, "--channels", "8", "12"),
-    row("train_scorenet", "argument --steps: invalid int value: 'many'", "--out", "{out}", "--steps", "many"),
+    row("train_scorenet", "argument --train-steps: invalid int value: 'many'", "--out", "{out}", "--train-steps",
+        "many"),
+    row("train_scorenet", "label_dropout must be < 1, got 1.5", *SN, "--label-dropout", "1.5"),
+    row("train_scorenet", "batch_size 10 must be divisible by grad_accumulation 3", *SN, "--batch-size", "10",
+        "--grad-accumulation", "3"),
+    row("train_scorenet", "missing key(s) ['image']", *SN, "--dataset", "npz:{in}/npz/no-image.npz"),
     row("train_scorenet", "argument --nonfinite: invalid", *SN, "--nonfinite", "ignore"),
-    row("train_scorenet", "collective_timeout must be a positive number", *SN, "--collective-timeout", "0"),
+    row("train_scorenet", "collective_timeout must be > 0, got 0.0", *SN, "--collective-timeout", "0"),
     row("train_scorenet", "checkpoint to resume from not found", *SN, "--resume", "{in}/no-checkpoint"),
     # classifier training
     row("train_classifier", "eps must be > 0, got -0.1", *CLF, "--eps", "-0.1"),
     row("train_classifier", "eps must be > 0, got 0.0", *CLF, "--eps", "0"),
-    row("train_classifier", "steps must be > 0, got 0", *CLF, "--steps", "0"),
+    row("train_classifier", "pgd_steps must be >= 1, got 0", *CLF, "--pgd-steps", "0"),
+    row("train_classifier", "--steps was renamed --pgd-steps", *CLF, "--steps", "3"),
+    row("train_classifier", "key 'steps' in recipe", *CLF, "--config", "{in}/recipes/old-steps.json"),
+    row("train_classifier", "unknown dataset 'mnist'", *CLF, "--dataset", "mnist"),
+    row("train_classifier", "not a valid .npz file", *CLF, "--generated", "{in}/npz/corrupt.npz"),
+    row("train_classifier", "asked for 2 process", *CLF, "--num-processes", "2"),
     row("train_classifier", "an l-inf eps above 1 covers the whole", *CLF, "--eps", "2"),
     row("train_classifier", "unknown model", *CLF, "--model", "resnet-9000"),
     row("train_classifier", "'image' must be uint8 (0..255) or float32", *CLF, "--dataset",
@@ -121,7 +133,7 @@ ROWS = [
     row("direct_score", "is not a saved ScoreNet", *TRAJ, "--scorenet", "{in}/npz"),
     row("direct_score", "noise_std must be > 0, got 0.0", *TRAJ, "--scorenet", "{in}/sn-3class-8x8", "--noise-std",
         "0"),
-    row("direct_score", "anchor_smoothing must be in (0, 1)", *CLF, "--anchor-smoothing", "0"),
+    row("direct_score", "anchor_smoothing must be > 0, got 0.0", *CLF, "--anchor-smoothing", "0"),
     row("direct_score", "posterior net not found", *CLF, "--posterior-net", "{in}/missing-posterior"),
     row("direct_score", "holds a posterior net for 3 classes, expected 10", *CLF, "--posterior-net",
         "{in}/pn-3class-8x8"),
@@ -143,7 +155,8 @@ ROWS = [
     row("train_posterior", "holds a score net for 3 classes, expected 10", *SN, "--scorenet", "{in}/sn-3class-8x8"),
     row("train_posterior", "outside the schedule's range", *SN, "--scorenet", "{in}/sn-10class-8x8", "--sigma-max",
         "100"),
-    row("train_posterior", "steps must be > 0, got 0", *SN, "--scorenet", "{in}/sn-10class-8x8", "--steps", "0"),
+    row("train_posterior", "train_steps must be >= 1, got 0", *SN, "--scorenet", "{in}/sn-10class-8x8",
+        "--train-steps", "0"),
     # evaluation: weights against model and data, unsafe or corrupt checkpoints
     row("evaluate", "checkpoint not found", "--out", "{out}", "--checkpoint", "{in}/missing-run"),
     row("evaluate", "refusing to load", "--out", "{out}", "--checkpoint", "{in}/checkpoints/step_000001",
@@ -165,14 +178,18 @@ ROWS = [
     row("generate", "corrupt", "--out", "{out}", "--scorenet", "{in}/sn-bad-config"),
     row("generate", "filter classifier", "--out", "{out}", "--scorenet", "{in}/sn-3class-8x8", "--filter-classifier",
         "{in}/classifier-digits.safetensors"),
-    row("generate", "classifier weights not found", "--out", "{out}", "--scorenet", "{in}/sn-3class-8x8",
+    row("generate", "checkpoint not found", "--out", "{out}", "--scorenet", "{in}/sn-3class-8x8",
         "--filter-classifier", "{in}/missing.safetensors"),
     row("generate", "num_images must be >= 1, got 0", "--out", "{out}", "--num-images", "0"),
-    row("generate", "steps must be >= 1 or none, got 0", "--out", "{out}", "--steps", "0"),
-    row("generate", "keep_fraction must be in (0, 1]", "--out", "{out}", "--keep-fraction", "0"),
+    row("generate", "sampler_steps must be >= 1, got 0", "--out", "{out}", "--sampler-steps", "0"),
+    row("generate", "--steps was renamed --sampler-steps", "--out", "{out}", "--steps", "1"),
+    row("generate", "guidance_scale must be a finite number >= 0, got -1.0", "--out", "{out}", "--guidance-scale",
+        "-1"),
+    row("generate", "keep_fraction must be > 0, got 0.0", "--out", "{out}", "--keep-fraction", "0"),
     row("generate", "argument --sampler: invalid", "--out", "{out}", "--sampler", "euler"),
     row("generate", "holds images generated with other settings (seed: 0 -> 1)", "--out", "{in}/generated-run",
-        "--scorenet", "{in}/sn-3class-8x8", "--num-images", "3", "--shard-size", "3", "--steps", "1", "--seed", "1"),
+        "--scorenet", "{in}/sn-3class-8x8", "--num-images", "3", "--shard-size", "3", "--sampler-steps", "1", "--seed",
+        "1"),
     # quality report: generated data against the dataset and the classifier
     row("quality", "no .npz shards found", "--out", "{out}", "--generated", "{in}/generated/none-*.npz"),
     row("quality", "generated images are (1, 4, 4) (C, H, W), digits images are (1, 8, 8)", "--out", "{out}",
@@ -184,6 +201,7 @@ ROWS = [
         "{in}/classifier-3class.safetensors"),
     row("quality", "unknown dataset 'mnist'", "--out", "{out}", "--dataset", "mnist"),
     row("quality", "epochs must be > 0, got 0", "--out", "{out}", "--epochs", "0"),
+    row("quality", "missing key(s) ['label']", "--out", "{out}", "--generated", "{in}/npz/no-label.npz"),
     # analysis commands
     row("compare_objectives", "recipe file not found", "--out", "{out}", "--recipes", "{in}/recipes/missing.json"),
     row("compare_objectives", "is not valid JSON", "--out", "{out}", "--recipes", "{in}/recipes/malformed.json"),
@@ -207,8 +225,8 @@ ROWS = [
     row("alignment", "give at least one run directory", "--out", "{out}"),
     row("alignment", "checkpoint not found", "{in}/missing-run", "--out", "{out}"),
     row("alignment", "is empty", "{in}/empty-run", "--out", "{out}"),
-    row("alignment", "class-count mismatch", "{in}/classifier-digits.safetensors", "--scorenet", "{in}/sn-3class-8x8",
-        "--out", "{out}"),
+    row("alignment", "holds a score net for 3 classes, expected 10", "{in}/classifier-digits.safetensors", "--scorenet",
+        "{in}/sn-3class-8x8", "--out", "{out}"),
     row("alignment", "anchor_smoothing must be in (0, 1)", "{in}/run-config-only", "--anchor-smoothing", "0",
         "--out", "{out}"),
     row("smoothing", "noise_std σ must be a positive finite number", "{in}/classifier-digits.safetensors",
@@ -222,6 +240,8 @@ ROWS = [
     row("report", "has no results.json", "{in}/run-config-only", "--out", "{out}"),
     row("report", "a run directory is given twice", "{in}/run-config-only", "{in}/run-config-only", "--out", "{out}"),
     row("report", "run directory not found", "{in}/missing-run", "--out", "{out}"),
+    row("report", "is empty", "{in}/empty-run", "--out", "{out}"),
+    row("report", "give at least one run directory", "--out", "{out}"),
 ]
 
 
@@ -263,6 +283,7 @@ def inputs(tmp_path_factory) -> Path:
     (root / "npz").mkdir()
     (root / "npz" / "corrupt.npz").write_bytes(b"not a zip archive")
     save_npz(root / "npz" / "no-label.npz", image=images(4))
+    save_npz(root / "npz" / "no-image.npz", images=images(4), label=labels)
     save_npz(root / "npz" / "int32-images.npz", image=images(4, dtype=np.int32), label=labels)
     save_npz(root / "npz" / "3d-images.npz", image=np.zeros((4, 8, 8), np.uint8), label=labels)
     save_npz(root / "npz" / "range.npz", image=images(4, dtype=np.float32) + 2, label=labels)
@@ -276,6 +297,7 @@ def inputs(tmp_path_factory) -> Path:
     (root / "recipes").mkdir()
     (root / "recipes" / "unknown-key.json").write_text(json.dumps({"bogus_option": 1}))
     (root / "recipes" / "malformed.json").write_text('{"seed": 0,')
+    (root / "recipes" / "old-steps.json").write_text(json.dumps({"steps": 3}))
     (root / "pickle.safetensors").write_bytes(b"\x80\x04K\x01.")  # a pickle, not safetensors
     save_classifier(root / "classifier-digits.safetensors", "digits", 10, (1, 8, 8))
     save_classifier(root / "classifier-3class.safetensors", "gmm-4x4", 3, (1, 4, 4))
@@ -293,7 +315,7 @@ def inputs(tmp_path_factory) -> Path:
     (root / "run-config-only" / "config.json").write_text(json.dumps({"config": {}, "run": {}}))
     (save_scorenet(root / "sn-bad-config", 3, (1, 8, 8)) / "scorenet_config.json").write_text("{")
     generate(GenerateConfig(scorenet=str(root / "sn-3class-8x8"), out=str(root / "generated-run"), num_images=3,
-                            shard_size=3, steps=1, grid_columns=0))
+                            shard_size=3, sampler_steps=1, grid_columns=0))
     for step, damage in ((1, "pickle"), (2, "corrupt")):  # step checkpoint folders
         folder = root / "checkpoints" / f"step_{step:06d}"
         folder.mkdir(parents=True)
@@ -359,7 +381,7 @@ def test_bad_input_gives_one_error_line_and_writes_nothing(case, inputs, tmp_pat
         code, stderr = run_in_process(case.entry, argv, capsys, monkeypatch)
     lines = [line for line in stderr.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("error:")]
-    assert code not in (0, None) and "Traceback" not in stderr, stderr[-3000:]
+    assert code == 2 and "Traceback" not in stderr, (code, stderr[-3000:])
     assert len(errors) == 1 and case.names in errors[0], lines
     assert lines == errors, f"other output on stderr: {lines}"
     assert not out.exists() and list(cwd.iterdir()) == [], "bad input left output files"

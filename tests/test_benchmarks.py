@@ -11,7 +11,7 @@ from torch import nn
 from benchmarks.common import SyncCounter, alternate, count_flops, ratio
 from benchmarks.train_step import RECIPE, TrainingStep
 from scorenets import PosteriorNetPosterior, ScoreNet, build_posterior_net
-from trainlib.adversarial import AdversarialConfig, build_classifier
+from trainlib.adversarial import AdversarialConfig
 from trainlib.config import load_recipe, parse_config
 from trainlib.data_posterior import trajectory_provider
 from trainlib.objectives import fixed_posterior
@@ -60,8 +60,8 @@ def test_training_steps_make_no_host_sync(variant):
     its last point (then no call)."""
     torch.set_num_threads(1)
     objective, _, posterior = variant.partition("/")
-    cfg = AdversarialConfig(model="cnn-small-bn", objective=objective, eps=0.2, step_size=0.1, steps=2, batch_size=8)
-    model = build_classifier(cfg.model, "digits", 10, (1, 8, 8))
+    cfg = AdversarialConfig(model="cnn-small-bn", objective=objective, eps=0.2, step_size=0.1, pgd_steps=2,
+                            batch_size=8)
     posterior_net = build_posterior_net("tiny8", 10, (1, 8, 8), 0.05, 0.5, block_out_channels=(8, 16),
                                         norm_num_groups=4).eval().requires_grad_(False)
     provider = None
@@ -70,12 +70,12 @@ def test_training_steps_make_no_host_sync(variant):
     elif posterior == "trajectory":
         net = ScoreNet.build("tiny8", 10, (1, 8, 8), block_out_channels=(8, 16), norm_num_groups=4)
         provider = trajectory_provider(net.eval().requires_grad_(False), cfg.noise_std, anchor_net=posterior_net)
-    step = TrainingStep(cfg, model, provider, total_steps=10)
+    step = TrainingStep(cfg, 10, (1, 8, 8), provider, total_steps=10)
     x, y = torch.rand(8, 1, 8, 8), torch.arange(8) % 10
     step(x, y)  # first step: lazily created optimizer state
     with SyncCounter() as syncs:
         step(x, y)
-    assert syncs.counts == ({"aten.equal": cfg.steps} if posterior == "trajectory" else {})
+    assert syncs.counts == ({"aten.equal": cfg.pgd_steps} if posterior == "trajectory" else {})
 
 
 def run_benchmark(name, argv, capsys, tmp_path):
@@ -99,7 +99,7 @@ COMMON = ["--repeats", "1", "--warmup", "0", "--threads", "1"]
 
 def test_train_step_benchmark_counts_network_calls(tmp_path, capsys):
     recipe = tmp_path / "recipe.json"
-    recipe.write_text(json.dumps({**load_recipe(AdversarialConfig, RECIPE), "batch_size": 4, "steps": 2}))
+    recipe.write_text(json.dumps({**load_recipe(AdversarialConfig, RECIPE), "batch_size": 4, "pgd_steps": 2}))
     record = run_benchmark("train_step", [*COMMON, "--no-cifar", "--updates-repeats", "1", "--digits-recipe",
                                           str(recipe), "--digits-preset", "tiny8"], capsys, tmp_path)
     counts = record["results"]["digits"]["counts"]
@@ -119,7 +119,7 @@ def test_attacks_benchmark(tmp_path, capsys):
         import torchattacks  # noqa: F401 (required: an ImportError fails the test)
     else:
         pytest.importorskip("torchattacks", reason="benchmark-only extra: pip install -e '.[bench]' (CI runs it)")
-    record = run_benchmark("attacks", [*COMMON, "--train-epochs", "1", "--n-points", "32", "--steps", "2"], capsys,
+    record = run_benchmark("attacks", [*COMMON, "--train-epochs", "1", "--n-points", "32", "--pgd-steps", "2"], capsys,
                            tmp_path)
     accuracy = record["results"]["linf"]["robust_accuracy"]
     assert set(accuracy) == {"ours", "torchattacks", "torchattacks, frozen", "ours, keep_best"}
@@ -134,6 +134,6 @@ def test_data_path_generation_and_gpu_benchmarks(tmp_path, capsys):
     generation = run_benchmark("generation", [*COMMON, "--batch-size", "2", "--ddpm-steps", "3", "--ddim-steps", "2",
                                               "--dpm-steps", "2", "--cifar-preset", "none"], capsys, tmp_path)
     assert generation["results"]["calls_per_image"] == {"ddpm": 3, "ddim": 2, "dpmsolver++": 2}
-    gpu = run_benchmark("gpu", [*COMMON, "--model", "wrn-10-1", "--preset", "tiny8", "--batch-size", "4", "--steps",
-                                "2"], capsys, tmp_path)
+    gpu = run_benchmark("gpu", [*COMMON, "--model", "wrn-10-1", "--preset", "tiny8", "--batch-size", "4",
+                                "--pgd-steps", "2"], capsys, tmp_path)
     assert torch.cuda.is_available() or gpu["headline"].startswith("no GPU figures")

@@ -11,7 +11,16 @@ from typing import Literal
 import pytest
 import torch
 
-from trainlib.config import build_parser, config_hash, config_to_dict, parse_config, positional, run_cli, save_config
+from trainlib.config import (
+    build_parser,
+    checking_input,
+    config_hash,
+    config_to_dict,
+    parse_config,
+    positional,
+    run_cli,
+    save_config,
+)
 
 
 @dataclass
@@ -130,13 +139,15 @@ def test_config_hash_is_stable_and_sensitive_to_values():
 
 
 def test_run_cli_turns_input_errors_into_one_line(capsys):
-    def bad_input():
-        raise ValueError("eps must be > 0, got 0")
+    def bad_option():
+        with checking_input():
+            raise ValueError("eps must be > 0, got 0")
 
     def missing_file():
-        open("/nonexistent/shard.npz")  # noqa: SIM115
+        with checking_input():
+            open("/nonexistent/shard.npz")  # noqa: SIM115
 
-    for fn, text in [(bad_input, "error: eps must be > 0, got 0\n"), (missing_file, "No such file")]:
+    for fn, text in [(bad_option, "error: eps must be > 0, got 0\n"), (missing_file, "No such file")]:
         with pytest.raises(SystemExit) as info:
             run_cli(fn)
         err = capsys.readouterr().err
@@ -157,7 +168,9 @@ def test_run_cli_keeps_tracebacks_of_bugs():
         run_cli(dependency_value_error)
 
 
-def test_entry_point_subprocess_prints_no_traceback(tmp_path):
+def test_entry_point_subprocess_prints_no_traceback_only_for_bad_input(tmp_path):
+    """A ValueError outside ``checking_input`` (raised mid-run) keeps its traceback and exits 1; the same error
+    inside the input phase is one line and exit 2."""
     script = tmp_path / "entry.py"
     script.write_text(
         "from dataclasses import dataclass\n"
@@ -166,11 +179,11 @@ def test_entry_point_subprocess_prints_no_traceback(tmp_path):
         "def main():\n    cfg = parse_config(C)\n    raise ValueError(f'eps {cfg.eps} is wrong')\n"
         "run_cli(main)\n"
     )
-    # the script lives outside the project, so its ValueError counts as a bug: traceback, exit 1
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     result = subprocess.run([sys.executable, str(script), "--eps", "2"], capture_output=True, text=True, env=env)
     assert result.returncode == 1 and "Traceback" in result.stderr
-    code = "import trainlib as t; t.run_cli(lambda: t.load_dataset('x'))"
+    code = ("import trainlib as t\nfrom trainlib.config import checking_input\n"
+            "def main():\n    with checking_input():\n        t.load_dataset('x')\nt.run_cli(main)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode == 2 and result.stderr.startswith("error: unknown dataset 'x'; valid names: digits")
     assert result.stderr.count("\n") == 1

@@ -31,14 +31,15 @@ from trainlib.scorenet_training import train as train_scorenet
 ROOT = Path(__file__).resolve().parent.parent
 SEED = int(os.environ.get("TRAINLIB_CRASH_SEED", "0"))
 
-SCORENET = ["--dataset", "gmm-4x4", "--preset", "tiny8", "--channels", "8", "16", "--batch-size", "8", "--steps", "12",
-            "--warmup-steps", "2", "--checkpoint-every", "1", "--keep-last", "3", "--log-every", "4"]
+SCORENET = ["--dataset", "gmm-4x4", "--preset", "tiny8", "--channels", "8", "16", "--batch-size", "8", "--train-steps",
+            "12", "--warmup-steps", "2", "--checkpoint-every", "1", "--keep-last", "3", "--log-every", "4"]
 CLASSIFIER = ["--dataset", "digits", "--model", "mlp-bn", "--objective", "trades-se", "--eps", "0.2", "--step-size",
-              "0.1", "--steps", "2", "--batch-size", "32", "--epoch-size", "128", "--epochs", "3", "--n-val", "16",
+              "0.1", "--pgd-steps", "2", "--batch-size", "32", "--epoch-size", "128", "--epochs", "3", "--n-val", "16",
               "--n-test", "16", "--cpu-threads", "1", "--checkpoint-every", "1", "--keep-last", "2", "--log-every",
               "4", "--eval-batch-size", "64"]  # 4 steps per epoch, 12 steps, validation every epoch
 NO_STEP_CHECKPOINTS = ["--checkpoint-every", "0"]  # references: saving never changes the weights, only costs time
-GENERATE = ["--num-images", "24", "--shard-size", "2", "--batch-size", "2", "--steps", "4", "--grid-columns", "2"]
+GENERATE = ["--num-images", "24", "--shard-size", "2", "--batch-size", "2", "--sampler-steps", "4", "--grid-columns",
+            "2"]
 
 
 def kill_point(salt: int, low: int, high: int) -> tuple[int, float]:

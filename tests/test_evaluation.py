@@ -211,7 +211,13 @@ def test_sanity_checks_pass_on_a_normal_model_and_record_is_robustbench_style(ro
     assert list(record)[:6] == ["name", "dataset", "clean_acc", "autoattack_acc", "eps", "n_examples"]
     for key in ("clean_acc", "autoattack_acc", "pgd_ce_acc", "pgd_cw_acc"):
         assert re.fullmatch(r"\d{1,3}\.\d\d", record[key])
-    assert record["autoattack_acc"] == format_accuracy(result.autoattack_acc)
+    accuracies = {"clean_acc": result.clean_acc, "autoattack_acc": result.autoattack_acc,
+                  "pgd_ce_acc": result.pgd_acc["ce"], "pgd_cw_acc": result.pgd_acc["cw"],
+                  "worst_case_acc": result.worst_case_acc}
+    for key, value in accuracies.items():  # each a count of the 256 examples, written as a percent to 2 decimals
+        correct = round(value * 256)
+        assert value * 256 == pytest.approx(correct, abs=1e-6), key
+        assert abs(float(record[key]) - 100 * correct / 256) <= 0.005 + 1e-9, (key, record[key], correct)
     assert (record["eps"], record["n_examples"], record["threat_model"]) == ("0.1", 256, "Linf")
     assert record["sanity_passed"] and {"name", "passed", "detail"} == set(record["sanity_checks"][0])
 
@@ -336,7 +342,8 @@ def test_format_eps(eps, text):
 
 
 def test_format_accuracy_and_parse_eps_errors():
-    assert [format_accuracy(a) for a in (0.61044, 1.0, 0.0, 0.123456)] == ["61.04", "100.00", "0.00", "12.35"]
+    accuracies = (0.61044, 0.98056, 1.0, 0.99999, 0.0, 0.123456, 201 / 256)
+    assert [format_accuracy(a) for a in accuracies] == ["61.04", "98.06", "100.00", "100.00", "0.00", "12.35", "78.52"]
     with pytest.raises(ValueError, match="fraction"):
         parse_eps("8/0")
     with pytest.raises(ValueError, match="fraction"):

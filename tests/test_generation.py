@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from trainlib.data import load_generated, load_npz
 
 import trainlib.generation as generation
+from datagrad.seeding import derived_seed
 from scorenets import ScoreNet, sample, to_uint8_nhwc
-from trainlib.adversarial import WEIGHTS_METADATA_KEY, build_classifier
 from trainlib.checkpoint import save_weights
-from trainlib.config import parse_config, run_cli
-from trainlib.generation import GenerateConfig, derived_seed, generate
+from trainlib.classifiers import WEIGHTS_METADATA_KEY, build_classifier
+from trainlib.generation import GenerateConfig, generate
+from trainlib.npz import load_generated, load_npz
 from trainlib.quality import (
     QualityConfig,
     class_consistency,
@@ -49,7 +49,7 @@ def save_classifier(path, num_classes=K, shape=SHAPE, seed=1):
 
 
 def config(scorenet_dir, out, **overrides) -> GenerateConfig:
-    options = dict(scorenet=str(scorenet_dir), out=str(out), num_images=10, shard_size=4, batch_size=3, steps=2,
+    options = dict(scorenet=str(scorenet_dir), out=str(out), num_images=10, shard_size=4, batch_size=3, sampler_steps=2,
                    grid_columns=2)
     return GenerateConfig(**(options | overrides))
 
@@ -87,7 +87,7 @@ def test_shards_format_labels_manifest_and_grid(reference, scorenet_dir):
     with np.load(out / "shard_00000.npz") as data:  # plain numpy reads it: the SCORE/DeepMind format
         assert sorted(data.files) == ["image", "label"]
     assert manifest["complete"] and json.loads((out / "generation.json").read_text())["complete"]
-    assert manifest["images_per_class"] == [4, 3, 3] and manifest["settings"]["steps"] == 2
+    assert manifest["images_per_class"] == [4, 3, 3] and manifest["settings"]["sampler_steps"] == 2
     assert (out / "grid.png").stat().st_size > 0
     assert len(load_generated(out, K)) == 10
 
@@ -182,7 +182,7 @@ def test_other_settings_in_the_same_directory_are_refused(reference, scorenet_di
 
 # -- filtering ------------------------------------------------------------------------------------------------
 def test_filtering_keeps_the_most_confident_candidates_per_class(scorenet_dir, tmp_path):
-    from trainlib.quality import load_classifier
+    from trainlib.classifiers import load_classifier
 
     classifier_path = save_classifier(tmp_path / "clf.safetensors")
     cfg = config(scorenet_dir, tmp_path / "filtered", num_images=6, shard_size=6,
@@ -191,7 +191,7 @@ def test_filtering_keeps_the_most_confident_candidates_per_class(scorenet_dir, t
     images, labels = shards(cfg.out)["shard_00000.npz"]
     assert labels.tolist() == [0, 1, 2, 0, 1, 2]
     # Independent recomputation: 4 candidates per class (2 kept of each), seeds (seed, 1, shard, class, j).
-    net, (classifier, _) = ScoreNet.from_pretrained(scorenet_dir), load_classifier(classifier_path)
+    net, classifier = ScoreNet.from_pretrained(scorenet_dir), load_classifier(classifier_path).model
     for c in range(K):
         seeds = [derived_seed(0, 1, 0, c, j) for j in range(4)]
         candidates = to_uint8_nhwc(sample(net, [c] * 4, seeds, sampler="dpmsolver++", num_steps=2))
@@ -205,44 +205,11 @@ def test_filtering_keeps_the_most_confident_candidates_per_class(scorenet_dir, t
     assert_same_shards(cfg.out, same.out)
 
 
-# -- command line: bad input ------------------------------------------------------------------------------------
-def cli(argv, capsys, entry=generate, cls=GenerateConfig) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: entry(parse_config(cls, argv)))
-    return exit_info.value.code, capsys.readouterr().err.strip()
-
-
-def test_missing_or_corrupt_scorenet_gives_one_error_line(tmp_path, capsys):
-    out = tmp_path / "out"
-    code, err = cli(["--scorenet", str(tmp_path / "nothing"), "--out", str(out)], capsys)
-    assert code == 2 and "score net not found" in err and len(err.splitlines()) == 1
-    (tmp_path / "broken").mkdir()
-    (tmp_path / "broken" / "scorenet_config.json").write_text("{not json")
-    code, err = cli(["--scorenet", str(tmp_path / "broken"), "--out", str(out)], capsys)
-    assert code == 2 and "corrupt" in err and len(err.splitlines()) == 1
-    assert not out.exists()
-
-
-def test_classifier_of_another_class_count_is_refused_before_writing(scorenet_dir, tmp_path, capsys):
-    classifier = save_classifier(tmp_path / "clf10.safetensors", num_classes=10)
-    out = tmp_path / "out"
-    code, err = cli(["--scorenet", str(scorenet_dir), "--out", str(out), "--filter-classifier", str(classifier)],
-                    capsys)
-    assert code == 2 and "is for 10 classes" in err and not out.exists()
-
-
-@pytest.mark.parametrize("flags, message", [(["--num-images", "0"], "num_images"), (["--keep-fraction", "0"],
-                         "keep_fraction"), (["--guidance-scale", "-1"], "guidance_scale")])
-def test_bad_options(scorenet_dir, tmp_path, capsys, flags, message):
-    code, err = cli(["--scorenet", str(scorenet_dir), "--out", str(tmp_path / "out"), *flags], capsys)
-    assert code == 2 and message in err and not (tmp_path / "out").exists()
-
-
 def test_script_entry_point_writes_shards(scorenet_dir, tmp_path):
     out = tmp_path / "cli"
     result = subprocess.run(
         [sys.executable, str(ROOT / "train" / "generate.py"), "--scorenet", str(scorenet_dir), "--out", str(out),
-         "--num-images", "3", "--steps", "1", "--grid-columns", "1"],
+         "--num-images", "3", "--sampler-steps", "1", "--grid-columns", "1"],
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
@@ -313,7 +280,7 @@ def write_generated(path, image, label):
 
 def test_quality_report_end_to_end(tmp_path):
     """Real gmm-4x4 test images as "generated" data: consistency ≈ the real test accuracy, FD ≈ the floor."""
-    from trainlib.data import load_dataset
+    from trainlib.datasets import load_dataset
 
     test = load_dataset("gmm-4x4", "test")
     x, y = test.tensors()
@@ -328,24 +295,3 @@ def test_quality_report_end_to_end(tmp_path):
     stamp = (tmp_path / "q" / "classifier.safetensors").stat().st_mtime_ns
     quality_report(cfg)  # the cached classifier is reused
     assert (tmp_path / "q" / "classifier.safetensors").stat().st_mtime_ns == stamp
-
-
-@pytest.mark.parametrize(
-    "kind, message",
-    [("missing", "no .npz shards"), ("wrong-keys", "missing key"), ("out-of-range", "out of range for 3 classes"),
-     ("wrong-shape", "generated images are (1, 8, 8)")],
-)
-def test_quality_bad_generated_data(tmp_path, capsys, kind, message):
-    image, label = np.zeros((4, 4, 4, 1), np.uint8), np.array([0, 1, 2, 0])
-    location = tmp_path / "gen"
-    location.mkdir()
-    if kind == "wrong-keys":
-        np.savez(location / "s.npz", images=image, label=label)
-    elif kind == "out-of-range":
-        write_generated(location / "s.npz", image, np.array([0, 1, 3, 0]))
-    elif kind == "wrong-shape":
-        write_generated(location / "s.npz", np.zeros((4, 8, 8, 1), np.uint8), label)
-    code, err = cli(["--generated", str(location), "--dataset", "gmm-4x4", "--epochs", "1"], capsys,
-                    entry=quality_report, cls=QualityConfig)
-    assert code == 2 and message in err and len(err.splitlines()) == 1
-    assert not (location / "quality").exists()

@@ -25,8 +25,8 @@ SHAPE = (1, 4, 4)
 ADVERSARIAL = [name for name in OBJECTIVES if name != "standard"]
 
 
-def threat(norm="linf", eps=0.15, step_size=0.05, steps=4):
-    return SimpleNamespace(norm=norm, eps=eps, step_size=step_size, steps=steps)
+def threat(norm="linf", eps=0.15, step_size=0.05, pgd_steps=4):
+    return SimpleNamespace(norm=norm, eps=eps, step_size=step_size, pgd_steps=pgd_steps)
 
 
 def make_mixture() -> GaussianMixture:
@@ -254,7 +254,7 @@ def test_direct_score_outer_loss_is_soft_label_ce_plus_constant(setup):
 
 def test_direct_score_attack_increases_score_kl(setup):
     mixture, x, y, model = setup
-    out = run(build("direct-score", mixture, threat={"steps": 10}), model, x, y)
+    out = run(build("direct-score", mixture, threat={"pgd_steps": 10}), model, x, y)
 
     def score_kl(z):  # KL(p_d(·|z) || p_θ(·|z)), independently
         with torch.no_grad():
@@ -291,7 +291,7 @@ def test_direct_score_posterior_call_contract(setup, clean_loss):
         return posteriors[-1]
 
     options = {} if clean_loss is None else {"clean_weight": 0.5, "clean_loss": clean_loss}
-    objective = build_objective("direct-score", threat(steps=3), posterior_provider=provider, **options)
+    objective = build_objective("direct-score", threat(pgd_steps=3), posterior_provider=provider, **options)
     out = run(objective, model, x, y)
     assert len(posteriors) == 1
     kinds = [kind for kind, _ in posteriors[0].calls]
@@ -389,11 +389,11 @@ def test_build_objective_rejects_bad_input():
     with pytest.raises(ValueError, match="eps and step_size must be > 0"):
         build_objective("pgd-at", threat(eps=0.0))
     with pytest.raises(ValueError, match="steps must be an integer >= 1"):
-        build_objective("trades-se", threat(steps=0))
+        build_objective("trades-se", threat(pgd_steps=0))
     with pytest.raises(ValueError, match="unknown norm"):
         build_objective("trades-se", threat(norm="l1"))
     with pytest.raises(ValueError, match="missing step_size"):
-        build_objective("pgd-at", SimpleNamespace(norm="linf", eps=0.1, steps=3))
+        build_objective("pgd-at", SimpleNamespace(norm="linf", eps=0.1, pgd_steps=3))
     with pytest.raises(ValueError, match="clip applies only"):
         build_objective("trades-kl", threat(), clip=0.3)
     with pytest.raises(ValueError, match="unknown distance"):

@@ -1,7 +1,7 @@
 """Every sampler, driven by the exact ε of a Gaussian mixture, draws the mixture: per-class means and variances
 within Monte-Carlo bounds of the closed form, class proportions of null-class draws within binomial bounds of the
-priors; a noise schedule off by a constant factor fails the same checks. Classifier-free guidance against an
-analytic ε-predictor that applies the guidance formula itself.
+priors; an ε-predictor whose noise schedule or score is off by a constant factor fails the same checks.
+Classifier-free guidance against an analytic ε-predictor that applies the guidance formula itself.
 
 The target. Each diffusers sampler stops at its last timestep t_N and returns the denoised estimate E[x0 | x_{t_N}]
 (DDPM/DDIM: the predicted x0 at t_N; DPM-Solver++: its first-order final step to σ = 0). For a Gaussian class
@@ -157,7 +157,7 @@ def test_sampler_draws_the_mixture_from_exact_scores(sampler):
     """Conditional draws: each class's moments; null-class draws: the priors (classes by posterior argmax, which is
     the component here: classes lie > 8 stds apart) and each recovered class's moments."""
     x, y = draw(scorenet(), sampler, N_PER_LABEL, range(K + 1))
-    assert float(((x == 0) | (x == 1)).double().mean()) < 1e-3  # clamping to [0, 1]: a pixel in thousands at most
+    assert float(((x == 0) | (x == 1)).double().mean()) < 1e-3  # clamped to [0, 1]: under 1 pixel in 1000
     sigma_last = last_sigma(sampler, STEPS[sampler])
     conditional = y < K
     assert moment_violations(x[conditional], y[conditional], sigma_last) == []

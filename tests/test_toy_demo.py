@@ -1,10 +1,12 @@
 """The toy demo end to end (quick setting), its data sampler, determinism and the figure helpers (its CLI errors are
 rows of tests/test_bad_input.py)."""
 
+import copy
 import dataclasses
 import json
 import math
 import os
+from itertools import product
 from pathlib import Path
 
 import pytest
@@ -22,14 +24,25 @@ QUICK = json.loads(QUICK_RECIPE.read_text())
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
+    """The quick demo; also keeps a copy of each trained model and its theorem-check points, taken where the demo
+    hands them to ``check_theorems``: {(form, method): (model, x_eval [E, 1])}."""
     out = tmp_path_factory.mktemp("toy_demo")
+    trained = []
+    check_theorems = toy_demo.check_theorems
+
+    def keep_model(model, x, posterior, cfg):
+        trained.append((copy.deepcopy(model), x.clone()))
+        return check_theorems(model, x, posterior, cfg)
+
     # One thread: as fast on an idle 2-core machine and ~10x faster when other processes share the cores.
     threads = torch.get_num_threads()
-    record = toy_demo.main(["--config", str(QUICK_RECIPE), "--out", str(out), "--threads", "1"])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(toy_demo, "check_theorems", keep_model)
+        record = toy_demo.main(["--config", str(QUICK_RECIPE), "--out", str(out), "--threads", "1"])
     assert torch.get_num_threads() == threads, "the demo must restore the thread count"
     saved = json.loads((out / "toy_demo.json").read_text())
     assert saved["config"] == json.loads(json.dumps(record["config"]))
-    return out, saved
+    return out, saved, dict(zip(product(toy_demo.FORMS, toy_demo.METHODS), trained, strict=True))
 
 
 def _all_numbers(obj):
@@ -45,7 +58,7 @@ def _all_numbers(obj):
 
 @pytest.mark.slow
 def test_json_structure_and_values(quick_run):
-    _, record = quick_run
+    _, record, _ = quick_run
     assert set(record["results"]) == set(toy_demo.FORMS)
     assert all(set(methods) == set(toy_demo.METHODS) for methods in record["results"].values())
     assert all(math.isfinite(v) for v in _all_numbers(record))
@@ -80,30 +93,73 @@ def test_json_structure_and_values(quick_run):
     assert sorted(finite["y"]) == [0, 0, 0, 0, 0, 1]
 
 
+def true_log_posterior(x: torch.Tensor) -> torch.Tensor:
+    """log p_d(y|x), [..., 2], from the closed-form log-odds of docs/conventions.md §2 (not datagrad)."""
+    log_odds = -0.375 * x**2 + 1.25 * x + 0.5 * math.log(4) - math.log(5) - 0.375
+    return torch.stack([torch.nn.functional.logsigmoid(-log_odds), torch.nn.functional.logsigmoid(log_odds)], -1)
+
+
+def brute_force_risks(model, x: torch.Tensor, eps: float, points: int) -> dict[str, float]:
+    """The demo's risks by brute force in float64 over ``points`` evenly spaced x' in [x − ε, x + ε] (the candidates
+    of its GridSearch): madry_D = E max_x' D(p_d(·|x) || p_θ(·|x')), score_D = E max_x' D(p_d(·|x') || p_θ(·|x')),
+    intrinsic_D = E max_x' D(p_d(·|x) || p_d(·|x')), standard_kl = E KL(p_d(·|x) || p_θ(·|x)), D = kl, l1, l2."""
+    x = x.flatten().double()  # [B]
+    candidates = x + torch.linspace(-eps, eps, points, dtype=torch.float64).unsqueeze(1)  # [P, B]
+    with torch.no_grad():
+        log_q = model(candidates.reshape(-1, 1).float()).double().log_softmax(-1).reshape(points, len(x), 2)
+        log_q_clean = model(x.unsqueeze(1).float()).double().log_softmax(-1)  # [B, 2]
+    log_p_clean, log_p = true_log_posterior(x), true_log_posterior(candidates)  # [B, 2], [P, B, 2]
+    distances = {
+        "kl": lambda a, b: (a.exp() * (a - b)).sum(-1),
+        "l1": lambda a, b: (a.exp() - b.exp()).abs().sum(-1),
+        "l2": lambda a, b: (a.exp() - b.exp()).pow(2).sum(-1).sqrt(),
+    }
+    risks = {"standard_kl": distances["kl"](log_p_clean, log_q_clean).mean().item()}
+    for name, distance in distances.items():
+        risks[f"madry_{name}"] = distance(log_p_clean, log_q).max(0).values.mean().item()
+        risks[f"score_{name}"] = distance(log_p, log_q).max(0).values.mean().item()
+        risks[f"intrinsic_{name}"] = distance(log_p_clean, log_p).max(0).values.mean().item()
+    return risks
+
+
+def approx(value: float):
+    """The recorded risks are float32 computations; the brute force is float64."""
+    return pytest.approx(value, rel=1e-4, abs=1e-6)
+
+
 @pytest.mark.slow
 def test_theorem_records_hold(quick_run):
-    _, record = quick_run
-    for methods in record["results"].values():
-        for run in methods.values():
-            for distance in ("l1", "l2"):
-                t = run["theorem1"][distance]
-                assert t["distance"] == distance and t["holds"] is True
-                assert t["lower_bound"] == pytest.approx(abs(t["madry"] - t["intrinsic"]))
-                assert t["upper_bound"] == pytest.approx(t["madry"] + t["intrinsic"])
-                assert t["lower_bound"] <= t["score"] + 1e-6 and t["score"] <= t["upper_bound"] + 1e-6
-            c = run["corollary1"]
-            assert c["holds"] is True and c["lhs"] <= c["rhs"] + 1e-6
-            assert c["lhs"] == pytest.approx(abs(c["score_l1"] - c["intrinsic_l1"]))
-            assert c["rhs"] == pytest.approx(math.sqrt(2 * c["madry_kl"]))
-            # The same Madry KL risk, estimated twice with the same exact maximizer.
-            assert c["madry_kl"] == pytest.approx(run["kl_risks"]["madry"], rel=1e-5)
-            # C^l1 does not depend on the model.
-            assert c["intrinsic_l1"] == pytest.approx(run["theorem1"]["l1"]["intrinsic"], rel=1e-6)
+    """Every recorded risk and bound equals a brute-force recomputation from the trained model and the closed-form
+    posterior, and the theorems hold for the recomputed values."""
+    _, record, trained = quick_run
+    grid = torch.tensor(record["grid"]["x"], dtype=torch.float64).unsqueeze(1)
+    for (form, method), (model, x_eval) in trained.items():
+        run = record["results"][form][method]
+        with torch.no_grad():  # the kept model is the one the record describes
+            curve = model(grid.float()).double().softmax(-1)[:, 1]
+        torch.testing.assert_close(curve, torch.tensor(run["curve"], dtype=torch.float64), rtol=0, atol=1e-6)
+        risks = brute_force_risks(model, x_eval, record["config"]["eps"], record["config"]["check_points"])
+        for distance in ("l1", "l2"):
+            t = run["theorem1"][distance]
+            madry, score, intrinsic = (risks[f"{name}_{distance}"] for name in ("madry", "score", "intrinsic"))
+            assert t["distance"] == distance and t["holds"] is True
+            assert (t["madry"], t["score"], t["intrinsic"]) == (approx(madry), approx(score), approx(intrinsic))
+            assert (t["lower_bound"], t["upper_bound"]) == (approx(abs(madry - intrinsic)), approx(madry + intrinsic))
+            assert abs(madry - intrinsic) <= score + 1e-9 and score <= madry + intrinsic + 1e-9
+        c = run["corollary1"]
+        score_l1, intrinsic_l1, madry_kl = risks["score_l1"], risks["intrinsic_l1"], risks["madry_kl"]
+        assert c["holds"] is True
+        assert (c["score_l1"], c["intrinsic_l1"], c["madry_kl"]) == (approx(score_l1), approx(intrinsic_l1),
+                                                                     approx(madry_kl))
+        assert (c["lhs"], c["rhs"]) == (approx(abs(score_l1 - intrinsic_l1)), approx(math.sqrt(2 * madry_kl)))
+        assert abs(score_l1 - intrinsic_l1) <= math.sqrt(2 * madry_kl) + 1e-9
+        for name in ("standard", "madry", "score"):
+            assert run["kl_risks"][name] == approx(risks[f"{name}_kl"]), name
 
 
 @pytest.mark.slow
 def test_score_beats_madry_in_expectation_form(quick_run):
-    _, record = quick_run
+    _, record, _ = quick_run
     expectation = record["results"]["expectation"]
     assert expectation["score"]["max_deviation"] < 0.5 * expectation["madry"]["max_deviation"]
     # Each method is best on the risk it minimizes.
@@ -114,7 +170,7 @@ def test_score_beats_madry_in_expectation_form(quick_run):
 
 @pytest.mark.slow
 def test_figures_written(quick_run):
-    out, record = quick_run
+    out, record, _ = quick_run
     assert set(record["figures"]) == set(toy_demo.FORMS)
     for name in record["figures"].values():
         data = (out / name).read_bytes()

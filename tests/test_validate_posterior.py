@@ -14,7 +14,6 @@ from analysis import validate_posterior as vp
 from datagrad import GaussianMixture, toy_mixture
 from trainlib.checkpoint import save_weights
 from trainlib.classifiers import WEIGHTS_METADATA_KEY, build_classifier
-from trainlib.config import run_cli
 from trainlib.datasets import load_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,18 +150,3 @@ def test_real_digits_truth_is_the_exact_smoothed_training_posterior(tmp_path):
     assert record["truth"].startswith("exact smoothed posterior of the 1257 training images of digits")
     train_start = record["results"][0]["path"][0]
     assert train_start["label_truth"]["median"] > 0.5  # near a training digit, the kernel sum keeps its label
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--recipe", "missing.json"], "recipe file not found"),
-    (["--estimators", "oracle"], "estimators must be among"),
-    (["--n-points", "0"], "n_points must be >= 1"),
-    (["--recipe", str(ROOT / "recipes" / "digits-trades-se.json")], "is not a direct-SCORE recipe"),
-])
-def test_bad_input_gives_one_error_line_and_no_output(tmp_path, capsys, flags, message):
-    out = tmp_path / "out"
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: vp.main(["--out", str(out), *flags]))
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and message in err and len(err.splitlines()) == 1
-    assert not out.exists()

@@ -218,12 +218,12 @@ def quality_report(cfg: QualityConfig) -> dict:
         if generated.image_shape != train_set.image_shape:
             raise ValueError(f"generated images are {generated.image_shape} (C, H, W), {cfg.dataset} images are "
                              f"{train_set.image_shape}")
-    out = Path(cfg.out) if cfg.out is not None else default_out(cfg.generated)
-    classifier, info = reference_classifier(cfg, train_set, out, device)
-    if info["num_classes"] != train_set.num_classes or tuple(info["image_shape"]) != train_set.image_shape:
-        raise ValueError(f"classifier {info['path']} is for {info['num_classes']} classes and images "
-                         f"{tuple(info['image_shape'])}, {cfg.dataset} has {train_set.num_classes} classes and "
-                         f"{train_set.image_shape}")
+        out = Path(cfg.out) if cfg.out is not None else default_out(cfg.generated)
+        classifier, info = reference_classifier(cfg, train_set, out, device)
+        if info["num_classes"] != train_set.num_classes or tuple(info["image_shape"]) != train_set.image_shape:
+            raise ValueError(f"classifier {info['path']} is for {info['num_classes']} classes and images "
+                             f"{tuple(info['image_shape'])}, {cfg.dataset} has {train_set.num_classes} classes and "
+                             f"{train_set.image_shape}")
 
     gen_pred, gen_labels, gen_features = predict(classifier, generated, cfg.batch_size, cfg.max_generated)
     test_pred, test_labels, test_features = predict(classifier, test_set, cfg.batch_size)
