@@ -21,6 +21,7 @@ from .posteriors import (
     check_num_classes,
     is_differentiable,
 )
+from .precision import at_least_float32
 from .risks import (
     check_corollary1,
     check_theorem1,
@@ -48,6 +49,7 @@ __all__ = [
     "MixturePosterior",
     "WorstCase",
     "alignment_terms",
+    "at_least_float32",
     "attach_log_posterior",
     "autograd_grad_log_posterior",
     "bootstrap_mean",

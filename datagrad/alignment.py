@@ -30,8 +30,9 @@ import torch
 from torch import Tensor
 
 from .attacks import NORMS
-from .losses import Model, _at_least_float32
+from .losses import Model
 from .posteriors import DataPosterior, attach_log_posterior, check_num_classes
+from .precision import at_least_float32
 from .risks import Maximizer, score_risk
 
 DUAL_EXPONENT = {"linf": 1.0, "l2": 2.0}  # threat-ball norm p → exponent q of the dual norm
@@ -75,7 +76,7 @@ def alignment_terms(model: Model, x: Tensor, posterior: DataPosterior, norm: str
     q = dual_exponent(norm)
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        logits = _at_least_float32(model(x))
+        logits = at_least_float32(model(x))
         check_num_classes(logits, posterior)
         p_model = logits.softmax(dim=1)  # [B, K]
         p_data = attach_log_posterior(posterior, x).to(logits.dtype).exp()  # [B, K], input gradient = ∇p_d

@@ -15,18 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from torch import Tensor
 
 from .distances import Distance, get_distance
 from .posteriors import DataPosterior, attach_log_posterior, check_num_classes
+from .precision import at_least_float32
 
 Model = Callable[[Tensor], Tensor]  # x [B, ...] -> logits [B, K]
-
-
-def _at_least_float32(logits: Tensor) -> Tensor:
-    """Distances are evaluated in float32 or wider, also when the model runs under bf16/fp16 autocast."""
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def self_consistent_distance(
@@ -34,7 +29,7 @@ def self_consistent_distance(
 ) -> Tensor:
     """Per-example D(p_d(·|x) || p_θ(·|x)): [B], differentiable in x (full gradient) and in θ."""
     distance = get_distance(distance)
-    logits = _at_least_float32(model(x))
+    logits = at_least_float32(model(x))
     check_num_classes(logits, posterior)
     log_p_data = attach_log_posterior(posterior, x).to(logits.dtype)
     return distance(log_p_data, logits.log_softmax(dim=1))
@@ -50,7 +45,7 @@ def madry_distance(
 ) -> Tensor:
     """Per-example D(p_d(·|x) || p_θ(·|x')) with the clean posterior fixed: [B] (Madry's robust error)."""
     distance = get_distance(distance)
-    logits = _at_least_float32(model(x_adv))
+    logits = at_least_float32(model(x_adv))
     if logits.shape != log_p_clean.shape:
         raise ValueError(
             f"class-count mismatch: model returns logits {tuple(logits.shape)}, "

@@ -34,14 +34,15 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from .losses import Model, _at_least_float32
+from .losses import Model
+from .precision import at_least_float32
 
 ClassScore = Callable[[Tensor, Tensor], Tensor]  # (x [B, ...], y [B]) -> ∇_x log p^σ(x|y), same shape as x
 
 
 def noisy_loss(model: Model, x: Tensor, y: Tensor) -> Tensor:
     """ℓ(x, y) = −log p_θ(y|x) per example: [B]."""
-    logits = _at_least_float32(model(x))
+    logits = at_least_float32(model(x))
     return -logits.log_softmax(dim=1).gather(1, y[:, None]).squeeze(1)
 
 

@@ -35,6 +35,7 @@ from .attacks import pgd
 from .distances import get_distance
 from .losses import Model
 from .posteriors import DataPosterior, attach_log_posterior, check_num_classes
+from .precision import at_least_float32
 from .seeding import derived_seed
 
 ATTACKS = ("l1", "kl", "data-margin", "model-margin", "madry-kl")
@@ -66,8 +67,7 @@ def _margin(log_p: Tensor, label: Tensor) -> Tensor:
 
 
 def _log_probs(model: Model, x: Tensor) -> Tensor:
-    logits = model(x)
-    return logits.log_softmax(dim=1, dtype=torch.promote_types(logits.dtype, torch.float32))
+    return at_least_float32(model(x)).log_softmax(dim=1)
 
 
 def worst_case(

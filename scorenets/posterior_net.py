@@ -33,7 +33,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block
 from torch import Tensor, nn
 
-from datagrad import autograd_grad_log_posterior
+from datagrad import at_least_float32, autograd_grad_log_posterior
 
 from .noise import NoiseSchedule, check_noise_std, to_model_range
 from .unet import use_classic_attention
@@ -186,8 +186,7 @@ class PosteriorNetPosterior:
         self.num_classes = net.num_classes
 
     def log_posterior(self, x: Tensor) -> Tensor:
-        logits = self.net(x, self.noise_std)
-        return logits.log_softmax(dim=1, dtype=torch.promote_types(logits.dtype, torch.float32))
+        return at_least_float32(self.net(x, self.noise_std)).log_softmax(dim=1)
 
     def grad_log_posterior(self, x: Tensor) -> Tensor:
         return autograd_grad_log_posterior(self.log_posterior, x, self.num_classes).to(x.dtype)

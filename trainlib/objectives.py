@@ -51,7 +51,15 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from datagrad import PGD, DataPosterior, Distance, check_num_classes, get_distance, self_consistent_distance
+from datagrad import (
+    PGD,
+    DataPosterior,
+    Distance,
+    at_least_float32,
+    check_num_classes,
+    get_distance,
+    self_consistent_distance,
+)
 
 from .attack_mode import BN_MODES, attack_mode
 
@@ -83,18 +91,14 @@ def smoothed_targets(y: Tensor, num_classes: int, smoothing: float = 0.0, dtype=
     return targets.scatter_(1, y[:, None], 1.0 - smoothing)
 
 
-def _loss_dtype(logits: Tensor) -> torch.dtype:
-    """float32 or wider: losses never run in a low-precision autocast dtype (bf16/fp16 logits)."""
-    return torch.promote_types(logits.dtype, torch.float32)
-
-
 def log_probs(logits: Tensor) -> Tensor:
-    """log softmax(logits) over classes, [B, K], in float32 or wider."""
-    return logits.log_softmax(dim=1, dtype=_loss_dtype(logits))
+    """log softmax(logits) over classes, [B, K], in float32 or wider (``datagrad.at_least_float32``)."""
+    return at_least_float32(logits).log_softmax(dim=1)
 
 
 def _targets_for(logits: Tensor, y: Tensor, smoothing: float = 0.0) -> Tensor:
-    return smoothed_targets(y, logits.shape[1], smoothing, _loss_dtype(logits))
+    """ỹ in the loss dtype (float32 or wider)."""
+    return smoothed_targets(y, logits.shape[1], smoothing, at_least_float32(logits).dtype)
 
 
 def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
