@@ -4,7 +4,7 @@ Conventions shared by every module (details in :mod:`scorenets.noise`):
 
 * images are float tensors [B, C, H, W] in [0, 1]; the diffusion model works in u = 2x − 1 ∈ [−1, 1];
 * a noise std σ is always quoted in [0, 1] data units (x̃ = x + σ·n); in [−1, 1] units it is s = 2σ;
-* ε-prediction → score: ∇_x̃ log p_σ(x̃|y) = −ε_θ(u_t, t(σ), y)/σ with u_t = (2x̃ − 1)/sqrt(1 + 4σ²);
+* noise prediction ε̂ = ε_θ → score: ∇_x̃ log p_σ(x̃|y) = −ε_θ(u_t, t(σ), y)/σ with u_t = (2x̃ − 1)/sqrt(1 + 4σ²);
 * label K (= num_classes) is the null class: the unconditional model, used for classifier-free guidance.
 
 Modules: ``noise`` (schedule and conversions), ``unet`` (UNet presets and ``ScoreNet``), ``dsm`` (training loss),
@@ -19,9 +19,9 @@ from .noise import (
     NoiseSchedule,
     alpha_bar_from_sigma,
     check_noise_std,
-    eps_to_score,
     model_input,
-    score_to_eps,
+    noise_to_score,
+    score_to_noise,
     sigma_from_alpha_bar,
     to_data_range,
     to_model_range,
@@ -60,12 +60,12 @@ __all__ = [
     "check_noise_std",
     "dlsm_loss",
     "dsm_loss",
-    "eps_to_score",
     "make_scheduler",
     "model_input",
+    "noise_to_score",
     "quadrature",
     "sample",
-    "score_to_eps",
+    "score_to_noise",
     "sigma_from_alpha_bar",
     "to_data_range",
     "to_model_range",

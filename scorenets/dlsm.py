@@ -49,9 +49,7 @@ from torch import Tensor
 
 from datagrad import pgd
 
-from .noise import NoiseSchedule, to_model_range
-
-EpsModel = Callable[[Tensor, Tensor, Tensor], Tensor]  # (u_t [B,C,H,W], t [B], labels [B]) -> ε̂ [B,C,H,W]
+from .noise import NoisePredictor, NoiseSchedule, to_model_range
 
 
 def log_uniform(low: float, high: float, n: int, generator: torch.Generator | None = None, device=None) -> Tensor:
@@ -66,7 +64,7 @@ def dlsm_loss(
     labels: Tensor,
     sigma_range: tuple[float, float],
     *,
-    scorenet: EpsModel | None = None,
+    scorenet: NoisePredictor | None = None,
     schedule: NoiseSchedule | None = None,
     null_class: int | None = None,
     dlsm_weight: float = 1.0,
@@ -118,13 +116,13 @@ def dlsm_loss(
             t = schedule.t_at_sigma(sigmas.double()).float()
             u_t = to_model_range(inputs) * schedule.alpha_bar_at(t).sqrt().to(x.dtype).view(-1, 1, 1, 1)
             nulls = torch.full((batch * (2 if adversarial else 1),), null_class, device=x.device, dtype=labels.dtype)
-            eps = scorenet(u_t, t, torch.cat([nulls, classes[batch:]])).to(x.dtype)
-        first = len(nulls)  # eps[:first]: the null class; eps[first:]: the matched copies' classes
-        eps_null = eps[:batch].repeat(copies, 1, 1, 1) if not adversarial else torch.cat(
-            [eps[:batch], eps[batch:2 * batch].repeat(matched, 1, 1, 1)])
-        target = torch.cat([noise, eps[first:]])  # DLSM: the noise; matched copies: the score net's ε_k
-        eps_guided = eps_null - sigma_all.view(-1, 1, 1, 1) * grad
-        per_example = (eps_guided - target).pow(2).flatten(1).mean(dim=1)  # [(1 + M)·B]
+            noise_pred = scorenet(u_t, t, torch.cat([nulls, classes[batch:]])).to(x.dtype)
+        first = len(nulls)  # noise_pred[:first]: the null class; noise_pred[first:]: the matched copies' classes
+        noise_pred_null = noise_pred[:batch].repeat(copies, 1, 1, 1) if not adversarial else torch.cat(
+            [noise_pred[:batch], noise_pred[batch:2 * batch].repeat(matched, 1, 1, 1)])
+        target = torch.cat([noise, noise_pred[first:]])  # DLSM: the noise; matched copies: the score net's ε_k
+        noise_pred_guided = noise_pred_null - sigma_all.view(-1, 1, 1, 1) * grad
+        per_example = (noise_pred_guided - target).pow(2).flatten(1).mean(dim=1)  # [(1 + M)·B]
         loss = loss + dlsm_weight * per_example.view(copies, batch).mean(dim=0).mean()
         stats["dlsm"] = per_example[:batch].detach().mean()
         if matched:

@@ -1,4 +1,4 @@
-"""Denoising score matching (ε-prediction) with label dropout to the null class.
+"""Denoising score matching (noise prediction ε̂ of the added noise ε) with label dropout to the null class.
 
 For images x ∈ [0, 1] (converted inside to u = 2x − 1), labels y ∈ {0 … K−1}, t ~ U[0, T−1] (continuous; ᾱ(t)
 from the interpolated log-SNR of :class:`scorenets.noise.NoiseSchedule`, exact at integer steps) and ε ~ N(0, I):
@@ -14,18 +14,14 @@ Continuous t trains the network at the fractional timesteps that arbitrary noise
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
-from .noise import NoiseSchedule, to_model_range
-
-EpsModel = Callable[[Tensor, Tensor, Tensor], Tensor]  # (u_t [B,C,H,W], t [B], labels [B]) -> ε̂ [B,C,H,W]
+from .noise import NoisePredictor, NoiseSchedule, to_model_range
 
 
 def dsm_loss(
-    model: EpsModel,
+    model: NoisePredictor,
     x: Tensor,
     labels: Tensor,
     num_classes: int,
@@ -48,10 +44,10 @@ def dsm_loss(
     schedule = schedule or NoiseSchedule()
     batch, device = x.shape[0], x.device
     t = torch.rand(batch, generator=generator, device=device) * (schedule.num_train_timesteps - 1)
-    eps = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
+    noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
     alpha_bar = schedule.alpha_bar_at(t).to(x.dtype).view(batch, 1, 1, 1)
-    u_t = alpha_bar.sqrt() * to_model_range(x) + (1 - alpha_bar).sqrt() * eps
+    u_t = alpha_bar.sqrt() * to_model_range(x) + (1 - alpha_bar).sqrt() * noise
     dropped = torch.rand(batch, generator=generator, device=device) < label_dropout
     labels = torch.where(dropped, torch.full_like(labels, num_classes), labels)
-    per_example = (model(u_t, t, labels) - eps).pow(2).flatten(1).mean(dim=1)  # [B]
+    per_example = (model(u_t, t, labels) - noise).pow(2).flatten(1).mean(dim=1)  # [B]
     return per_example.mean() if reduction == "mean" else per_example

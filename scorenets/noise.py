@@ -13,15 +13,19 @@ The DDPM forward process u_t = sqrt(ᾱ_t)·u + sqrt(1 − ᾱ_t)·ε is a resca
 
     ũ = u_t / sqrt(ᾱ_t) = u + s·ε,   s² = (1 − ᾱ_t)/ᾱ_t,   u_t = ũ / sqrt(1 + s²),   ᾱ_t = 1/(1 + s²) = 1/(1 + 4σ²).
 
-ε-prediction → score
---------------------
-The optimal ε-predictor is ε*(u_t) = −sqrt(1 − ᾱ_t)·∇_{u_t} log p_t(u_t | y). With ∇_ũ = ∇_{u_t}/sqrt(1 + s²) and
+Noise prediction → score
+------------------------
+The optimal noise predictor is ε*(u_t) = −sqrt(1 − ᾱ_t)·∇_{u_t} log p_t(u_t | y). With ∇_ũ = ∇_{u_t}/sqrt(1 + s²) and
 sqrt(1 − ᾱ_t)·sqrt(1 + s²) = s:
 
     ∇_ũ log p(ũ | y) = −ε*/s                         ([−1, 1] units)
     ∇_x̃ log p_σ(x̃ | y) = 2·∇_ũ log p(ũ | y) = −2ε*/s = −ε*/σ      ([0, 1] units, σ = s/2)
 
-so ``eps_to_score(ε, σ) = −ε/σ`` and ``score_to_eps(score, σ) = −σ·score``.
+so ``noise_to_score(ε̂, σ) = −ε̂/σ`` and ``score_to_noise(score, σ) = −σ·score``.
+
+Names: in formulas ε is the diffusion noise and ε̂ = ε_θ its prediction (DDPM's notation); in code they are
+``noise`` and ``noise_pred`` (``ScoreNet.predict_noise``), never ``eps``, which names the threat radius ε of the
+attacks everywhere else in the project.
 
 Continuous time
 ---------------
@@ -35,12 +39,15 @@ that range is evaluated at its exact (fractional) t.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import cached_property, lru_cache
 
 import torch
 from diffusers import DDPMScheduler
 from torch import Tensor
+
+NoisePredictor = Callable[[Tensor, Tensor, Tensor], Tensor]  # (u_t [B,C,H,W], t [B], labels [B]) -> ε̂ [B,C,H,W]
 
 
 def check_noise_std(sigma: float) -> float:
@@ -76,13 +83,13 @@ def model_input(x_noisy: Tensor, sigma: float) -> Tensor:
     return to_model_range(x_noisy) * math.sqrt(alpha_bar_from_sigma(sigma))
 
 
-def eps_to_score(eps: Tensor, sigma: float) -> Tensor:
-    """∇_x̃ log p_σ(x̃ | y) = −ε/σ ([0,1] units; see the module docstring for the factor 2)."""
-    return -eps / check_noise_std(sigma)
+def noise_to_score(noise_pred: Tensor, sigma: float) -> Tensor:
+    """∇_x̃ log p_σ(x̃ | y) = −ε̂/σ for a noise prediction ε̂ ([0,1] units; see the module docstring for the factor 2)."""
+    return -noise_pred / check_noise_std(sigma)
 
 
-def score_to_eps(score: Tensor, sigma: float) -> Tensor:
-    """ε = −σ·∇_x̃ log p_σ(x̃ | y) (inverse of :func:`eps_to_score`)."""
+def score_to_noise(score: Tensor, sigma: float) -> Tensor:
+    """The noise prediction ε̂ = −σ·∇_x̃ log p_σ(x̃ | y) (inverse of :func:`noise_to_score`)."""
     return -check_noise_std(sigma) * score
 
 

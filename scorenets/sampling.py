@@ -98,11 +98,11 @@ def sample(
     for t in tqdm(scheduler.timesteps, desc=f"{sampler} sampling", disable=not progress, leave=False):
         u_in = scheduler.scale_model_input(u, t)
         u_in = torch.cat([u_in, u_in]) if guided else u_in
-        eps = scorenet(u_in, t.to(device, torch.float32).expand(u_in.shape[0]), labels)
+        noise_pred = scorenet(u_in, t.to(device, torch.float32).expand(u_in.shape[0]), labels)
         if guided:
-            eps_cond, eps_uncond = eps.chunk(2)
-            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-        u = scheduler.step(eps, t, u, generator=generators, **step_kwargs).prev_sample
+            noise_pred_cond, noise_pred_uncond = noise_pred.chunk(2)
+            noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_cond - noise_pred_uncond)
+        u = scheduler.step(noise_pred, t, u, generator=generators, **step_kwargs).prev_sample
     return to_data_range(u).clamp(0, 1)
 
 

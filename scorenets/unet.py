@@ -1,7 +1,7 @@
-"""Class-conditional diffusers UNets and ``ScoreNet``: ε-prediction in, class-conditional scores out.
+"""Class-conditional diffusers UNets and ``ScoreNet``: noise prediction in, class-conditional scores out.
 
 The UNet is a diffusers ``UNet2DModel`` with ``num_class_embeds = K + 1``: labels 0 … K−1 are the data classes and
-label K is the NULL class (trained with label dropout), which gives the unconditional ε-prediction for
+label K is the NULL class (trained with label dropout), which gives the unconditional noise prediction for
 classifier-free guidance. The class embedding is added to the time embedding.
 
 Conventions (see :mod:`scorenets.noise`): images [B, C, H, W] in [0, 1]; the UNet sees u_t in [−1, 1]-based
@@ -31,7 +31,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from .noise import NoiseSchedule, eps_to_score, model_input
+from .noise import NoiseSchedule, model_input, noise_to_score
 
 CONFIG_NAME = "scorenet_config.json"
 UNET_SUBFOLDER = "unet"
@@ -109,12 +109,12 @@ def build_unet(preset: str, num_classes: int, image_shape: Sequence[int], **over
 
 
 class ScoreNet(nn.Module):
-    """A class-conditional ε-prediction UNet plus the settings needed to turn it into scores.
+    """A class-conditional noise-prediction UNet plus the settings needed to turn it into scores.
 
-    ``forward(u_t, t, labels)`` / ``eps(...)`` return ε̂ [B, C, H, W]; each call adds one to ``forward_calls``.
+    ``forward(u_t, t, labels)`` / ``predict_noise(...)`` return ε̂ [B, C, H, W]; each call adds one to ``forward_calls``.
     ``class_scores(x, noise_std)`` returns ∇_x log p_σ(x | y) for all classes from one batched call.
     ``unet`` is a ``UNet2DModel`` with K + 1 class embeddings (:func:`build_unet`), or any module called as
-    ``unet(u_t, t, class_labels=labels).sample`` (e.g. an analytic ε-predictor in tests).
+    ``unet(u_t, t, class_labels=labels).sample`` (e.g. an analytic noise predictor in tests).
     """
 
     def __init__(
@@ -149,7 +149,7 @@ class ScoreNet(nn.Module):
         self.forward_calls += 1
         return self.unet(u_t, t, class_labels=labels).sample
 
-    def eps(self, u_t: Tensor, t: Tensor, labels: Tensor) -> Tensor:
+    def predict_noise(self, u_t: Tensor, t: Tensor, labels: Tensor) -> Tensor:
         """Alias of ``self(u_t, t, labels)`` (goes through ``nn.Module.__call__`` hooks)."""
         return self(u_t, t, labels)
 
@@ -196,8 +196,8 @@ class ScoreNet(nn.Module):
         timesteps = torch.full((inputs.shape[0],), t, device=x.device, dtype=torch.float32)
         chunk = max_batch or inputs.shape[0]
         chunks = zip(inputs.split(chunk), timesteps.split(chunk), labels.split(chunk), strict=True)
-        eps = torch.cat([self(u, s, y) for u, s, y in chunks])
-        return eps_to_score(eps.to(x.dtype), noise_std)
+        noise_pred = torch.cat([self(u, s, y) for u, s, y in chunks])
+        return noise_to_score(noise_pred.to(x.dtype), noise_std)
 
     # -- persistence ----------------------------------------------------------------------------------------
     def settings(self) -> dict:

@@ -49,7 +49,7 @@ class ExactMixture:
     def logits(self, x, sigma):
         return self._terms(x, sigma)[0]
 
-    def eps(self, u_t, t, labels, schedule):
+    def predict_noise(self, u_t, t, labels, schedule):
         """The exact ε = −σ·∇ log p_σ(x̃|y) (y = K: the marginal) at the diffusion state u_t."""
         alpha_bar = schedule.alpha_bar_at(t).double().view(-1, 1, 1, 1)
         sigma = schedule.sigma_at(t.double())
@@ -133,11 +133,11 @@ def _exact_loss(tau, other_classes, n=4096, seed=0):
     exact, schedule = ExactMixture(), NoiseSchedule()
     x, y = load_dataset("gmm-4x4", "train").get(range(n))
     return dlsm_loss(TemperedExact(exact, tau), x.double(), y, (0.05, 0.5),
-                     scorenet=lambda u, t, labels: exact.eps(u, t, labels, schedule), schedule=schedule,
+                     scorenet=lambda u, t, labels: exact.predict_noise(u, t, labels, schedule), schedule=schedule,
                      null_class=3, other_classes=other_classes, generator=torch.Generator().manual_seed(seed))
 
 
-def test_exact_posterior_guides_to_the_exact_class_epsilon():
+def test_exact_posterior_guides_to_the_exact_class_noise_prediction():
     """With exact scores, ε_∅ − σ·∇ log p_σ(k|x̃) is the exact class-conditional ε for every k: the OTHER term of the
     exact posterior is 0. A wrong σ factor or sign anywhere in the loss makes it large."""
     _, stats = _exact_loss(1.0, other_classes=2, n=512)
@@ -211,8 +211,8 @@ def test_trained_posterior_net_matches_the_closed_form(tmp_path):
     for _ in range(600):
         rows = torch.randint(0, len(y_all), (64,), generator=generator)
         loss, _ = dlsm_loss(net, x_all[rows], y_all[rows], (0.05, 0.5),
-                            scorenet=lambda u, t, labels: exact.eps(u, t, labels, schedule), schedule=schedule,
-                            null_class=3, other_classes=2, generator=generator)
+                            scorenet=lambda u, t, labels: exact.predict_noise(u, t, labels, schedule),
+                            schedule=schedule, null_class=3, other_classes=2, generator=generator)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -40,25 +40,26 @@ Z = 4.5  # two-sided bound of every check, in standard errors
 ALLOWANCE = 0.06  # relative discretization error allowed on variances (module docstring)
 
 
-class MixtureEps(nn.Module):
+class MixtureNoisePredictor(nn.Module):
     """The exact ε-prediction of ``MIXTURE`` at diffusion state u_t, float timestep t and label y (K: unconditional).
 
     With σ = σ(t) (data units) and ᾱ = 1/(1 + 4σ²): x̃ = (u_t/sqrt(ᾱ) + 1)/2 and ε = −σ·∇ log p_σ(x̃ | y).
     ``sigma_scale`` ≠ 1 plays a schedule that is off by a constant factor (σ' = c·σ for both conversions),
-    ``eps_scale`` ≠ 1 a score off by a constant factor.
+    ``noise_scale`` ≠ 1 a score off by a constant factor.
     ``guidance`` = w makes label y return ε_u + w·(ε_y − ε_u) itself. ``null_value`` replaces the null class's ε.
     """
 
     def __init__(
         self,
         sigma_scale: float = 1.0,
-        eps_scale: float = 1.0,
+        noise_scale: float = 1.0,
         guidance: float | None = None,
         null_value: float | None = None,
     ):
         super().__init__()
         self.schedule = NoiseSchedule()
-        self.sigma_scale, self.eps_scale, self.guidance, self.null_value = sigma_scale, eps_scale, guidance, null_value
+        self.sigma_scale, self.noise_scale = sigma_scale, noise_scale
+        self.guidance, self.null_value = guidance, null_value
         self.anchor = nn.Parameter(torch.zeros((), dtype=torch.float64), requires_grad=False)  # sets device, dtype
         self.labels_seen: list[Tensor] = []
 
@@ -68,13 +69,13 @@ class MixtureEps(nn.Module):
         sigma = self.schedule.sigma_at(t) * self.sigma_scale  # [B]
         alpha_bar = 1.0 / (1.0 + 4.0 * sigma**2)
         x = (u_t.to(torch.float64) / alpha_bar.sqrt().view(-1, 1, 1, 1) + 1.0) / 2.0
-        eps = torch.empty_like(x)
+        noise_pred = torch.empty_like(x)
         for value in sigma.unique():  # σ is shared within a sampler batch; loop in case it is not
             rows = sigma == value
-            eps[rows] = self._eps(x[rows], class_labels[rows], float(value))
-        return SimpleNamespace(sample=(self.eps_scale * eps).to(u_t.dtype))
+            noise_pred[rows] = self._noise_pred(x[rows], class_labels[rows], float(value))
+        return SimpleNamespace(sample=(self.noise_scale * noise_pred).to(u_t.dtype))
 
-    def _eps(self, x: Tensor, labels: Tensor, sigma: float) -> Tensor:
+    def _noise_pred(self, x: Tensor, labels: Tensor, sigma: float) -> Tensor:
         conditional = -sigma * MIXTURE.score(x, labels.clamp(max=K - 1), sigma)
         unconditional = -sigma * MIXTURE.score(x, None, sigma)
         if self.guidance is not None:
@@ -85,7 +86,7 @@ class MixtureEps(nn.Module):
 
 
 def scorenet(**kwargs) -> ScoreNet:
-    return ScoreNet(MixtureEps(**kwargs), K, SHAPE).eval()
+    return ScoreNet(MixtureNoisePredictor(**kwargs), K, SHAPE).eval()
 
 
 def last_sigma(sampler: str, steps: int) -> float:
@@ -168,7 +169,7 @@ def test_sampler_draws_the_mixture_from_exact_scores(sampler):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("sampler", "sigma_scale", "eps_scale", "per_class"),
+    ("sampler", "sigma_scale", "noise_scale", "per_class"),
     [
         ("ddpm", 2.0, 1.0, 300),
         ("ddim", 1.3, 1.0, 150),
@@ -179,14 +180,14 @@ def test_sampler_draws_the_mixture_from_exact_scores(sampler):
     ],
 )
 def test_a_schedule_or_score_off_by_a_constant_factor_fails_the_moment_checks(
-    sampler, sigma_scale, eps_scale, per_class
+    sampler, sigma_scale, noise_scale, per_class
 ):
     """The same checks reject every class when the ε-predictor's σ(t) or its score is off by a constant factor.
 
     DDPM's ancestral steps largely correct a wrong σ: by the exact Gaussian recursion, σ·1.3 changes its output
     variance by under 4% and its means by under 0.005 (DDIM's variance: by 40–75%), which these sample sizes cannot
     see, so DDPM's schedule error here is σ·2 (variance +13–40%, means 0.010–0.015 off)."""
-    x, y = draw(scorenet(sigma_scale=sigma_scale, eps_scale=eps_scale), sampler, per_class, range(K))
+    x, y = draw(scorenet(sigma_scale=sigma_scale, noise_scale=noise_scale), sampler, per_class, range(K))
     problems = moment_violations(x, y, last_sigma(sampler, STEPS[sampler]))
     assert all(any(p.startswith(f"class {k}:") for p in problems) for k in range(K)), problems
 
@@ -208,7 +209,7 @@ def test_guidance_scale_one_is_the_conditional_model():
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
-def test_guided_samples_follow_eps_uncond_plus_w_times_the_difference(sampler):
+def test_guided_samples_follow_noise_pred_uncond_plus_w_times_the_difference(sampler):
     """w = 3 through ``sample`` equals w = 1 sampling of a model that returns ε_u + 3·(ε_y − ε_u) for label y;
     w = 0 equals sampling the unconditional model (the null class)."""
     labels, seeds = [0, 1, 2, 1], [3, 4, 5, 6]

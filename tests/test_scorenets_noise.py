@@ -9,7 +9,7 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
 from datagrad import GaussianMixture
-from scorenets import NoiseSchedule, ScoreNet, eps_to_score, model_input, score_to_eps, sigma_from_alpha_bar
+from scorenets import NoiseSchedule, ScoreNet, model_input, noise_to_score, score_to_noise, sigma_from_alpha_bar
 
 SIGMAS = [0.01, 0.05, 0.2, 1.0]
 
@@ -20,7 +20,7 @@ def make_mixture() -> GaussianMixture:
     return GaussianMixture(means, stds=[0.1, 0.15, 0.08], priors=[0.5, 0.3, 0.2], event_shape=(1, 4, 4))
 
 
-def optimal_eps(mixture: GaussianMixture, u_t: torch.Tensor, alpha_bar: torch.Tensor, labels: torch.Tensor):
+def optimal_noise_pred(mixture: GaussianMixture, u_t: torch.Tensor, alpha_bar: torch.Tensor, labels: torch.Tensor):
     """E[ε | u_t, y] for u = 2x − 1, u_t = sqrt(ᾱ)u + sqrt(1−ᾱ)ε, derived by Gaussian conditioning in u_t units.
 
     Per class k: u_t | k ~ N(sqrt(ᾱ)(2μ_k − 1), v_k I) with v_k = 4ᾱ s_k² + 1 − ᾱ, and Cov(ε, u_t) = sqrt(1−ᾱ) I,
@@ -50,7 +50,7 @@ class AnalyticEps(nn.Module):
 
     def forward(self, u_t, t, class_labels):
         alpha_bar = self.schedule.alpha_bar_at(t.double())
-        return UNet2DOutput(sample=optimal_eps(self.mixture, u_t, alpha_bar, class_labels))
+        return UNet2DOutput(sample=optimal_noise_pred(self.mixture, u_t, alpha_bar, class_labels))
 
 
 def test_schedule_matches_diffusers_at_integer_steps():
@@ -84,26 +84,26 @@ def test_bad_sigma_raises(sigma):
 
 def test_non_positive_sigma_raises_in_conversions():
     with pytest.raises(ValueError, match="positive"):
-        eps_to_score(torch.zeros(1), 0.0)
+        noise_to_score(torch.zeros(1), 0.0)
     with pytest.raises(ValueError, match="positive"):
         model_input(torch.zeros(1), -1.0)
 
 
 @pytest.mark.parametrize("sigma", SIGMAS)
-def test_optimal_eps_converts_to_the_mixture_score(sigma):
+def test_optimal_noise_pred_converts_to_the_mixture_score(sigma):
     """Plug the analytic ε* into the conversions: −ε*/σ at u_t(x̃) must equal ∇_x̃ log p_σ(x̃|y) in [0,1] units."""
     mixture = make_mixture()
     x_noisy, labels = mixture.sample(64, torch.Generator().manual_seed(1), noise_std=sigma, dtype=torch.float64)
     alpha_bar = torch.full((64,), 1 / (1 + 4 * sigma**2), dtype=torch.float64)
-    eps = optimal_eps(mixture, model_input(x_noisy, sigma), alpha_bar, labels)
-    torch.testing.assert_close(eps_to_score(eps, sigma), mixture.score(x_noisy, labels, noise_std=sigma))
-    torch.testing.assert_close(score_to_eps(eps_to_score(eps, sigma), sigma), eps)
-    unconditional = optimal_eps(mixture, model_input(x_noisy, sigma), alpha_bar, torch.full_like(labels, 3))
-    torch.testing.assert_close(eps_to_score(unconditional, sigma), mixture.score(x_noisy, None, noise_std=sigma))
+    noise_pred = optimal_noise_pred(mixture, model_input(x_noisy, sigma), alpha_bar, labels)
+    torch.testing.assert_close(noise_to_score(noise_pred, sigma), mixture.score(x_noisy, labels, noise_std=sigma))
+    torch.testing.assert_close(score_to_noise(noise_to_score(noise_pred, sigma), sigma), noise_pred)
+    unconditional = optimal_noise_pred(mixture, model_input(x_noisy, sigma), alpha_bar, torch.full_like(labels, 3))
+    torch.testing.assert_close(noise_to_score(unconditional, sigma), mixture.score(x_noisy, None, noise_std=sigma))
 
 
 @pytest.mark.parametrize("sigma", SIGMAS)
-def test_scorenet_class_scores_of_the_optimal_eps_are_the_exact_scores(sigma):
+def test_scorenet_class_scores_of_the_optimal_noise_pred_are_the_exact_scores(sigma):
     """End to end through ScoreNet: σ → fractional t → ᾱ(t) → ε* → scores, all K classes plus the null class."""
     mixture, schedule = make_mixture(), NoiseSchedule()
     net = ScoreNet(AnalyticEps(mixture, schedule), 3, (1, 4, 4), schedule=schedule)

@@ -7,7 +7,7 @@ on the engine (``trainlib.accelerator``, ``trainlib.session``: run directory, re
     data     the real train split of ``dataset`` (images in [0, 1]); batches are a pure function of (seed, epoch,
              batch), so resuming mid-epoch is exact; horizontal flips (CIFAR only by default; never crops, which
              would teach the generator black borders)
-    step     ε-prediction DSM loss ``scorenets.dsm_loss`` with label dropout to the null class K (noise, timesteps
+    step     noise-prediction DSM loss ``scorenets.dsm_loss`` with label dropout to the null class K (noise, timesteps
              and dropout drawn from a generator seeded by (seed, step, micro-batch, rank)); backward through
              accelerate (gradient accumulation, bf16/fp16 autocast on GPUs, fp32 on the CPU); gradient-norm clip;
              Adam step; linear warm-up then cosine (or constant) learning rate; EMA update
