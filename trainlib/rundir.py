@@ -91,6 +91,14 @@ def drop_partial_last_line(path: str | os.PathLike, chunk: int = 1 << 16) -> boo
         return True
 
 
+def check_fresh_start(path: str | os.PathLike, resume: bool) -> None:
+    """ValueError unless the run may start in ``path``: a fresh start (``resume`` False) needs a directory that holds
+    no run yet (no config.json). Reads only, so every rank of a multi-process run can call it and fail together."""
+    if not resume and (Path(path) / "config.json").exists():
+        raise ValueError(f"run directory {path} already holds a run; resume it (--resume latest) or choose another "
+                         "output directory")
+
+
 def _now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
@@ -121,13 +129,9 @@ class RunDir:
         self._tb = None
         if not is_main_process:
             return
+        check_fresh_start(self.path, resume)
         config_file = self.path / "config.json"
         previous = json.loads(config_file.read_text()) if config_file.exists() else None
-        if previous is not None and not resume:
-            raise ValueError(
-                f"run directory {self.path} already holds a run; resume it (--resume latest) or choose another "
-                "output directory"
-            )
         self.path.mkdir(parents=True, exist_ok=True)
         cleanup_temporaries(self.path)
         cut = previous is not None and drop_partial_last_line(self.path / "metrics.jsonl")

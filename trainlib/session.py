@@ -67,7 +67,7 @@ from .checkpoint import CheckpointMeta, load_checkpoint, read_meta, resolve_resu
 from .config import Options, config_hash, option
 from .files import cleanup_temporaries
 from .nonfinite import NonFiniteGuard, check_nonfinite_mode
-from .rundir import RunDir
+from .rundir import RunDir, check_fresh_start
 
 
 @dataclasses.dataclass
@@ -179,11 +179,7 @@ class TrainingSession:
         self.total_steps, self.checkpoint_every, self.keep_last = int(total_steps), checkpoint_every, keep_last
         self.log_every = log_every
         out_dir = Path(out_dir)
-        if resume == "none" and (out_dir / "config.json").exists():  # checked on every rank: all raise together
-            raise ValueError(
-                f"run directory {out_dir} already holds a run; resume it (--resume latest) or choose another "
-                "output directory"
-            )
+        check_fresh_start(out_dir, resume != "none")  # on every rank: all raise together, before anything is written
         self._checkpoint = resolve_resume(resume, out_dir, accelerator)
         self.run = RunDir(
             out_dir, config, is_main_process=accelerator.is_main_process, world_size=accelerator.num_processes,
