@@ -71,3 +71,24 @@ def test_invalid_settings_and_mismatched_model():
         EMA(nn.Linear(1, 1), warmup_steps=-1)
     with pytest.raises(ValueError, match="do not match"):
         EMA(nn.Linear(1, 1)).update(nn.Sequential(nn.Linear(1, 1), nn.Linear(1, 1)))
+
+
+def test_the_average_is_of_the_module_inside_parallel_and_compile_wrappers(tmp_path):
+    """DataParallel, DistributedDataParallel (one gloo process), torch.compile and compile around DDP (how
+    ``accelerator.prepare`` wraps): the EMA averages the plain module, and its state dict has the plain keys."""
+    import torch.distributed as dist
+
+    model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(model)
+        wrappers = [nn.DataParallel(model), ddp, torch.compile(model), torch.compile(ddp)]
+        for wrapped in wrappers:
+            ema = EMA(wrapped, tau=0.5, warmup_steps=2)
+            assert type(ema.model) is nn.Sequential and ema.model.state_dict().keys() == model.state_dict().keys()
+            with torch.no_grad():
+                model[0].weight.add_(1.0)
+            ema.update(wrapped)  # during the warm-up an update copies
+            torch.testing.assert_close(ema.model[0].weight, model[0].weight, rtol=0, atol=0)
+    finally:
+        dist.destroy_process_group()

@@ -16,7 +16,10 @@ code uses 2.5 % of the total step count, e.g. 0.025 · 400 · 98 = 980).
 
 The update is fused over all tensors (``torch._foreach_lerp_`` / ``_foreach_copy_``). The EMA model lives
 on the device of the model it was built from; build it from the prepared (device-placed) model or move
-it with ``.to(device)``. ``state_dict``/``load_state_dict`` let ``accelerator.register_for_checkpointing``
+it with ``.to(device)``. Both the constructor and ``update`` take the model as it is, wrapped or not: the average is
+of the plain module inside DataParallel / DistributedDataParallel / torch.compile wrappers (accelerate's
+``extract_model_from_parallel``; compile around DDP, the order ``accelerator.prepare`` wraps in, included).
+``state_dict``/``load_state_dict`` let ``accelerator.register_for_checkpointing``
 save and restore it with the training state (τ and the warm-up come from the constructor).
 """
 
@@ -25,18 +28,8 @@ from __future__ import annotations
 import copy
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import nn
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside DataParallel / DistributedDataParallel / torch.compile wrappers."""
-    while True:
-        if isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
 
 
 class EMA:
@@ -50,7 +43,8 @@ class EMA:
         self.tau = float(tau)
         self.warmup_steps = float(warmup_steps)
         self.num_updates = 0
-        self.model = copy.deepcopy(unwrap_model(model)).eval().requires_grad_(False)
+        plain = extract_model_from_parallel(model, keep_torch_compile=False)
+        self.model = copy.deepcopy(plain).eval().requires_grad_(False)
 
     def decay(self, t: int) -> float:
         """d_t for the t-th update: 0 (copy) during warm-up, then min(τ, (1 + δ)/(10 + δ)), δ = t − warmup."""
@@ -62,7 +56,7 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> float:
         """Fold the current weights of ``model`` into the average; returns the decay used."""
-        model = unwrap_model(model)
+        model = extract_model_from_parallel(model, keep_torch_compile=False)
         ema_params, params = list(self.model.parameters()), list(model.parameters())
         ema_buffers, buffers = list(self.model.buffers()), list(model.buffers())
         if len(ema_params) != len(params) or len(ema_buffers) != len(buffers):
