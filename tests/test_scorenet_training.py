@@ -1,6 +1,7 @@
 """Score-net training: a few-step run saves a loadable score net and step checkpoints; resume is exact; bad input."""
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -130,6 +131,23 @@ def test_learning_rate_warmup_and_cosine():
     assert learning_rate_factor(8, 4, 12, "cosine") == pytest.approx(0.5)  # half-way through the decay
     assert learning_rate_factor(12, 4, 12, "cosine") == pytest.approx(0.0, abs=1e-12)
     assert learning_rate_factor(11, 4, 12, "constant") == 1.0
+
+
+@pytest.mark.parametrize(("warmup", "total"), [(4, 12), (100, 2000), (0, 7)])
+def test_learning_rate_factor_is_the_closed_form_and_diffusers_cosine_after_the_warm_up(warmup, total):
+    """Linear warm-up (step + 1)/w, then ½(1 + cos(π·progress)); diffusers' schedule (warm-up step/w) has the same
+    cosine, and its warm-up runs one step behind (adam_loop.learning_rate_factor says why we keep ours)."""
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    diffusers_factor = get_cosine_schedule_with_warmup(torch.optim.SGD([torch.zeros(1)], lr=1.0), warmup,
+                                                       total).lr_lambdas[0]
+    for step in range(total + 1):
+        ours = learning_rate_factor(step, warmup, total, "cosine")
+        if step < warmup:
+            assert ours == (step + 1) / warmup == diffusers_factor(step + 1)
+        else:
+            progress = (step - warmup) / (total - warmup)
+            assert ours == 0.5 * (1 + math.cos(math.pi * progress)) == diffusers_factor(step)
 
 
 def test_default_presets_by_image_size():

@@ -63,9 +63,13 @@ class AdamLoopOptions(EngineOptions):
 def learning_rate_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
     """lr(step)/lr_peak for the optimizer step ``step`` (0-based): linear warm-up, then cosine to 0 or constant.
 
-    warm-up: (step + 1)/warmup_steps for step < warmup_steps; cosine: ½(1 + cos(π·(step − w)/(T − w))). Our own
-    rather than diffusers' ``get_cosine_schedule_with_warmup``, whose warm-up is step/warmup_steps (the first step at
-    lr 0): the two differ, and the trained score nets were made with this one.
+    warm-up: (step + 1)/w for step < w = warmup_steps; then cosine: ½(1 + cos(π·(step − w)/(T − w))), T = total_steps.
+
+    Why not diffusers' ``get_cosine_schedule_with_warmup`` / ``get_constant_schedule_with_warmup``: they cannot give
+    these numbers. Their warm-up factor is step/w, so optimizer step 0 runs at lr 0 and every warm-up step one step
+    behind ours (ours at step s equals theirs at s + 1 for s < w); after the warm-up the factors are equal (the cosine
+    formula is the same; tested). The trained score and posterior nets were made with this schedule, and adopting
+    theirs would change every run's weights.
     """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
@@ -96,7 +100,7 @@ def fit(
     """
     device, rank = accelerator.device, accelerator.process_index
     out = Path(cfg.out)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)  # one kernel: 3x faster than the loop
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)  # one multi-tensor kernel per step
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate_factor(step, cfg.warmup_steps, cfg.train_steps, cfg.lr_schedule)
     )
