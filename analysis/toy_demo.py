@@ -1,6 +1,6 @@
 """The seed's 1-D toy demo: SCORE recovers p_d(y|x), Madry's robust error does not (docs/conventions.md §1–2).
 
-    python -m analysis.toy_demo --out runs/toy_demo                                  # full setting, minutes on 2 cores
+    python -m analysis.toy_demo --out runs/toy_demo                                  # full setting
     python -m analysis.toy_demo --config recipes/toy-demo-quick.json --out /tmp/toy  # reduced setting of the tests
     python -m analysis.toy_demo --out runs/toy_demo --threads 1                      # on a CPU shared with other jobs
 
@@ -23,14 +23,13 @@ with 500 iterations expectation-form SCORE stops at a max deviation |p_θ(y=1|x)
 [−6, 6] (measured, seed 0). All of it sits in the right tail, x ≈ 5, where p_d(x) is tiny (about 0.1 % of the
 pairs lie beyond x = 5, so that region weighs ~1e-4 in the loss): the fit there is still converging, not biased,
 and the deviation keeps falling with more iterations at the same lr (about 0.02 at 800, 0.012 at 1,200 and
-0.007 at 2,000). We therefore run 2,000 iterations with the lr unchanged. To keep all six runs within minutes
-on 2 CPU cores, each iteration draws an i.i.d. minibatch of 6,000 of the 60,000 pairs: one PGD-10 step on all
-60,000 costs ~0.6 s, and per iteration the minibatch trajectory matches the full-batch one (deviation 0.055 vs
-0.054 after 400 iterations). The finite-sample form always uses its 6 pairs as the full batch.
+0.007 at 2,000). We therefore run 2,000 iterations with the lr unchanged. To keep their cost down, each iteration
+draws an i.i.d. minibatch of 6,000 of the 60,000 pairs (a tenth of a full batch's PGD cost), and per iteration the
+minibatch trajectory matches the full-batch one (deviation 0.055 vs 0.054 after 400 iterations). The finite-sample
+form always uses its 6 pairs as the full batch.
 
-Threads: on an idle 2-core machine torch's two intra-op threads are only ~1.4x faster than one (single-thread
-full run: 260 CPU-seconds, under 5 minutes), but when another process shares the cores they spin against it and
-the run slows ~5-10x; ``--threads 1`` avoids that.
+Threads: torch's intra-op threads spin against any other process that shares the cores, which slows the run
+several-fold; ``--threads 1`` avoids that (timings: benchmarks/README.md, "Other timings").
 
 Checks: Theorem 1 (ℓ1, ℓ2) and Corollary 1 on every trained model, with the exact 1-D ``GridSearch`` maximizer
 (401 candidates per ball, spacing 0.005) on 2,000 points drawn from the expectation-form data. The risks are

@@ -1,6 +1,6 @@
 """Attack efficiency: our PGD against torchattacks' PGD / PGDL2 on the same model and data, and against the ideal.
 
-    python -m benchmarks.attacks                       # digits, cnn-small, ℓ∞ and ℓ2, PGD-10 (~1 min on 2 cores)
+    python -m benchmarks.attacks                       # digits, cnn-small, ℓ∞ and ℓ2, PGD-10
     python -m benchmarks.attacks --model wrn-16-4 --threads 2
 
 Model: ``--model`` briefly adversarially trained on the digits train split (PGD-AT through the trainer's step, see

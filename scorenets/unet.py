@@ -49,8 +49,7 @@ PRESETS: dict[str, dict] = {
         norm_num_groups=32,
         dropout=0.1,
     ),
-    # 16×16 data: 3 levels 16→8→4, attention at 8×8 and in the middle block, ~1.1M params (~0.4 s per batch of 64
-    # on 2 CPU cores).
+    # 16×16 data: 3 levels 16→8→4, attention at 8×8 and in the middle block, ~1.1M params.
     "small16": dict(
         block_out_channels=(32, 64, 64),
         layers_per_block=1,
@@ -61,7 +60,7 @@ PRESETS: dict[str, dict] = {
         dropout=0.1,
     ),
     # 8×8 data (digits, Gaussian-mixture images): 2 levels 8→4, attention at 4×4 and in the middle block, ~1.0M
-    # params (~0.3 s per batch of 128 on 2 CPU cores).
+    # params.
     "tiny8": dict(
         block_out_channels=(32, 64),
         layers_per_block=2,
@@ -115,6 +114,25 @@ class ScoreNet(nn.Module):
     ``class_scores(x, noise_std)`` returns ∇_x log p_σ(x | y) for all classes from one batched call.
     ``unet`` is a ``UNet2DModel`` with K + 1 class embeddings (:func:`build_unet`), or any module called as
     ``unet(u_t, t, class_labels=labels).sample`` (e.g. an analytic noise predictor in tests).
+
+    Saved form (``save_pretrained`` / ``from_pretrained``), and the diffusers conventions it follows::
+
+        <dir>/unet/config.json, diffusion_pytorch_model.safetensors   the UNet, by diffusers' own save_pretrained
+        <dir>/scorenet_config.json   format_version, num_classes K, image_shape, preset, schedule (the scheduler config)
+
+    * ``save_pretrained(dir)`` / ``from_pretrained(dir)`` take a folder, as diffusers models do; the UNet folder is a
+      plain diffusers model folder, the way a pipeline keeps its components in subfolders: ``UNet2DModel.
+      from_pretrained(dir / "unet")`` loads it without this package.
+    * Loading is safe: ``use_safetensors=True`` (a ``.bin`` pickle is never read) and the settings are JSON.
+    * ``schedule`` holds the keyword arguments of any diffusers scheduler (``DDPMScheduler(**schedule)``), as a
+      pipeline's ``scheduler_config.json`` does.
+
+    Why not ``ModelMixin`` / ``ConfigMixin`` for the whole net: the weights are the UNet's alone, and as a
+    ``ModelMixin`` the net would write one ``config.json`` and one state dict with ``unet.``-prefixed keys at the top
+    of ``<dir>``, a different layout: the saved runs (``runs/*/scorenet``) would no longer load without a converter,
+    and plain diffusers could no longer read the UNet on its own. The small wrapper config keeps what the UNet's
+    config does not say: K (the UNet has K + 1 class embeddings, the last one the null class), the image shape, the
+    preset and the noise schedule; ``from_pretrained`` checks the UNet against it.
     """
 
     def __init__(

@@ -1,8 +1,8 @@
-"""Train a class-conditional score network (diffusers UNet, DSM ε-prediction, EMA) on digits, CIFAR, toys or npz data.
+"""Train a class-conditional score network (diffusers UNet, DSM, EMA) on digits, CIFAR, toys or npz data.
 
-    python train/train_scorenet.py                                   # digits, tiny8, a few minutes on 2 CPU cores
+    python train/train_scorenet.py                                   # digits, tiny8
     python train/train_scorenet.py --resume latest                   # continue the run in --out
-    accelerate launch --num_processes 8 train/train_scorenet.py --dataset cifar10 --steps 400000 --out runs/sn-c10
+    accelerate launch --num_processes 8 train/train_scorenet.py --dataset cifar10 --train-steps 400000 --out runs/sn-c10
 
 The EMA score net is saved to <out>/scorenet/ (``ScoreNet.from_pretrained``). Options:
 ``trainlib.scorenet_training.ScoreNetConfig`` (``--help``); run directory layout: ``trainlib.rundir``.

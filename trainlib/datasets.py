@@ -5,7 +5,7 @@ possibly ``np.memmap``s) with int64 labels; ``dataset.get(indices)`` returns mod
 ``x`` [B, C, H, W] float32 in [0, 1] and ``y`` [B] int64, converting uint8 to float in one tensor op on the
 target device (so only the gathered batch ever leaves the memory map). ``BatchLoader`` moves the gathered uint8
 batch to the device (pinned, non-blocking on GPUs), crops and flips it there, and converts it last: bit-identical
-to converting first, and on the CPU 2x faster on one thread, 12x on two busy ones (benchmarks/README.md).
+to converting first, and faster (``python -m benchmarks.data_path``; figures in benchmarks/README.md).
 Gaussian-mixture toys are the one exception to [0, 1]: their samples are not clipped, so the closed-form
 posterior stays exact.
 
