@@ -7,9 +7,9 @@ Model: ``--model`` briefly adversarially trained on the digits train split (PGD-
 ``benchmarks.train_step.TrainingStep``), so that robust accuracy on the 360 test points is neither 0 nor 100 % and
 the 1-point agreement between the attacks means something. Every attack runs in eval mode on the same batch:
 
-* ours: ``datagrad.pgd`` on the per-example cross-entropy inside ``trainlib.objectives.attack_mode`` (eval mode,
+* ours: ``datagrad.pgd`` on the per-example cross-entropy inside ``trainlib.attack_mode`` (eval mode,
   parameters frozen), uniform random start, clamp to [0, 1], last iterate — what training runs; the row "ours,
-  keep_best" is ``trainlib.evaluation``'s setting (the highest-loss iterate, one more forward pass);
+  keep_best" is ``trainlib.accuracy``'s setting (the highest-loss iterate, one more forward pass);
 * torchattacks 3.5.1 ``PGD`` / ``PGDL2`` as shipped: eval mode, but parameters still require gradients, so autograd
   records the parameter side of every forward (it computes input gradients only either way); the row "torchattacks,
   frozen" runs it inside our ``attack_mode`` to isolate what freezing is worth;

@@ -11,24 +11,19 @@ import torch
 from torch import nn
 
 from datagrad import pgd
-from trainlib.evaluation import (
-    _order_check,
-    attack_mode,
-    autoattack_accuracy,
+from trainlib.accuracy import (
     clean_accuracy,
     clean_correct,
     cross_entropy_loss,
-    evaluate,
-    format_accuracy,
-    format_eps,
     margin_loss,
-    parse_eps,
     pgd_accuracy,
     pgd_accuracy_curve,
     pgd_correct,
-    plot_accuracy_vs_eps,
-    run_autoattack,
 )
+from trainlib.attack_mode import attack_mode
+from trainlib.autoattack import autoattack_accuracy, run_autoattack
+from trainlib.evaluate_command import plot_accuracy_vs_eps
+from trainlib.evaluation import _order_check, evaluate, format_accuracy, format_eps, parse_eps
 
 SHAPE = (1, 4, 4)  # images [N, 1, 4, 4] in [0, 1]
 D = 16
@@ -104,7 +99,7 @@ def test_pgd_equals_closed_form_robust_accuracy_l2(loss):
 
 def test_autoattack_apgd_ce_reaches_closed_form_and_logs_through_our_logger(caplog):
     """No attack can go below the exact robust accuracy; APGD-CE reaches it. Its messages arrive at DEBUG under
-    ``trainlib.evaluation`` only, and torch's global RNG is left as it was."""
+    ``trainlib.autoattack`` only, and torch's global RNG is left as it was."""
     eps = 0.1
     w, c, x, y = linear_problem(n=64)
     robust, margin = exact_linf(w, c, x, y, eps)
@@ -116,7 +111,7 @@ def test_autoattack_apgd_ce_reaches_closed_form_and_logs_through_our_logger(capl
     assert run.max_perturbation <= eps + 1e-6 and run.in_range and not run.warnings
     assert torch.equal(torch.get_rng_state(), rng_before)
     relayed = [r for r in caplog.records if r.getMessage().startswith("auto-attack:")]
-    assert relayed and all(r.name == "trainlib.evaluation" and r.levelno == logging.DEBUG for r in relayed)
+    assert relayed and all(r.name == "trainlib.autoattack" and r.levelno == logging.DEBUG for r in relayed)
     assert not [r for r in caplog.records if r.name == "auto-attack"]
     assert logging.getLogger("auto-attack").propagate
 

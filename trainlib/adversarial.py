@@ -38,6 +38,7 @@ from torch import nn
 from datagrad.seeding import seeded_generator
 
 from . import evaluation
+from .accuracy import clean_correct, pgd_correct
 from .checkpoint import save_weights
 from .classifiers import build_classifier, snapshot_path, weights_metadata
 from .config import checking_input, option
@@ -316,9 +317,9 @@ def validate_robust(model: nn.Module, val: ImageDataset, cfg: AdversarialConfig,
     if stop > start:
         x, y = evaluation.evaluation_points(val, range(start, stop), device)
         generator = seeded_generator(cfg.seed, _STREAM_VAL, epoch, rank, device=device)
-        clean = evaluation.clean_correct(model, x, y, cfg.eval_batch_size)
-        robust = evaluation.pgd_correct(model, x, y, cfg.eps, cfg.norm, steps=40, loss="cw", generator=generator,
-                                        batch_size=cfg.eval_batch_size)
+        clean = clean_correct(model, x, y, cfg.eval_batch_size)
+        robust = pgd_correct(model, x, y, cfg.eps, cfg.norm, steps=40, loss="cw", generator=generator,
+                             batch_size=cfg.eval_batch_size)
         counts += torch.tensor([clean.sum().item(), robust.sum().item(), stop - start], dtype=torch.float64,
                                device=device)
     if world > 1:

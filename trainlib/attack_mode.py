@@ -20,8 +20,9 @@ BN_MODES = ("eval", "batch")
 def attack_mode(model: nn.Module, bn_mode: str = "eval") -> Iterator[nn.Module]:
     """Freeze parameters and set the BN mode for an inner maximization; restore everything on exit.
 
-    Training attacks and every evaluation (``trainlib.evaluation``) run inside it. Frozen parameters keep autograd
-    from recording the parameter side of the graph: the attack's backward computes input gradients only.
+    Training attacks and every evaluation (``trainlib.accuracy``, ``trainlib.autoattack``) run inside it. Frozen
+    parameters keep autograd from recording the parameter side of the graph: the attack's backward computes input
+    gradients only.
 
     ``"eval"``: all modules in eval mode (BN uses running statistics). ``"batch"``: all modules in train mode
     with BN ``track_running_stats`` off, so BN normalises with batch statistics and leaves running ones untouched.

@@ -8,6 +8,7 @@ checkpoint) and ``accuracy_vs_eps.png`` into ``--out`` (default: ``<run>/eval`` 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -15,10 +16,11 @@ from typing import Literal
 import torch
 
 from . import evaluation
+from .accuracy import THREAT_MODELS, pgd_accuracy_curve
 from .classifiers import load_classifier
 from .config import Options, checking_input, option
 from .datasets import load_dataset
-from .files import atomic_write_json
+from .files import atomic_path, atomic_write_json
 
 
 @dataclass
@@ -83,12 +85,11 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> dict:
     curve = {}
     if cfg.eps_curve:
         eps_values = [m * eps for m in cfg.eps_curve]
-        accuracies = evaluation.pgd_accuracy_curve(model, x, y, eps_values, norm, seed=cfg.seed, steps=cfg.pgd_steps,
-                                                   batch_size=cfg.batch_size)
+        accuracies = pgd_accuracy_curve(model, x, y, eps_values, norm, seed=cfg.seed, steps=cfg.pgd_steps,
+                                        batch_size=cfg.batch_size)
         curve = {"eps": eps_values, "pgd_cw_acc": accuracies}
-        evaluation.plot_accuracy_vs_eps(out / "accuracy_vs_eps.png", eps_values,
-                                        {f"PGD-{cfg.pgd_steps} CW": accuracies}, norm,
-                                        title=f"{model_name} on {dataset}")
+        plot_accuracy_vs_eps(out / "accuracy_vs_eps.png", eps_values, {f"PGD-{cfg.pgd_steps} CW": accuracies}, norm,
+                             title=f"{model_name} on {dataset}")
     atomic_write_json(out / "evaluation.json", {"record": record, "accuracy_vs_eps": curve,
                                                 "checkpoint": str(cfg.checkpoint)})
     aa = "" if record["autoattack_acc"] is None else f", AutoAttack {record['autoattack_acc']}"
@@ -96,3 +97,25 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> dict:
           f"{record['clean_acc']}, PGD CE {record['pgd_ce_acc']}, PGD CW {record['pgd_cw_acc']}{aa} (%); "
           f"sanity checks passed: {record['sanity_passed']}; wrote {out}")
     return record
+
+
+def plot_accuracy_vs_eps(
+    path: str | Path, eps_values: Sequence[float], curves: Mapping[str, Sequence[float]], norm: str = "linf",
+    title: str | None = None,
+) -> None:
+    """Save accuracy (%) against ε·255 for each labelled curve as a PNG, atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(4.5, 3.2), dpi=150)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    scaled = [255 * eps for eps in eps_values]
+    for label, accuracies in curves.items():
+        axes.plot(scaled, [100 * acc for acc in accuracies], marker="o", label=label)
+    axes.set(xlabel=f"ε × 255 ({THREAT_MODELS[norm]})", ylabel="accuracy (%)", ylim=(0, 100), title=title or "")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
