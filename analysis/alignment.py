@@ -36,7 +36,8 @@ import torch
 from tqdm.auto import tqdm
 
 from datagrad import PGD, alignment_terms, dual_exponent, expansion_check
-from trainlib.config import config_to_dict, option, parse_config, run_cli
+from trainlib.cli import run_cli
+from trainlib.config import config_to_dict, option, parse_config
 
 from . import sources
 from .markdown import markdown_table

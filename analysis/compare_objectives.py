@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from trainlib import adversarial
-from trainlib.config import checking_input, config_to_dict, load_recipe, option, parse_config, run_cli
+from trainlib.cli import checking_input, run_cli
+from trainlib.config import config_to_dict, load_recipe, option, parse_config
 from trainlib.data_posterior import DEFAULT_NOISE_STD, DEFAULT_POSTERIOR_NET
 from trainlib.datasets import load_dataset
 from trainlib.evaluation import evaluation_points

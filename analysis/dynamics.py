@@ -40,7 +40,8 @@ from tqdm.auto import tqdm
 
 from datagrad import PGD, alignment_terms, intrinsic_risk, madry_risk, score_risk, standard_risk
 from trainlib.classifiers import list_snapshots
-from trainlib.config import checking_input, config_to_dict, option, parse_config, positional, run_cli
+from trainlib.cli import checking_input, run_cli
+from trainlib.config import config_to_dict, option, parse_config, positional
 
 from . import sources
 

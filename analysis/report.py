@@ -31,7 +31,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainlib.config import checking_input, option, parse_config, positional, run_cli
+from trainlib.cli import checking_input, run_cli
+from trainlib.config import option, parse_config, positional
 from trainlib.files import atomic_write_json, atomic_write_text
 from trainlib.rundir import git_revision
 

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from trainlib.config import option, parse_config, run_cli
+from trainlib.cli import run_cli
+from trainlib.config import option, parse_config
 from trainlib.files import atomic_write_json
 
 from . import sources

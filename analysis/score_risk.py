@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 from datagrad import ATTACKS, KernelMixture, bootstrap_mean, worst_case
 from scorenets import PosteriorNetPosterior, check_noise_std
 from trainlib import evaluation
-from trainlib.config import checking_input, config_to_dict, option, parse_config, run_cli
+from trainlib.cli import checking_input, run_cli
+from trainlib.config import config_to_dict, option, parse_config
 from trainlib.data_posterior import DEFAULT_NOISE_STD, DEFAULT_POSTERIOR_NET
 from trainlib.datasets import ImageDataset, load_dataset
 from trainlib.evaluation import evaluation_points

@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 from datagrad import gaussian_risk_samples, smoothing_estimates
 from datagrad.seeding import seeded_generator
 from scorenets import check_noise_std
-from trainlib.config import config_to_dict, option, parse_config, run_cli
+from trainlib.cli import run_cli
+from trainlib.config import config_to_dict, option, parse_config
 
 from . import sources
 from .markdown import markdown_table

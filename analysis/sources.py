@@ -37,7 +37,8 @@ from torch import Tensor, nn
 from datagrad import DataPosterior, GaussianMixture
 from scorenets import check_noise_std
 from trainlib.classifiers import load_classifier
-from trainlib.config import checking_input, option, positional
+from trainlib.cli import checking_input
+from trainlib.config import option, positional
 from trainlib.data_posterior import (
     ANCHORS,
     DEFAULT_ANCHOR_SMOOTHING,

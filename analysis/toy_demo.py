@@ -79,7 +79,8 @@ from datagrad import (
     self_consistent_kl,
     standard_risk,
 )
-from trainlib.config import option, parse_config, run_cli
+from trainlib.cli import run_cli
+from trainlib.config import option, parse_config
 from trainlib.files import atomic_write_text
 
 from .plotting import plt, save_figure, style

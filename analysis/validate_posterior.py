@@ -58,7 +58,8 @@ from datagrad.seeding import seeded_generator
 from scorenets import check_noise_std
 from trainlib.adversarial import AdversarialConfig
 from trainlib.attack_mode import attack_mode
-from trainlib.config import checking_input, config_to_dict, load_recipe, option, parse_config, run_cli
+from trainlib.cli import checking_input, run_cli
+from trainlib.config import config_to_dict, load_recipe, option, parse_config
 from trainlib.data_posterior import PosteriorSpec, posterior_provider
 from trainlib.datasets import load_dataset
 from trainlib.files import atomic_write_json, atomic_write_text

@@ -38,7 +38,8 @@ from torch import nn
 from datagrad import pgd
 from trainlib.adversarial import AdversarialConfig
 from trainlib.attack_mode import attack_mode
-from trainlib.config import option, parse_config, run_cli
+from trainlib.cli import run_cli
+from trainlib.config import option, parse_config
 from trainlib.datasets import load_dataset
 from trainlib.sampling import BatchLoader
 

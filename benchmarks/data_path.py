@@ -36,7 +36,8 @@ import torch
 from tqdm.auto import tqdm
 
 from trainlib.adversarial import AdversarialConfig, build_classifier, build_optimizer
-from trainlib.config import option, parse_config, run_cli
+from trainlib.cli import run_cli
+from trainlib.config import option, parse_config
 from trainlib.datasets import ImageDataset
 from trainlib.ema import EMA
 from trainlib.files import atomic_save_npz

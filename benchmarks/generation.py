@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from scorenets import DEFAULT_STEPS, SAMPLERS, ScoreNet, sample
-from trainlib.config import option, parse_config, run_cli
+from trainlib.cli import run_cli
+from trainlib.config import option, parse_config
 
 from .common import (
     BenchConfig,

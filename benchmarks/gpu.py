@@ -29,7 +29,8 @@ import torch
 
 from scorenets import ScoreNet
 from trainlib.adversarial import AdversarialConfig
-from trainlib.config import option, parse_config, run_cli
+from trainlib.cli import run_cli
+from trainlib.config import option, parse_config
 from trainlib.data_posterior import trajectory_provider
 
 from .common import (

@@ -38,7 +38,8 @@ from torch import nn
 from datagrad import KernelMixture
 from scorenets import PosteriorNetPosterior, ScoreNet, build_posterior_net
 from trainlib.adversarial import AdversarialConfig, build_classifier, build_optimizer, build_trainer, make_objective
-from trainlib.config import load_recipe, option, parse_config, run_cli
+from trainlib.cli import run_cli
+from trainlib.config import load_recipe, option, parse_config
 from trainlib.data_posterior import trajectory_provider
 from trainlib.datasets import load_dataset
 from trainlib.ema import EMA

@@ -2,7 +2,7 @@
 shapes or labels, non-positive eps / σ / steps, unknown names, mismatched class counts between score net, classifier
 and data, recipes with unknown keys or malformed JSON, and a checkpoint carrying a pickle payload.
 
-Each row asserts: exit status 2 (bad input, ``trainlib.config.InputError``), exactly one line on stderr that starts
+Each row asserts: exit status 2 (bad input, ``trainlib.cli.InputError``), exactly one line on stderr that starts
 with "error:" and names the problem (the row's substring), no traceback, and no output: the working directory
 (default output paths are relative to it) is still empty, ``--out`` does not exist, and the prepared inputs are
 unchanged. Rows run in this process through the real entry point

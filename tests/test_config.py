@@ -11,16 +11,8 @@ from typing import Literal
 import pytest
 import torch
 
-from trainlib.config import (
-    build_parser,
-    checking_input,
-    config_hash,
-    config_to_dict,
-    parse_config,
-    positional,
-    run_cli,
-    save_config,
-)
+from trainlib.cli import checking_input, run_cli
+from trainlib.config import build_parser, config_hash, config_to_dict, parse_config, positional, save_config
 
 
 @dataclass
@@ -174,7 +166,8 @@ def test_entry_point_subprocess_prints_no_traceback_only_for_bad_input(tmp_path)
     script = tmp_path / "entry.py"
     script.write_text(
         "from dataclasses import dataclass\n"
-        "from trainlib.config import parse_config, run_cli\n"
+        "from trainlib.cli import run_cli\n"
+        "from trainlib.config import parse_config\n"
         "@dataclass\nclass C:\n    eps: float = 1.0\n"
         "def main():\n    cfg = parse_config(C)\n    raise ValueError(f'eps {cfg.eps} is wrong')\n"
         "run_cli(main)\n"
@@ -182,7 +175,7 @@ def test_entry_point_subprocess_prints_no_traceback_only_for_bad_input(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     result = subprocess.run([sys.executable, str(script), "--eps", "2"], capture_output=True, text=True, env=env)
     assert result.returncode == 1 and "Traceback" in result.stderr
-    code = ("import trainlib as t\nfrom trainlib.config import checking_input\n"
+    code = ("import trainlib as t\nfrom trainlib.cli import checking_input\n"
             "def main():\n    with checking_input():\n        t.load_dataset('x')\nt.run_cli(main)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode == 2 and result.stderr.startswith("error: unknown dataset 'x'; valid names: digits")

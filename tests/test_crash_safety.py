@@ -22,7 +22,8 @@ from scorenets import ScoreNet
 from trainlib.adversarial import AdversarialConfig
 from trainlib.adversarial import train as train_classifier
 from trainlib.checkpoint import CheckpointWarning, list_checkpoints, load_weights
-from trainlib.config import parse_config, run_cli
+from trainlib.cli import run_cli
+from trainlib.config import parse_config
 from trainlib.files import is_temporary, temporary_path
 from trainlib.generation import GenerateConfig, generate
 from trainlib.scorenet_training import ScoreNetConfig

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from trainlib.config import LOST_PROCESS_EXIT_CODE
+from trainlib.cli import LOST_PROCESS_EXIT_CODE
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 10  # --collective-timeout of the test runs, seconds
@@ -76,7 +76,7 @@ def test_only_transport_failures_of_a_process_group_count_as_lost_contact(monkey
     """gloo/NCCL transport errors and torch's DistError family → exit 4, one line; DDP usage errors stay bugs."""
     import torch.distributed as dist
 
-    from trainlib.config import run_cli
+    from trainlib.cli import run_cli
 
     def fail_with(error):
         def main():

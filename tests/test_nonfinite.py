@@ -12,7 +12,8 @@ import trainlib.adversarial as adversarial
 import trainlib.scorenet_training as scorenet_training
 from trainlib.adversarial import AdversarialConfig
 from trainlib.checkpoint import list_checkpoints, load_weights, verify_checkpoint
-from trainlib.config import NONFINITE_EXIT_CODE, parse_config, run_cli
+from trainlib.cli import NONFINITE_EXIT_CODE, run_cli
+from trainlib.config import parse_config
 from trainlib.nonfinite import NonFiniteError, NonFiniteGuard
 from trainlib.scorenet_training import ScoreNetConfig, load_scorenet
 

@@ -13,7 +13,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from scorenets import ScoreNet
 from trainlib.adam_loop import learning_rate_factor
-from trainlib.config import parse_config, run_cli
+from trainlib.cli import run_cli
+from trainlib.config import parse_config
 from trainlib.scorenet_training import ScoreNetConfig, load_scorenet, resolve_preset, train
 
 ROOT = Path(__file__).resolve().parent.parent

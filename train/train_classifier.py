@@ -12,7 +12,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from trainlib.adversarial import AdversarialConfig, train
-from trainlib.config import parse_config, run_cli
+from trainlib.cli import run_cli
+from trainlib.config import parse_config
 
 if __name__ == "__main__":
     run_cli(lambda: train(parse_config(AdversarialConfig, prog="train/train_classifier.py")))

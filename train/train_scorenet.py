@@ -13,7 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from trainlib.config import parse_config, run_cli
+from trainlib.cli import run_cli
+from trainlib.config import parse_config
 from trainlib.scorenet_training import ScoreNetConfig, train
 
 if __name__ == "__main__":

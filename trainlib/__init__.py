@@ -1,6 +1,7 @@
 """trainlib: the shared training engine behind every ``train/`` entry point.
 
-    config      dataclass configs → command line (``parse_config``), recipes, ``run_cli`` error handling
+    config      dataclass configs → command line (``parse_config``) and recipes (field types: ``config_types``)
+    cli         ``run_cli``: what stops an entry point becomes one ``error:`` line and an exit status
     files       atomic writes (temp file + fsync + rename), atomic directories, temporary-file cleanup
     rundir      run directory: config.json, log.txt, metrics.jsonl, tb/, results.json (main process only)
     checkpoint  step-named, checksummed accelerate checkpoints; resume resolution; safetensors snapshots
@@ -12,7 +13,8 @@
 
 Heavier modules are imported by name: ``accelerator``, ``nonfinite`` and ``session`` (the engine of every run),
 ``models`` and ``classifiers`` (networks; building, saving and loading classifiers), ``attack_mode``,
-``objectives`` (training losses), ``evaluation`` (clean / PGD / AutoAttack with sanity checks), ``adversarial``
+``objectives`` (training losses), ``accuracy`` (clean / PGD), ``autoattack``, ``evaluation`` (all of them with
+sanity checks), ``adversarial``
 (classifier training), ``evaluate_command``, ``adam_loop`` (the loop of ``scorenet_training`` and
 ``posterior_training``), ``data_posterior`` (p_d for direct SCORE), ``generation`` and ``quality``.
 """
@@ -30,7 +32,8 @@ from .checkpoint import (
     save_weights,
     verify_checkpoint,
 )
-from .config import config_hash, config_to_dict, parse_config, run_cli, save_config
+from .cli import run_cli
+from .config import config_hash, config_to_dict, parse_config, save_config
 from .datasets import ImageDataset, load_dataset
 from .ema import EMA
 from .files import (

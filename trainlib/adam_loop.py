@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from datagrad.seeding import seeded_generator
 
-from .config import checking_input, option
+from .cli import checking_input
+from .config import option
 from .datasets import check_dataset_name
 from .ema import EMA
 from .nonfinite import gradient_norm

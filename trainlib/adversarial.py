@@ -41,7 +41,8 @@ from . import evaluation
 from .accuracy import clean_correct, pgd_correct
 from .checkpoint import save_weights
 from .classifiers import build_classifier, snapshot_path, weights_metadata
-from .config import checking_input, option
+from .cli import checking_input
+from .config import option
 from .data_posterior import (
     DEFAULT_ANCHOR_SMOOTHING,
     DEFAULT_NOISE_STD,

@@ -23,154 +23,29 @@ comment keys and run directories' config.json as input, ``none`` for optional va
 with one line that names its successor, and every usage error as ONE ``error:`` line with exit status 2 (theirs
 print multi-line, formatted help); wrapping them would be longer than this module.
 
-``run_cli(main)`` wraps an entry point and maps what stops a run to one ``error:`` line on stderr and an exit
-status a job scheduler can act on (set TRAINLIB_DEBUG=1 to see tracebacks always):
-
-    2  bad input: an ``InputError``, raised only while an entry point validates its options and loads its inputs,
-       before it writes anything (``checking_input()`` turns the ValueError / FileNotFoundError of that phase into
-       one); argparse's own usage errors and invalid recipes too
-    3  a non-finite loss or gradient stopped training (``RunFault`` from ``trainlib.nonfinite``); the newest
-       checkpoint is the last good state: resume it (e.g. with a lower learning rate) or use ``--nonfinite skip``
-    4  lost contact with another process: a collective (barrier, all-reduce, DDP's gradient sync) failed because a
-       peer died, or timed out after the run's ``--collective-timeout`` because a peer hung; ``--resume latest``
-       continues from the last checkpoint
-
-Every other exception keeps its traceback and its own exit status: a ValueError raised in the middle of a run (after
-files were written) is a failure, not bad input.
+Entry points run under ``trainlib.cli.run_cli``: every usage error above is one ``error:`` line, exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
 import sys
-import types
 import typing
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal, NoReturn, TypeVar, Union
+from typing import Any, NoReturn, TypeVar
+
+from .cli import fail
+from .config_types import argument_kwargs, coerce, from_command_line, to_jsonable, tuple_items
 
 T = TypeVar("T")
 
-INPUT_ERROR_EXIT_CODE = 2
-NONFINITE_EXIT_CODE = 3
-LOST_PROCESS_EXIT_CODE = 4
 _RESERVED = ("config", "dry_run", "help")
-_SCALARS = (int, float, str, bool, Path)
 
 
-# -- field types ----------------------------------------------------------------------------------------
-def _split_optional(tp: Any) -> tuple[Any, bool]:
-    """(T, True) for Optional[T] / T | None, else (tp, False)."""
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1 and len(typing.get_args(tp)) == 2:
-            return args[0], True
-        raise TypeError(f"unsupported union type {tp}; only Optional[T] is supported")
-    return tp, False
-
-
-def _tuple_items(tp: Any) -> tuple[Any, ...] | None:
-    """Item types of tuple[T, ...] as (T, Ellipsis), of tuple[A, B] as (A, B); None if not a tuple."""
-    if typing.get_origin(tp) is not tuple:
-        return None
-    items = typing.get_args(tp)
-    if not items or any(t not in (*_SCALARS, Ellipsis) for t in items):
-        raise TypeError(f"unsupported tuple type {tp}; use tuple[T, ...] or tuple[T, T] with T in int/float/str")
-    return items
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def _parse_scalar(tp: Any, text: str) -> Any:
-    """Parse one command-line word as a scalar of type tp (raises ValueError)."""
-    if tp is bool:
-        lowered = text.lower()
-        if lowered in ("true", "1", "yes"):
-            return True
-        if lowered in ("false", "0", "no"):
-            return False
-        raise ValueError(f"expected a boolean, got {text!r}")
-    if typing.get_origin(tp) is Literal:
-        choices = typing.get_args(tp)
-        for choice in choices:
-            if str(choice) == text:
-                return choice
-        raise ValueError(f"expected one of {list(choices)}, got {text!r}")
-    return tp(text)
-
-
-def _coerce(tp: Any, value: Any) -> Any:
-    """Check/convert a JSON value (from a recipe) to the field type tp; raises ValueError."""
-    base, optional = _split_optional(tp)
-    if value is None:
-        if optional:
-            return None
-        raise ValueError("null is not allowed")
-    items = _tuple_items(base)
-    if items is not None:
-        if not isinstance(value, list | tuple):
-            raise ValueError(f"expected a list, got {value!r}")
-        if items[-1] is not Ellipsis and len(value) != len(items):
-            raise ValueError(f"expected {len(items)} values, got {len(value)}")
-        item_types = [items[0]] * len(value) if items[-1] is Ellipsis else list(items)
-        return tuple(_coerce(t, v) for t, v in zip(item_types, value, strict=True))
-    if typing.get_origin(base) is Literal:
-        if value not in typing.get_args(base):
-            raise ValueError(f"expected one of {list(typing.get_args(base))}, got {value!r}")
-        return value
-    if base is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"expected true or false, got {value!r}")
-        return value
-    if base is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if base is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if base in (str, Path) and isinstance(value, str):
-        return base(value)
-    raise ValueError(f"expected {_type_name(base)}, got {value!r}")
-
-
-def _argument_kwargs(tp: Any) -> dict[str, Any]:
-    """argparse keyword arguments (type / nargs / action / choices) for a field type."""
-    base, optional = _split_optional(tp)
-    items = _tuple_items(base)
-    if base is bool and not optional:
-        return {"action": argparse.BooleanOptionalAction}
-    if items is not None:
-        nargs = "*" if items[-1] is Ellipsis else len(items)
-        return {"nargs": nargs, "metavar": _type_name(items[0]).upper()}
-
-    def parse(text: str) -> Any:
-        if optional and text.lower() == "none":
-            return None
-        return _parse_scalar(base, text)
-
-    parse.__name__ = _type_name(base)  # argparse names the type in its error messages
-    kwargs: dict[str, Any] = {"type": parse}
-    if typing.get_origin(base) is Literal:
-        kwargs["metavar"] = "{" + ",".join(map(str, typing.get_args(base))) + "}"
-    return kwargs
-
-
-def _from_command_line(tp: Any, value: Any) -> Any:
-    """Finish converting an argparse value (tuples arrive as lists of words)."""
-    base, optional = _split_optional(tp)
-    items = _tuple_items(base)
-    if items is None:
-        return value
-    if optional and len(value) == 1 and value[0].lower() == "none":
-        return None
-    item_types = [items[0]] * len(value) if items[-1] is Ellipsis else list(items)
-    return tuple(_parse_scalar(t, word) for t, word in zip(item_types, value, strict=True))
-
-
+# -- fields ---------------------------------------------------------------------------------------------------
 def _fields(cls: type) -> tuple[list[dataclasses.Field], dict[str, Any]]:
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
@@ -189,7 +64,6 @@ def _default(f: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
-# -- fields ----------------------------------------------------------------------------------------------
 _BOUNDS = {"gt": (">", lambda v, b: v > b), "ge": (">=", lambda v, b: v >= b), "lt": ("<", lambda v, b: v < b),
            "le": ("<=", lambda v, b: v <= b)}
 
@@ -200,6 +74,11 @@ def option(help: str, default, *, gt=None, ge=None, lt=None, le=None, renamed_fr
     one): ``lr: float = option("peak learning rate", 0.2, gt=0)``."""
     bounds = {key: value for key, value in dict(gt=gt, ge=ge, lt=lt, le=le).items() if value is not None}
     return dataclasses.field(default=default, metadata={"help": help, "bounds": bounds, "renamed_from": renamed_from})
+
+
+def positional(help: str, default: tuple = ()):
+    """A tuple field filled from the words that are not options: ``runs: tuple[str, ...] = positional("...")``."""
+    return dataclasses.field(default=default, metadata={"help": help, "positional": True})
 
 
 def check_bounds(config: Any) -> None:
@@ -229,19 +108,6 @@ def _renamed(cls: type) -> dict[str, str]:
 
 
 # -- parsing ----------------------------------------------------------------------------------------------
-
-
-def positional(help: str, default: tuple = ()):
-    """A tuple field filled from the words that are not options: ``runs: tuple[str, ...] = positional("...")``."""
-    return dataclasses.field(default=default, metadata={"help": help, "positional": True})
-
-
-def fail(message: str) -> NoReturn:
-    """Print ``error: <message>`` on stderr and exit with status 2 (bad input)."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(INPUT_ERROR_EXIT_CODE)
-
-
 class OneLineErrorParser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose usage errors are one line, ``error: <message> (see --help)``, exit status 2."""
 
@@ -259,10 +125,10 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
         raise TypeError(f"{cls.__name__} has more than one positional field")
     for f in fields:
         default = _default(f)
-        shown = "required" if default is dataclasses.MISSING else f"default: {json.dumps(_to_jsonable(default))}"
+        shown = "required" if default is dataclasses.MISSING else f"default: {json.dumps(to_jsonable(default))}"
         help_text = f"{f.metadata.get('help', '')} ({shown})".strip().replace("%", "%%")
         if f.metadata.get("positional"):
-            items = _tuple_items(hints[f.name])
+            items = tuple_items(hints[f.name])
             if items is None or items[-1] is not Ellipsis:
                 raise TypeError(f"positional field {f.name!r} must be a tuple[T, ...]")
             parser.add_argument(f.name, nargs="*", default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_text)
@@ -272,7 +138,7 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
             dest=f.name,
             default=argparse.SUPPRESS,
             help=help_text,
-            **_argument_kwargs(hints[f.name]),
+            **argument_kwargs(hints[f.name]),
         )
     for old, new in _renamed(cls).items():
         parser.add_argument("--" + old.replace("_", "-"), nargs="*", help=argparse.SUPPRESS, default=argparse.SUPPRESS,
@@ -312,7 +178,7 @@ def load_recipe(cls: type, path: str | os.PathLike) -> dict[str, Any]:
         if key not in names:
             raise ValueError(f"unknown key {key!r} in recipe {path} (valid keys: {', '.join(names)})")
         try:
-            values[key] = _coerce(hints[key], value)
+            values[key] = coerce(hints[key], value)
         except ValueError as e:
             raise ValueError(f"recipe {path}: key {key!r}: {e}") from None
     return values
@@ -331,7 +197,7 @@ def parse_config(
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     try:
-        values.update({name: _from_command_line(hints[name], value) for name, value in args.items()})
+        values.update({name: from_command_line(hints[name], value) for name, value in args.items()})
     except ValueError as e:
         fail(str(e))
     missing = [f.name for f in fields if f.name not in values and _default(f) is dataclasses.MISSING]
@@ -351,21 +217,11 @@ def parse_config(
 
 
 # -- saving -------------------------------------------------------------------------------------------------
-def _to_jsonable(value: Any) -> Any:
-    if isinstance(value, tuple | list):
-        return [_to_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A JSON-ready dict of the config's init fields (tuples become lists, paths strings): a valid recipe."""
     if not dataclasses.is_dataclass(config) or isinstance(config, type):
         raise TypeError(f"expected a dataclass instance, got {config!r}")
-    return _to_jsonable({f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init})
+    return to_jsonable({f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init})
 
 
 def config_hash(config: Any) -> str:
@@ -380,84 +236,3 @@ def save_config(config: Any, path: str | os.PathLike) -> None:
     from .files import atomic_write_json
 
     atomic_write_json(path, config_to_dict(config))
-
-
-# -- entry points ---------------------------------------------------------------------------------------
-class InputError(ValueError):
-    """Bad input (an invalid option, a missing or unusable file, data that do not fit), found before anything was
-    written: ``run_cli`` prints its message as one line and exits with status 2."""
-
-
-@contextlib.contextmanager
-def checking_input() -> Iterator[None]:
-    """The input-checking phase of an entry point (validate options, load data and models, everything before the
-    first write): a ValueError or FileNotFoundError raised inside is bad input and leaves as an ``InputError``
-    (the original chained). Keep writes out of this block."""
-    try:
-        yield
-    except InputError:
-        raise
-    except (ValueError, FileNotFoundError) as error:
-        raise InputError(str(error)) from error
-
-
-class RunFault(RuntimeError):
-    """A fault a run detected and stopped on, not bad input: ``run_cli`` prints one line and exits ``exit_code``."""
-
-    exit_code = NONFINITE_EXIT_CODE
-
-
-def _collective_failure(error: BaseException) -> bool:
-    """Whether ``error`` is a failed or timed-out collective of an initialised process group: torch's
-    ``DistError`` family, or a RuntimeError from the gloo / NCCL transport (a lost connection, a timeout). Usage
-    errors raised by DDP itself (e.g. unused parameters) are bugs and keep their traceback."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is None or not dist.is_available() or not dist.is_initialized():
-        return False
-    if isinstance(error, getattr(dist, "DistError", ())):
-        return True
-    return isinstance(error, RuntimeError) and any(word in str(error) for word in ("gloo", "NCCL"))
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def _close_progress_bars() -> None:
-    """End open tqdm bars with their newline, so an error printed next starts a line of its own."""
-    tqdm = sys.modules.get("tqdm")
-    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
-        bar.close()
-
-
-def _exit_with(message: str, code: int) -> NoReturn:
-    _close_progress_bars()
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    prefix = f"[rank {os.environ.get('RANK', '0')}] " if world_size > 1 else ""
-    print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
-
-
-def run_cli(main: Callable[[], T]) -> T:
-    """Run an entry point; what stops it becomes one ``error:`` line and the exit status of the module docstring.
-
-    Bad input is an ``InputError`` (``checking_input``); every other exception propagates with its traceback.
-    """
-    debug = bool(os.environ.get("TRAINLIB_DEBUG"))
-    try:
-        return main()
-    except InputError as e:
-        if debug:
-            raise
-        _exit_with(str(e), INPUT_ERROR_EXIT_CODE)
-    except RunFault as e:
-        if debug:
-            raise
-        _exit_with(str(e), e.exit_code)
-    except RuntimeError as e:
-        if debug or not _collective_failure(e):
-            raise
-        _exit_with(f"lost contact with another process: a collective operation failed ({_first_line(e)}); a process "
-                   "died or hung (the wait is bounded by --collective-timeout); continue with --resume latest",
-                   LOST_PROCESS_EXIT_CODE)

@@ -18,7 +18,8 @@ import torch
 from . import evaluation
 from .accuracy import THREAT_MODELS, pgd_accuracy_curve
 from .classifiers import load_classifier
-from .config import Options, checking_input, option
+from .cli import checking_input
+from .config import Options, option
 from .datasets import load_dataset
 from .files import atomic_path, atomic_write_json
 

@@ -49,7 +49,8 @@ from datagrad.seeding import derived_seed
 from scorenets import DEFAULT_STEPS, SAMPLERS, ScoreNet, sample, to_uint8_nhwc
 
 from .accelerator import check_collective_timeout, check_world_size, process_group_kwargs
-from .config import Options, checking_input, config_to_dict, option
+from .cli import checking_input
+from .config import Options, config_to_dict, option
 from .files import atomic_path, atomic_save_npz, atomic_write_json, cleanup_temporaries, sha256_file
 from .npz import load_npz
 from .quality import load_reference

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .config import NONFINITE_EXIT_CODE, RunFault
+from .cli import NONFINITE_EXIT_CODE, RunFault
 
 NONFINITE_MODES = ("stop", "skip")
 

@@ -27,7 +27,8 @@ import torch
 from scorenets import POSTERIOR_PRESETS, PosteriorNet, build_posterior_net, dlsm_loss
 
 from .adam_loop import AdamLoopOptions, fit
-from .config import checking_input, option
+from .cli import checking_input
+from .config import option
 from .datasets import load_dataset
 from .files import atomic_directory
 from .npz import load_generated, shard_paths

@@ -37,7 +37,8 @@ from tqdm.auto import trange
 
 from .checkpoint import save_weights
 from .classifiers import WEIGHTS_METADATA_KEY, build_classifier, load_classifier
-from .config import checking_input, config_to_dict, option, parse_config, run_cli
+from .cli import checking_input, run_cli
+from .config import config_to_dict, option, parse_config
 from .datasets import ImageDataset, check_dataset_name, load_dataset
 from .files import atomic_write_json, sha256_file
 from .npz import load_generated

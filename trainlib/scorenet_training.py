@@ -36,7 +36,8 @@ from scorenets import PRESETS, ScoreNet, dsm_loss
 from scorenets.unet import CONFIG_NAME
 
 from .adam_loop import AdamLoopOptions, fit
-from .config import checking_input, option
+from .cli import checking_input
+from .config import option
 from .datasets import ImageDataset, load_dataset
 from .sampling import BatchLoader
 
