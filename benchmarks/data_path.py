@@ -35,7 +35,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from trainlib.adversarial import AdversarialConfig, build_classifier, build_optimizer
+from trainlib.adversarial import AdversarialConfig
+from trainlib.classifier_step import build_optimizer
+from trainlib.classifiers import build_classifier
 from trainlib.cli import run_cli
 from trainlib.config import option, parse_config
 from trainlib.datasets import ImageDataset

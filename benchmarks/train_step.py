@@ -2,9 +2,9 @@
 SCORE with each data posterior, on the same classifier, batch and attack steps; the optimizer and EMA updates alone.
 
     python -m benchmarks.train_step                   # digits recipe shapes, then CIFAR shapes for K = 10 and K = 100
-    python -m benchmarks.train_step --no-cifar        # digits only (~1 min)
+    python -m benchmarks.train_step --no-cifar        # digits only
 
-A step is ``trainlib.adversarial.Trainer.step``, the function the trainer runs per optimizer step (attack, loss,
+A step is ``trainlib.classifier_step.Trainer.step``, the function the trainer runs per optimizer step (attack, loss,
 backward, gradient norm and non-finite guard, fused SGD, one-cycle LR step, EMA update), built by the trainer's own
 ``build_trainer`` (only the session's metric accumulation and checkpointing are left out). Networks are randomly
 initialised (cost does not depend on the weights). Direct SCORE variants, built as the trainer builds them
@@ -37,7 +37,9 @@ from torch import nn
 
 from datagrad import KernelMixture
 from scorenets import PosteriorNetPosterior, ScoreNet, build_posterior_net
-from trainlib.adversarial import AdversarialConfig, build_classifier, build_optimizer, build_trainer, make_objective
+from trainlib.adversarial import AdversarialConfig, make_objective
+from trainlib.classifier_step import build_optimizer, build_trainer
+from trainlib.classifiers import build_classifier
 from trainlib.cli import run_cli
 from trainlib.config import load_recipe, option, parse_config
 from trainlib.data_posterior import trajectory_provider

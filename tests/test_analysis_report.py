@@ -13,8 +13,9 @@ import torch
 from analysis import alignment, dynamics, report, smoothing, sources
 from datagrad import PGD, intrinsic_risk, toy_mixture
 from scorenets import ScoreNet, build_posterior_net
-from trainlib.adversarial import AdversarialConfig, build_classifier, train
+from trainlib.adversarial import AdversarialConfig, train
 from trainlib.checkpoint import save_weights
+from trainlib.classifiers import build_classifier
 from trainlib.datasets import load_dataset
 
 REQUIRE_BROWSER = os.environ.get("SCORE_DATAGRAD_REQUIRE_BROWSER") == "1"  # set by .ci/run

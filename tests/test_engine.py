@@ -10,7 +10,7 @@ import torch
 
 from datagrad.seeding import derived_seed, seeded_generator
 from trainlib.accelerator import create_accelerator
-from trainlib.adversarial import one_cycle_cosine
+from trainlib.classifier_step import one_cycle_cosine
 from trainlib.ema import EMA
 from trainlib.session import TrainingSession
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from scorenets import ScoreNet
-from trainlib.adversarial import AdversarialConfig, DirectScoreConfig, one_cycle_cosine
+from trainlib.adversarial import AdversarialConfig, DirectScoreConfig
 from trainlib.adversarial import train as train_classifier
+from trainlib.classifier_step import one_cycle_cosine
 from trainlib.config import parse_config
 from trainlib.evaluate_command import EvaluateConfig, evaluate_checkpoint
 from trainlib.generation import GenerateConfig, generate

@@ -14,9 +14,9 @@
 Heavier modules are imported by name: ``accelerator``, ``nonfinite`` and ``session`` (the engine of every run),
 ``models`` and ``classifiers`` (networks; building, saving and loading classifiers), ``attack_mode``,
 ``objectives`` (training losses), ``accuracy`` (clean / PGD), ``autoattack``, ``evaluation`` (all of them with
-sanity checks), ``adversarial``
-(classifier training), ``evaluate_command``, ``adam_loop`` (the loop of ``scorenet_training`` and
-``posterior_training``), ``data_posterior`` (p_d for direct SCORE), ``generation`` and ``quality``.
+sanity checks), ``classifier_step`` (one optimizer step) and ``adversarial`` (classifier training),
+``evaluate_command``, ``adam_loop`` (the loop of ``scorenet_training`` and ``posterior_training``),
+``data_posterior`` (p_d for direct SCORE), ``generation`` and ``quality``.
 """
 
 from .augment import random_crop_flip
