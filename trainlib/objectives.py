@@ -81,10 +81,7 @@ class ObjectiveOutput:
     x_adv: Tensor | None = None  # [B, C, H, W], detached
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Small pieces shared by the objectives
-
-
+# -- small pieces shared by the objectives -----------------------------------------------------------------
 def smoothed_targets(y: Tensor, num_classes: int, smoothing: float = 0.0, dtype=torch.float32) -> Tensor:
     """ỹ [B, K]: 1 − s on the label, s/(K−1) on every other class (s = 0 gives one-hot)."""
     targets = torch.full((y.shape[0], num_classes), smoothing / (num_classes - 1), device=y.device, dtype=dtype)
@@ -133,10 +130,7 @@ def _check_batch(x: Tensor, y: Tensor) -> None:
         )
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Objectives
-
-
+# -- the objectives ----------------------------------------------------------------------------------------
 class Objective:
     """Base class: validates the batch, then ``compute`` (see the module docstring for the interface)."""
 
@@ -321,10 +315,7 @@ class DirectScore(Objective):
         return ObjectiveOutput(loss, stats, logits_clean=logits_clean, logits_adv=logits_adv, x_adv=x_adv)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Registry
-
-
+# -- registry --------------------------------------------------------------------------------------------------
 def _check_in(value: str, valid: tuple[str, ...], what: str) -> None:
     if value not in valid:
         raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
