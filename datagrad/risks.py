@@ -42,6 +42,13 @@ def _reduce(values: Tensor, reduction: str) -> Tensor:
     raise ValueError(f"unknown reduction {reduction!r}; valid: mean, none")
 
 
+def _at_maximum(loss_fn: LossFn, maximizer: Maximizer, x: Tensor, reduction: str, generator) -> Tensor:
+    """The per-example loss at the maximizer's x' (no gradient), reduced."""
+    x_adv = maximizer.maximize(loss_fn, x, generator)
+    with torch.no_grad():
+        return _reduce(loss_fn(x_adv), reduction)
+
+
 @torch.no_grad()
 def standard_risk(
     model: Model, x: Tensor, posterior: DataPosterior, distance: str | Distance = "kl", reduction: str = "mean"
@@ -67,9 +74,7 @@ def madry_risk(
     def loss_fn(z: Tensor) -> Tensor:
         return madry_distance(model, z, log_p_clean, distance)
 
-    x_adv = maximizer.maximize(loss_fn, x, generator)
-    with torch.no_grad():
-        return _reduce(loss_fn(x_adv), reduction)
+    return _at_maximum(loss_fn, maximizer, x, reduction, generator)
 
 
 def score_risk(
@@ -87,9 +92,7 @@ def score_risk(
     def loss_fn(z: Tensor) -> Tensor:
         return self_consistent_distance(model, z, posterior, distance)
 
-    x_adv = maximizer.maximize(loss_fn, x, generator)
-    with torch.no_grad():
-        return _reduce(loss_fn(x_adv), reduction)
+    return _at_maximum(loss_fn, maximizer, x, reduction, generator)
 
 
 def intrinsic_risk(
@@ -108,9 +111,7 @@ def intrinsic_risk(
     def loss_fn(z: Tensor) -> Tensor:
         return distance(log_p_clean, attach_log_posterior(posterior, z))
 
-    x_adv = maximizer.maximize(loss_fn, x, generator)
-    with torch.no_grad():
-        return _reduce(loss_fn(x_adv), reduction)
+    return _at_maximum(loss_fn, maximizer, x, reduction, generator)
 
 
 @dataclass

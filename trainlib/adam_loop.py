@@ -27,13 +27,14 @@ from datagrad.seeding import seeded_generator
 
 from .cli import checking_input
 from .config import option
-from .datasets import check_dataset_name
+from .datasets import ImageDataset, check_dataset_name, load_dataset
 from .ema import EMA
 from .nonfinite import gradient_norm
 from .sampling import BatchLoader
 from .session import EngineOptions
 
 LossFn = Callable[[nn.Module, Tensor, Tensor, torch.Generator], tuple[Tensor, dict[str, Tensor]]]
+FLIP_DATASETS = ("cifar10", "cifar100")  # horizontal flips preserve these classes (not digits or Hadamard toys)
 
 
 @dataclass
@@ -59,6 +60,30 @@ class AdamLoopOptions(EngineOptions):
         super().validate()
         check_dataset_name(self.dataset)
         self.micro_batch(self.batch_size)
+
+
+def open_training_data(cfg: AdamLoopOptions) -> tuple[object, ImageDataset, int]:
+    """(accelerator, the real train split, per-process micro-batch): validates the options, makes the accelerator
+    and loads the data (main process first). Call inside ``checking_input``: bad input raises here."""
+    cfg.validate()
+    accelerator = cfg.accelerator()
+    micro_batch = cfg.micro_batch(cfg.batch_size, accelerator.num_processes)
+    with accelerator.main_process_first():
+        train_set = load_dataset(cfg.dataset, "train", cfg.data_dir)
+    return accelerator, train_set, micro_batch
+
+
+def batch_loader(cfg: AdamLoopOptions, accelerator, train_set: ImageDataset, micro_batch: int,
+                 generated: ImageDataset | None = None, unsup_fraction: float = 0.0) -> BatchLoader:
+    """The loader of ``fit``: epochs of whole global batches covering the train split, horizontal flips where
+    ``cfg.augment`` says (``auto``: ``FLIP_DATASETS`` only; never crops: ``padding=0`` makes every crop offset 0)."""
+    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    flip = cfg.augment == "on" or (cfg.augment == "auto" and cfg.dataset in FLIP_DATASETS)
+    return BatchLoader(
+        train_set, micro_batch, generated=generated, unsup_fraction=unsup_fraction if generated else 0.0,
+        epoch_size=steps_per_epoch * cfg.batch_size, seed=cfg.seed, world_size=accelerator.num_processes,
+        rank=accelerator.process_index, device=accelerator.device, augment=flip, padding=0,
+    )
 
 
 def learning_rate_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:

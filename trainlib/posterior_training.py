@@ -26,17 +26,14 @@ import torch
 
 from scorenets import POSTERIOR_PRESETS, PosteriorNet, build_posterior_net, dlsm_loss
 
-from .adam_loop import AdamLoopOptions, fit
+from .adam_loop import AdamLoopOptions, batch_loader, fit, open_training_data
 from .cli import checking_input
 from .config import option
-from .datasets import load_dataset
 from .files import atomic_directory
 from .npz import load_generated, shard_paths
-from .sampling import BatchLoader
 
 POSTERIOR_SUBDIR = "posterior_net"  # <run>/posterior_net: the EMA posterior net, PosteriorNet.from_pretrained
 PRESET_BY_IMAGE_SIZE = {4: "tiny8", 8: "tiny8", 16: "small16", 32: "cifar32"}
-FLIP_DATASETS = ("cifar10", "cifar100")
 
 
 @dataclass
@@ -115,12 +112,8 @@ def train(cfg: PosteriorNetConfig) -> dict | None:
     from .scorenet_training import load_scorenet
 
     with checking_input():  # bad input fails here, before the run directory is written
-        cfg.validate()
-        accelerator = cfg.accelerator()
-        device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
-        micro_batch = cfg.micro_batch(cfg.batch_size, world)
-        with accelerator.main_process_first():
-            train_set = load_dataset(cfg.dataset, "train", cfg.data_dir)
+        accelerator, train_set, micro_batch = open_training_data(cfg)
+        device, world = accelerator.device, accelerator.num_processes
         num_classes, image_shape = train_set.num_classes, train_set.image_shape
         generated = None
         if cfg.generated is not None and cfg.unsup_fraction > 0:
@@ -140,12 +133,7 @@ def train(cfg: PosteriorNetConfig) -> dict | None:
         out = Path(cfg.out)
         if cfg.resume != "none":
             _check_resumed(out, model)
-    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
-    loader = BatchLoader(
-        train_set, micro_batch, generated=generated, unsup_fraction=cfg.unsup_fraction if generated else 0,
-        epoch_size=steps_per_epoch * cfg.batch_size, seed=cfg.seed, world_size=world, rank=rank, device=device,
-        augment=cfg.augment == "on" or (cfg.augment == "auto" and cfg.dataset in FLIP_DATASETS), padding=0,
-    )
+    loader = batch_loader(cfg, accelerator, train_set, micro_batch, generated, cfg.unsup_fraction)
     if num_classes - 1 < cfg.other_classes:
         raise ValueError(f"other_classes {cfg.other_classes} exceeds the {num_classes - 1} classes besides the label")
     loss_fn = partial(_loss, sigma_range=(cfg.sigma_min, cfg.sigma_max), scorenet=scorenet,

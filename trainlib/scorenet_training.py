@@ -25,7 +25,6 @@ gradient norm clipped at 1, EMA τ = 0.999, 2,000 steps (its cost and sample qua
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,15 +34,12 @@ import torch
 from scorenets import PRESETS, ScoreNet, dsm_loss
 from scorenets.unet import CONFIG_NAME
 
-from .adam_loop import AdamLoopOptions, fit
+from .adam_loop import AdamLoopOptions, batch_loader, fit, open_training_data
 from .cli import checking_input
 from .config import option
-from .datasets import ImageDataset, load_dataset
-from .sampling import BatchLoader
 
 SCORENET_SUBDIR = "scorenet"  # <run>/scorenet: the EMA score net, readable with ScoreNet.from_pretrained
 PRESET_BY_IMAGE_SIZE = {8: "tiny8", 16: "small16", 32: "cifar32"}
-FLIP_DATASETS = ("cifar10", "cifar100")  # horizontal flips preserve these classes (not digits or Hadamard toys)
 
 
 @dataclass
@@ -145,24 +141,14 @@ def _save_scorenet(ema_model: ScoreNet, out: Path) -> None:
 def train(cfg: ScoreNetConfig) -> dict | None:
     """Train as configured (module docstring); returns a summary on the main process, None elsewhere."""
     with checking_input():  # bad input fails here, before the run directory is written
-        cfg.validate()
-        accelerator = cfg.accelerator()
-        device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
-        micro_batch = cfg.micro_batch(cfg.batch_size, world)
-        with accelerator.main_process_first():
-            train_set: ImageDataset = load_dataset(cfg.dataset, "train", cfg.data_dir)
+        accelerator, train_set, micro_batch = open_training_data(cfg)
         num_classes, image_shape = train_set.num_classes, train_set.image_shape
         preset = resolve_preset(cfg.preset, image_shape)
         channels = resolve_channels(preset, cfg.channels)
         out = Path(cfg.out)
         if cfg.resume != "none":
             _check_resumed_scorenet(out, num_classes, image_shape, preset, channels)
-    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
-    flip = cfg.augment == "on" or (cfg.augment == "auto" and cfg.dataset in FLIP_DATASETS)
-    loader = BatchLoader(
-        train_set, micro_batch, epoch_size=steps_per_epoch * cfg.batch_size, seed=cfg.seed, world_size=world,
-        rank=rank, device=device, augment=flip, padding=0,  # padding 0: crop offsets are 0, so flips only
-    )
+    loader = batch_loader(cfg, accelerator, train_set, micro_batch)
 
     model = ScoreNet.build(preset, num_classes, image_shape, block_out_channels=channels)
     schedule = model.schedule
@@ -174,7 +160,7 @@ def train(cfg: ScoreNetConfig) -> dict | None:
     parameters = sum(p.numel() for p in model.parameters())
     summary = (f"DSM on {train_set.name} ({len(train_set)} images {image_shape}, {num_classes} classes), "
                f"{preset} UNet ({parameters / 1e6:.2f}M parameters), {cfg.train_steps} steps of {cfg.batch_size} on "
-               f"{world} process(es), {device}")
+               f"{accelerator.num_processes} process(es), {accelerator.device}")
     results = {"scorenet": str(out / SCORENET_SUBDIR), "preset": preset, "parameters": parameters,
                "dataset": cfg.dataset, "num_classes": num_classes, "image_shape": list(image_shape)}
     return fit(cfg, accelerator, loader, model, loss_fn, _save_scorenet, description="score net", summary=summary,
