@@ -205,6 +205,7 @@ def test_filtering_keeps_the_most_confident_candidates_per_class(scorenet_dir, t
     assert_same_shards(cfg.out, same.out)
 
 
+@pytest.mark.slow  # a subprocess that samples
 def test_script_entry_point_writes_shards(scorenet_dir, tmp_path):
     out = tmp_path / "cli"
     result = subprocess.run(
@@ -278,6 +279,7 @@ def write_generated(path, image, label):
     return path
 
 
+@pytest.mark.slow  # trains a classifier, then scores real images as generated ones
 def test_quality_report_end_to_end(tmp_path):
     """Real gmm-4x4 test images as "generated" data: consistency ≈ the real test accuracy, FD ≈ the floor."""
     from trainlib.datasets import load_dataset

@@ -192,6 +192,7 @@ def test_training_writes_a_loadable_net_and_resume_latest_gives_the_same_weights
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical to the uninterrupted run
 
 
+@pytest.mark.slow  # subprocesses
 def test_script_dry_run_and_help():
     result = subprocess.run([sys.executable, str(ROOT / "train" / "train_posterior.py"), "--dry-run", "--train-steps",
                              "5"], capture_output=True, text=True, timeout=120)

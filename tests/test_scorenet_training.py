@@ -181,6 +181,7 @@ def test_fresh_start_into_an_existing_run_is_refused(finished_run, capsys):
     assert code == 2 and "already holds a run" in err
 
 
+@pytest.mark.slow  # subprocesses
 def test_script_entry_point_dry_run():
     script = str(ROOT / "train" / "train_scorenet.py")
     result = subprocess.run([sys.executable, script, "--dry-run", "--train-steps", "7"], capture_output=True, text=True,

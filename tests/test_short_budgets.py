@@ -63,9 +63,11 @@ def test_direct_score_one_step(tmp_path):
     assert train_classifier(cfg)["steps"] == 1
 
 
-@pytest.mark.parametrize("budget", [["--train-steps", "1", "--warmup-steps", "0"],
-                                    ["--train-steps", "2", "--warmup-steps", "5", "--batch-size", "2048"]],
-                         ids=["one-step-no-warmup", "warmup-beyond-training-batch-beyond-data"])
+@pytest.mark.parametrize("budget", [
+    pytest.param(["--train-steps", "1", "--warmup-steps", "0"], id="one-step-no-warmup"),
+    pytest.param(["--train-steps", "2", "--warmup-steps", "5", "--batch-size", "2048"], marks=pytest.mark.slow,
+                 id="warmup-beyond-training-batch-beyond-data"),  # a batch of the whole data: trains for seconds
+])
 def test_scorenet_and_posterior_net_training(tmp_path, budget):
     net = ["--channels", "8", "16", "--checkpoint-every", "0"]
     scorenet = parse_config(ScoreNetConfig, [*budget, *net, "--out", str(tmp_path / "sn")])
