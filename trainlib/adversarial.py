@@ -171,6 +171,8 @@ class DirectScoreConfig(AdversarialConfig):
     pgd_steps: int = option("PGD steps of the training attack", 3, ge=1, renamed_from="steps")
     batch_size: int = option("global batch size (all processes, after accumulation)", 64, ge=1)
     epochs: int = option("training epochs", 10, ge=1)
+    lr: float = option("peak learning rate of the one-cycle cosine schedule (0.2 diverged at TRADES-SE's budget)",
+                       0.1, gt=0)
     cpu_threads: int | None = option("torch threads per process on the CPU (none: torch's default)", 1, ge=1)
     checkpoint_every: int = option("save a checkpoint every N optimizer steps (0: at the end only)", 100, ge=0)
     snapshot_every: int = option("write the EMA weights to <out>/snapshots/epoch_NNNN.safetensors every N epochs and "
