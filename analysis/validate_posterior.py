@@ -1,10 +1,10 @@
 """Validate every data-posterior estimator exactly as direct SCORE training uses it, against exact truth.
 
-    python -m analysis.validate_posterior --recipe recipes/gmm-8x8-direct-score-posterior-net.json --out runs/v-gmm
+    python -m analysis.validate_posterior --recipe recipes/gmm-8x8-direct-score.json --out runs/v-gmm
     python -m analysis.validate_posterior --recipe recipes/digits-direct-score.json --out runs/v-digits
 
 The recipe (a direct-SCORE training recipe) fixes everything the estimate depends on in training: the threat model and
-attack (``norm``, ``eps``, ``steps`` PGD steps of ``step_size`` from a uniform random start, clamped to [0, 1], last
+attack (``norm``, ``eps``, ``pgd_steps`` PGD steps of ``step_size`` from a uniform random start, clamped to [0, 1], last
 iterate), the noise std σ (``noise_std``, [0, 1] data units), the posterior net, the score net, the label anchor's
 smoothing, the distance and the seed; the classifier p_θ whose loss the attack maximizes is the recipe's trained run
 (``--classifier``, default the recipe's ``out``). For every estimator and split, on the first ``--n-points`` points,

@@ -1,9 +1,11 @@
-"""Direct SCORE training: max and min of D(p_d(.|x') || p_theta(.|x')) with p_d(.|x') from a score network.
+"""Direct SCORE training: max and min of D(p_d(.|x') || p_theta(.|x')) with the full data gradient of p_d.
 
-    python train/direct_score.py --config recipes/digits-direct-score.json
-    accelerate launch train/direct_score.py --scorenet runs/scorenet-digits --out runs/direct-score-digits
+    accelerate launch train/direct_score.py                                   # the default digits job
+    python train/direct_score.py --config recipes/gmm-8x8-direct-score.json    # any recipe; flags override it
 
-Options: ``trainlib.adversarial.DirectScoreConfig`` (``--help``); the score net comes from train/train_scorenet.py.
+Options: ``trainlib.adversarial.DirectScoreConfig`` (``--help``). p_d(.|x') comes from ``--posterior``
+(``trainlib.data_posterior``: the posterior net by default, the score-net trajectory, the exact smoothed training set,
+or a closed form). With no flags the default digits score net and posterior net are trained first when missing.
 """
 
 import sys

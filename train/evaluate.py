@@ -1,7 +1,7 @@
 """Evaluate a trained classifier: clean, PGD (CE and CW margin) and AutoAttack accuracy on the first n test points.
 
     python train/evaluate.py --checkpoint runs/classifier-digits --n-examples 360
-    python train/evaluate.py --checkpoint runs/cifar10-linf-wrn28-10-se-beta4 --which best   # full test set
+    python train/evaluate.py --checkpoint runs/cifar10-linf-wrn-28-10-se-beta4 --which best   # full test set
 
 Writes robustbench.json (clean_acc, autoattack_acc, eps, n_examples, ...), evaluation.json and accuracy_vs_eps.png
 into --out (default: <run>/eval). Options: ``trainlib.evaluate_command.EvaluateConfig`` (``--help``).

@@ -1,7 +1,7 @@
 """Adversarially train a classifier (default: TRADES-SE, the paper's upper bound of SCORE) on digits or CIFAR.
 
     python train/train_classifier.py --config recipes/digits-trades-se.json
-    accelerate launch --num_processes 8 train/train_classifier.py --config recipes/cifar10-linf-wrn28-10-se-beta4.json
+    accelerate launch --num_processes 8 train/train_classifier.py --config recipes/cifar10-linf-wrn-28-10-se-beta4.json
 
 Options: ``trainlib.adversarial.AdversarialConfig`` (``--help``); the run directory layout: ``trainlib.rundir``.
 """

@@ -1,7 +1,7 @@
 """Train the posterior network p_phi(y | x, sigma): a noise-conditional classifier (cross-entropy + DLSM).
 
     python train/train_posterior.py                                   # digits: needs runs/scorenet-digits
-    python train/train_posterior.py --config recipes/gmm-8x8-posterior-net.json
+    python train/train_posterior.py --config recipes/posterior-gmm-8x8.json
     accelerate launch --num_processes 8 train/train_posterior.py --dataset cifar10 --scorenet runs/sn-c10 \\
         --out runs/posterior-c10
 
