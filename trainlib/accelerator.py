@@ -95,6 +95,14 @@ def create_accelerator(
     return accelerator
 
 
+def cores_per_process() -> int:
+    """The CPU cores this process may use, shared evenly among the launcher's processes on this machine
+    (``LOCAL_WORLD_SIZE``, 1 without a launcher): a thread count for work started inside a launched process, where
+    torch's default is what the launcher pinned (``accelerate launch`` on a CPU sets OMP_NUM_THREADS=1)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def check_collective_timeout(seconds: float) -> None:
     if not (math.isfinite(seconds) and seconds > 0):
         raise ValueError(f"collective_timeout must be a positive number of seconds, got {seconds}")

@@ -147,19 +147,22 @@ def ensure_default_nets(cfg, announce=print) -> None:
     if cfg.objective != "direct-score" or cfg.dataset != "digits":
         return
     from . import posterior_training, scorenet_training
+    from .accelerator import cores_per_process
 
+    threads = cores_per_process()  # not the launcher's OMP_NUM_THREADS=1: both nets gain from every core
     uses_default = needs_posterior_net(cfg.posterior, cfg.anchor) and cfg.posterior_net == DEFAULT_POSTERIOR_NET
     posterior_net_missing = uses_default and not _saved(DEFAULT_POSTERIOR_NET, posterior_training.POSTERIOR_SUBDIR)
     wants_scorenet = cfg.scorenet == DEFAULT_SCORENET and (cfg.posterior == "scorenet" or posterior_net_missing)
     if wants_scorenet and not _saved(DEFAULT_SCORENET, scorenet_training.SCORENET_SUBDIR):
         announce(f"no score net at {DEFAULT_SCORENET}: training the default one first (train/train_scorenet.py)")
-        scorenet_training.train(scorenet_training.ScoreNetConfig(out=DEFAULT_SCORENET,
-                                                                 resume=_resume(DEFAULT_SCORENET)))
+        scorenet_training.train(scorenet_training.ScoreNetConfig(
+            out=DEFAULT_SCORENET, resume=_resume(DEFAULT_SCORENET), cpu_threads=threads))
     if posterior_net_missing:
         announce(f"no posterior net at {DEFAULT_POSTERIOR_NET}: training the default one first "
                  "(train/train_posterior.py)")
         posterior_training.train(posterior_training.PosteriorNetConfig(
-            out=DEFAULT_POSTERIOR_NET, scorenet=DEFAULT_SCORENET, resume=_resume(DEFAULT_POSTERIOR_NET)))
+            out=DEFAULT_POSTERIOR_NET, scorenet=DEFAULT_SCORENET, resume=_resume(DEFAULT_POSTERIOR_NET),
+            cpu_threads=threads))
 
 
 def _saved(run: str, subdir: str) -> bool:
