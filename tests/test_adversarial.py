@@ -265,3 +265,46 @@ def test_direct_score_defaults_are_the_digits_recipe():
               if not k.startswith("_")}
     defaults = config_to_dict(DirectScoreConfig())
     assert {k: defaults[k] for k in recipe} == recipe
+
+
+def test_cores_per_process_shares_this_process_cores_among_the_local_processes(monkeypatch):
+    from trainlib.accelerator import cores_per_process
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert cores_per_process() == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    assert cores_per_process() == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert cores_per_process() == 1
+
+
+def test_missing_default_nets_are_trained_first_on_every_core_then_reused(tmp_path, monkeypatch):
+    """The one-command job in a fresh directory: the default score net, then the posterior net that needs it, each
+    announced, with every core (not the launcher's OMP_NUM_THREADS=1); a second run trains nothing; a run naming
+    another posterior net trains nothing either."""
+    from trainlib import data_posterior, posterior_training, scorenet_training
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    trained = []
+
+    def fake_train(subdir):
+        def run(cfg):
+            trained.append((cfg.out, cfg.cpu_threads, cfg.resume, getattr(cfg, "scorenet", None)))
+            (Path(cfg.out) / subdir).mkdir(parents=True)
+            (Path(cfg.out) / subdir / "config.json").write_text("{}")
+        return run
+
+    monkeypatch.setattr(scorenet_training, "train", fake_train(scorenet_training.SCORENET_SUBDIR))
+    monkeypatch.setattr(posterior_training, "train", fake_train(posterior_training.POSTERIOR_SUBDIR))
+    said = []
+    data_posterior.ensure_default_nets(DirectScoreConfig(), announce=said.append)
+    assert trained == [("runs/scorenet-digits", 6, "none", None),
+                       ("runs/posterior-digits", 6, "none", "runs/scorenet-digits")]
+    assert [line.split(":")[0] for line in said] == ["no score net at runs/scorenet-digits",
+                                                     "no posterior net at runs/posterior-digits"]
+    data_posterior.ensure_default_nets(DirectScoreConfig(), announce=said.append)
+    data_posterior.ensure_default_nets(DirectScoreConfig(posterior_net=str(tmp_path / "other")), announce=said.append)
+    assert len(trained) == 2 and len(said) == 2
