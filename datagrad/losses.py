@@ -25,13 +25,20 @@ Model = Callable[[Tensor], Tensor]  # x [B, ...] -> logits [B, K]
 
 
 def self_consistent_distance(
-    model: Model, x: Tensor, posterior: DataPosterior, distance: str | Distance = "kl"
+    model: Model, x: Tensor, posterior: DataPosterior, distance: str | Distance = "kl", data_gradient: bool = True
 ) -> Tensor:
-    """Per-example D(p_d(·|x) || p_θ(·|x)): [B], differentiable in x (full gradient) and in θ."""
+    """Per-example D(p_d(·|x) || p_θ(·|x)): [B], differentiable in x (full gradient) and in θ.
+
+    ``data_gradient=False`` holds p_d(·|x) at its value (stop-gradient): the input gradient keeps only the model
+    term, Σ_y p_d(y|x)·(−∇_x log p_θ(y|x)) for KL. The posterior is still called as with the full gradient (a
+    path-integral posterior needs its scores at x), so values are unchanged.
+    """
     distance = get_distance(distance)
     logits = at_least_float32(model(x))
     check_num_classes(logits, posterior)
     log_p_data = attach_log_posterior(posterior, x).to(logits.dtype)
+    if not data_gradient:
+        log_p_data = log_p_data.detach()
     return distance(log_p_data, logits.log_softmax(dim=1))
 
 

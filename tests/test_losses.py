@@ -93,6 +93,15 @@ def test_kl_input_gradient_matches_autograd_through_closed_form(model, mixture, 
     assert (got - model_term_only).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("name", ["kl", "l1", "l2", "se"])
+def test_stopped_data_gradient_keeps_the_value_and_only_the_model_term(model, mixture, x, name):
+    """data_gradient=False: same value, input gradient of D(sg p_d || p_θ) by autograd through the closed form."""
+    stopped = lambda z: self_consistent_distance(model, z, mixture, name, data_gradient=False)
+    torch.testing.assert_close(stopped(x.requires_grad_(True)), self_consistent_distance(model, x, mixture, name))
+    expected = input_gradient(closed_form_loss(model, mixture, name, detach_data=True), x)
+    torch.testing.assert_close(input_gradient(stopped, x), expected, rtol=1e-10, atol=1e-12)
+
+
 def test_kl_input_gradient_matches_central_differences(model, mixture, x):
     loss_fn = lambda z: self_consistent_kl(model, z, mixture)
     got = input_gradient(loss_fn, x)

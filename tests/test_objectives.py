@@ -78,7 +78,7 @@ def np_se(p, q):
     return ((p - q) ** 2).sum(axis=1)
 
 
-def reference_attack_loss(name, model, mixture, x, y):
+def reference_attack_loss(name, model, mixture, x, y, data_gradient=True):
     """The loss each attack should maximize, written with explicit torch ops: z [B, ...] -> [B]."""
     with torch.no_grad():
         p_clean = model(x).softmax(dim=1)
@@ -95,6 +95,7 @@ def reference_attack_loss(name, model, mixture, x, y):
         if name == "pgd-at-se":
             return ((log_q.exp() - one_hot) ** 2).sum(dim=1)
         log_p_data = mixture.log_posterior(z)  # autograd through the closed form: the full data gradient
+        log_p_data = log_p_data if data_gradient else log_p_data.detach()
         return (log_p_data.exp() * (log_p_data - log_q)).sum(dim=1)
 
     return loss
@@ -252,6 +253,20 @@ def test_direct_score_outer_loss_is_soft_label_ce_plus_constant(setup):
         torch.testing.assert_close(g_loss, g_ce)
 
 
+def test_direct_score_attack_through_the_model_only(setup):
+    """attack_gradient="model": PGD on D(sg p_d(·|z) || p_θ(·|z)); a different path from the full gradient's."""
+    mixture, x, y, model = setup
+    threat = {"norm": "linf", "eps": 0.15, "step_size": 0.05}
+    out = run(build("direct-score", mixture, threat=threat, attack_gradient="model"), model, x, y)
+    expected_adv = hand_written_pgd(reference_attack_loss("direct-score", model, mixture, x, y, data_gradient=False),
+                                    x, 0.15, 0.05, 4, "linf", torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out.x_adv, expected_adv, rtol=0, atol=1e-10)
+    full = run(build("direct-score", mixture, threat=threat), model, x, y)
+    assert not torch.equal(out.x_adv, full.x_adv)
+    np.testing.assert_allclose(out.loss.item(), reference_loss("direct-score", model, mixture, x, out.x_adv, y, 0.0),
+                               rtol=1e-10)
+
+
 def test_direct_score_attack_increases_score_kl(setup):
     mixture, x, y, model = setup
     out = run(build("direct-score", mixture, threat={"pgd_steps": 10}), model, x, y)
@@ -402,6 +417,8 @@ def test_build_objective_rejects_bad_input():
         build_objective("standard", label_smoothing=1.0)
     with pytest.raises(ValueError, match="attack BN mode"):
         build_objective("pgd-at", threat(), attack_bn="train")
+    with pytest.raises(ValueError, match="unknown attack gradient 'data'"):
+        build_objective("direct-score", threat(), attack_gradient="data", posterior_provider=fixed_posterior(mixture))
     model = build_model("mlp", K, in_channels=1, image_size=4)
     with pytest.raises(ValueError, match="integer labels"):
         build_objective("standard")(model, model, torch.rand(4, *SHAPE), torch.rand(4))

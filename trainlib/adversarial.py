@@ -89,6 +89,9 @@ class AdversarialConfig(EngineOptions):
     distance: Literal["kl", "l1", "l2", "se"] = option("direct-score distance D(p_d || p_theta)", "kl")
     clean_weight: float = option("direct-score: weight of an added clean term (0: none)", 0.0, ge=0)
     clean_loss: Literal["ce", "score"] = option("direct-score clean term: CE to the label or D at x", "ce")
+    attack_gradient: Literal["full", "model"] = option(
+        "direct-score attack: gradient through p_d and p_theta (full, SCORE's) or through p_theta only (model: "
+        "p_d(.|x') held at its value, an ablation)", "full")
     # threat model (training attack and evaluation)
     norm: Literal["linf", "l2"] = option("threat model norm", "linf")
     eps: float = option("radius of the threat ball in [0, 1] pixel units", 0.2, gt=0)
@@ -186,7 +189,8 @@ def make_objective(cfg: AdversarialConfig, provider) -> Objective:
     """The configured objective (``trainlib.objectives.build_objective`` with the config's options)."""
     return build_objective(cfg.objective, cfg, beta=cfg.beta, clip=cfg.clip, clip_scope=cfg.clip_scope,
                            label_smoothing=cfg.label_smoothing, attack_bn=cfg.attack_bn, distance=cfg.distance,
-                           clean_weight=cfg.clean_weight, clean_loss=cfg.clean_loss, posterior_provider=provider)
+                           clean_weight=cfg.clean_weight, clean_loss=cfg.clean_loss,
+                           attack_gradient=cfg.attack_gradient, posterior_provider=provider)
 
 
 # -- data and evaluation ----------------------------------------------------------------------------------------

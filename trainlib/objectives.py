@@ -20,7 +20,8 @@ Losses (batch means; D(p || q) from :mod:`datagrad.distances`, on log-probabilit
     trades-kl     CE(p_θ(x), ỹ) + β·KL(p_θ(x) || p_θ(x')),  x' = PGD max KL(sg p_θ(x) || p_θ(x'))
     trades-se     Σ_k (p_θ(x)_k − ỹ_k)² + β·Σ_k (p_θ(x')_k − p_θ(x)_k)²,  x' = PGD max Σ_k (p_θ(x')_k − sg p_θ(x)_k)²
     pgd-at-se     Σ_k (p_θ(x')_k − ỹ_k)²,              x' = PGD max Σ_k (p_θ(x')_k − y_k)²  (one-hot y)
-    direct-score  D(sg p_d(·|x') || p_θ(·|x')) [+ w·clean],  x' = PGD max D(p_d(·|x') || p_θ(·|x')) (full gradient)
+    direct-score  D(sg p_d(·|x') || p_θ(·|x')) [+ w·clean],  x' = PGD max D(p_d(·|x') || p_θ(·|x')) (full gradient;
+                  ``attack_gradient="model"``: p_d held at its value in each step's gradient, an ablation)
 
 (sg = stop-gradient; p_θ(x) in an attack is computed once, in attack mode.) In the TRADES losses gradients flow
 through both p_θ(x) and p_θ(x') (docs/conventions.md §3). Every attack starts uniformly in the ε-ball (the SCORE
@@ -67,6 +68,7 @@ PosteriorProvider = Callable[[Tensor, Tensor], DataPosterior]  # (x [B, ...], y 
 DEFAULT_BETA = {"trades-kl": 6.0, "trades-se": 4.0}
 CLIP_SCOPES = ("total", "robust")
 CLEAN_LOSSES = ("ce", "score")
+ATTACK_GRADIENTS = ("full", "model")  # direct SCORE's attack: through p_d and p_θ, or through p_θ only
 
 KL = get_distance("kl")
 SE = get_distance("se")
@@ -271,6 +273,7 @@ class DirectScore(Objective):
     clean_loss: str = "ce"
     label_smoothing: float = 0.0
     attack_bn: str = "eval"
+    attack_gradient: str = "full"
 
     def __post_init__(self):
         if self.attack.keep_best:
@@ -287,7 +290,8 @@ class DirectScore(Objective):
                 log_p_data_clean = posterior.log_posterior(x)  # [B, K]; before the attack (trajectory anchor)
         with attack_mode(attack_model, self.attack_bn):
             x_adv = self.attack.maximize(
-                lambda z: self_consistent_distance(attack_model, z, posterior, distance), x, generator
+                lambda z: self_consistent_distance(attack_model, z, posterior, distance,
+                                                   data_gradient=self.attack_gradient == "full"), x, generator
             )
         with torch.no_grad():
             log_p_data_adv = posterior.log_posterior(x_adv)  # [B, K] at the final iterate
@@ -347,6 +351,7 @@ def build_objective(
     distance: str = "kl",
     clean_weight: float = 0.0,
     clean_loss: str = "ce",
+    attack_gradient: str = "full",
     posterior_provider: PosteriorProvider | None = None,
 ) -> Objective:
     """Build an objective by name (``OBJECTIVES``); see the module docstring for the losses.
@@ -354,13 +359,14 @@ def build_objective(
     threat: ``norm``/``eps``/``step_size``/``pgd_steps`` (ignored by "standard"); beta: TRADES weight (None: the
     objective's default, ``DEFAULT_BETA``); clip: c of the SE clip τ = c²K/(K−1) (SE objectives only);
     label_smoothing: s in [0, 1); attack_bn: "eval" or "batch"; distance, clean_weight, clean_loss ("ce"/"score"),
-    posterior_provider: direct SCORE only. Options an objective has no field for are ignored, except a non-zero
-    clip or clean weight, which raise.
+    attack_gradient ("full"/"model"), posterior_provider: direct SCORE only. Options an objective has no field for
+    are ignored, except a non-zero clip or clean weight, which raise.
     """
     _check_in(name, tuple(OBJECTIVES), "objective")
     _check_in(attack_bn, BN_MODES, "attack BN mode")
     _check_in(clip_scope, CLIP_SCOPES, "clip scope")
     _check_in(clean_loss, CLEAN_LOSSES, "clean loss")
+    _check_in(attack_gradient, ATTACK_GRADIENTS, "attack gradient")
     get_distance(distance)
     if not 0 <= label_smoothing < 1:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
@@ -375,7 +381,7 @@ def build_objective(
     if clean_weight < 0 or (clean_weight > 0 and "clean_weight" not in fields):
         raise ValueError(f"clean_weight must be >= 0 and is used by direct-score only; got {clean_weight} for {name!r}")
     options = dict(beta=beta, clip=clip, clip_scope=clip_scope, label_smoothing=label_smoothing, attack_bn=attack_bn,
-                   distance=distance, clean_weight=clean_weight, clean_loss=clean_loss,
+                   distance=distance, clean_weight=clean_weight, clean_loss=clean_loss, attack_gradient=attack_gradient,
                    posterior_provider=posterior_provider)
     kwargs = {key: value for key, value in options.items() if key in fields and value is not None}
     if "attack" in fields:
