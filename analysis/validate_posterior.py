@@ -9,8 +9,9 @@ iterate), the noise std σ (``noise_std``, [0, 1] data units), the posterior net
 smoothing, the distance and the seed; the classifier p_θ whose loss the attack maximizes is the recipe's trained run
 (``--classifier``, default the recipe's ``out``). For every estimator and split, on the first ``--n-points`` points,
 the attack is the training attack (``trainlib.objectives.DirectScore``: PGD on D(p̂(·|x') ‖ p_θ(·|x')) with the
-estimate's full gradient, through ``datagrad.self_consistent_distance``), so each estimator is read along the path it
-would itself drive, with its own random start. Estimators (``--estimators``):
+estimate's full gradient, or through p_θ only where the recipe says ``attack_gradient: model``, through
+``datagrad.self_consistent_distance``), so each estimator is read along the path it would itself drive, with its own
+random start. Estimators (``--estimators``):
 
     posterior-net        p_φ(·|x', σ) of the posterior net (autograd)
     trajectory           the score-net trajectory anchored at p_φ(·|x, σ) (the default for --posterior scorenet)
@@ -176,7 +177,8 @@ def read_path(provider, truth, model, training: AdversarialConfig, x: Tensor, y:
     records = []
 
     def loss(z: Tensor) -> Tensor:
-        value = self_consistent_distance(model, z, posterior, training.distance)  # extends a trajectory to z
+        value = self_consistent_distance(model, z, posterior, training.distance,  # extends a trajectory to z
+                                         data_gradient=training.attack_gradient == "full")
         with torch.no_grad():
             log_p_hat = posterior.log_posterior(z.detach())
         records.append(point_metrics(log_p_hat, posterior.grad_log_posterior(z.detach()), truth, z.detach(), y))

@@ -3,6 +3,7 @@ path with EXACT stand-ins for the posterior net and the score net (TV 0 and cosi
 trajectory is measurably wrong: its target is not a function of x'), a deliberately wrong stand-in (bad numbers),
 the exact smoothed training-set posterior as the truth on real digits, and bad input."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,9 +13,12 @@ from torch import nn
 
 from analysis import validate_posterior as vp
 from datagrad import GaussianMixture, toy_mixture
+from datagrad.seeding import seeded_generator
+from trainlib.adversarial import AdversarialConfig
 from trainlib.checkpoint import save_weights
 from trainlib.classifiers import WEIGHTS_METADATA_KEY, build_classifier
 from trainlib.datasets import load_dataset
+from trainlib.objectives import build_objective, fixed_posterior
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -150,3 +154,23 @@ def test_real_digits_truth_is_the_exact_smoothed_training_posterior(tmp_path):
     assert record["truth"].startswith("exact smoothed posterior of the 1257 training images of digits")
     train_start = record["results"][0]["path"][0]
     assert train_start["label_truth"]["median"] > 0.5  # near a training digit, the kernel sum keeps its label
+
+
+@pytest.mark.parametrize("attack_gradient", ["full", "model"])
+def test_the_path_ends_where_the_training_objective_attacks(attack_gradient):
+    """read_path's last point is DirectScore's x' (same generator, same attack gradient): its metrics match."""
+    mixture = toy_mixture("gmm-8x8")
+    training = AdversarialConfig(dataset="gmm-8x8", model="mlp", objective="direct-score", eps=0.08, step_size=0.04,
+                                 pgd_steps=3, attack_gradient=attack_gradient)
+    model = trained_mlp().double()
+    x, y = load_dataset("gmm-8x8", "test").tensors()
+    x, y = x[:32].double(), y[:32]
+    truth = mixture.at(0.08)
+    path = vp.read_path(lambda *_: mixture, truth, model, training, x, y, seed=3)
+    objective = build_objective("direct-score", training, attack_gradient=attack_gradient,
+                                posterior_provider=fixed_posterior(mixture))
+    x_adv = objective(model, model, x, y, seeded_generator(3, 0, 0, 0, 0)).x_adv
+    expected = vp.point_metrics(mixture.log_posterior(x_adv), mixture.grad_log_posterior(x_adv), truth, x_adv, y)
+    assert path[-1] == expected
+    other = dataclasses.replace(training, attack_gradient="full" if attack_gradient == "model" else "model")
+    assert vp.read_path(lambda *_: mixture, truth, model, other, x, y, seed=3)[-1] != expected
