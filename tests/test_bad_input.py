@@ -126,6 +126,8 @@ ROWS = [
     row("train_classifier", "no .npz shards found", *CLF, "--generated", "{in}/generated/none-*.npz"),
     row("train_classifier", "posterior=analytic needs a dataset with a closed-form posterior", *CLF, "--objective",
         "direct-score"),
+    row("train_classifier", "attack_gradient 'model' is used by direct-score only, not 'trades-se'", *CLF,
+        "--objective", "trades-se", "--attack-gradient", "model"),
     # direct SCORE: the score net and the posterior net against the data
     row("direct_score", "score net not found", *TRAJ, "--scorenet", "{in}/missing-scorenet"),
     row("direct_score", "holds a score net for 3 classes, expected 10", *TRAJ, "--scorenet", "{in}/sn-3class-8x8"),

@@ -419,6 +419,8 @@ def test_build_objective_rejects_bad_input():
         build_objective("pgd-at", threat(), attack_bn="train")
     with pytest.raises(ValueError, match="unknown attack gradient 'data'"):
         build_objective("direct-score", threat(), attack_gradient="data", posterior_provider=fixed_posterior(mixture))
+    with pytest.raises(ValueError, match="attack_gradient 'model' is used by direct-score only, not 'trades-se'"):
+        build_objective("trades-se", threat(), attack_gradient="model")
     model = build_model("mlp", K, in_channels=1, image_size=4)
     with pytest.raises(ValueError, match="integer labels"):
         build_objective("standard")(model, model, torch.rand(4, *SHAPE), torch.rand(4))

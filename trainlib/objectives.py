@@ -360,7 +360,7 @@ def build_objective(
     objective's default, ``DEFAULT_BETA``); clip: c of the SE clip τ = c²K/(K−1) (SE objectives only);
     label_smoothing: s in [0, 1); attack_bn: "eval" or "batch"; distance, clean_weight, clean_loss ("ce"/"score"),
     attack_gradient ("full"/"model"), posterior_provider: direct SCORE only. Options an objective has no field for
-    are ignored, except a non-zero clip or clean weight, which raise.
+    are ignored, except a non-zero clip or clean weight and a non-full attack gradient, which raise.
     """
     _check_in(name, tuple(OBJECTIVES), "objective")
     _check_in(attack_bn, BN_MODES, "attack BN mode")
@@ -380,6 +380,8 @@ def build_objective(
         raise ValueError(f"clip applies only to trades-se and pgd-at-se, not {name!r}")
     if clean_weight < 0 or (clean_weight > 0 and "clean_weight" not in fields):
         raise ValueError(f"clean_weight must be >= 0 and is used by direct-score only; got {clean_weight} for {name!r}")
+    if attack_gradient != "full" and "attack_gradient" not in fields:
+        raise ValueError(f"attack_gradient {attack_gradient!r} is used by direct-score only, not {name!r}")
     options = dict(beta=beta, clip=clip, clip_scope=clip_scope, label_smoothing=label_smoothing, attack_bn=attack_bn,
                    distance=distance, clean_weight=clean_weight, clean_loss=clean_loss, attack_gradient=attack_gradient,
                    posterior_provider=posterior_provider)
