@@ -24,8 +24,8 @@ Direct-SCORE recipes on digits train the default score net / posterior net first
 from __future__ import annotations
 
 import dataclasses
+import json
 import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,16 +130,14 @@ def run_dir(cfg: CompareConfig, entry: Entry, seed: int) -> Path:
     return Path(cfg.out) / entry.name / f"seed-{seed}"
 
 
-def train_run(entry: Entry, out: Path, seed: int) -> float | None:
-    """Train (or resume) one run; its training seconds (None when a finished run is reused)."""
+def train_run(entry: Entry, out: Path, seed: int) -> None:
+    """Train (or resume) one run; a finished run is reused."""
     if (out / "results.json").is_file():
         print(f"{out}: finished run found, not retrained")
-        return None
+        return
     training = dataclasses.replace(entry.config, seed=seed, out=str(out),
                                    resume="latest" if (out / "config.json").is_file() else "none")
-    start = time.perf_counter()
     adversarial.train(training)
-    return time.perf_counter() - start
 
 
 def measure(classifier_source, truths: list[str], cfg: CompareConfig) -> dict:
@@ -269,8 +267,8 @@ def compare(cfg: CompareConfig) -> list[dict]:
                                                ("epochs", "batch_size", "pgd_steps", "step_size", "eps", "model")}}
         for seed in entry.seeds:
             out = run_dir(cfg, entry, seed)
-            seconds = train_run(entry, out, seed)
-            row["train_seconds"] += [seconds] if seconds is not None else _recorded_seconds(out)
+            train_run(entry, out, seed)
+            row["train_seconds"] += _recorded_seconds(out)  # the same number whether trained now or reused
             for truth, record in measure(out, truths, cfg).items():
                 row["runs"].setdefault(truth, []).append(record)
         rows.append(row)
@@ -294,9 +292,7 @@ def compare(cfg: CompareConfig) -> list[dict]:
 
 
 def _recorded_seconds(run: Path) -> list[float]:
-    """The training time a reused run recorded in results.json (none recorded: nothing)."""
-    import json
-
+    """The training time a run recorded in results.json (its last invocation; none recorded: nothing)."""
     seconds = json.loads((run / "results.json").read_text()).get("train_seconds")
     return [seconds] if seconds is not None else []
 

@@ -334,7 +334,7 @@ def _final_evaluation(cfg: AdversarialConfig, model: nn.Module, test: ImageDatas
                                  batch_size=cfg.eval_batch_size, progress=True)
     record = result.record(name=Path(cfg.out).name, dataset=cfg.dataset, architecture=cfg.model,
                            objective=cfg.objective, weights="ema")
-    results = {"test": record, "best_val": best, "steps": step, "train_seconds": round(train_seconds, 1)}
+    results = {"test": record, "best_val": best, "steps": step, "train_seconds": round(train_seconds, 3)}
     session.run.write_results(results)
     aa = "" if record["autoattack_acc"] is None else f", AutoAttack {record['autoattack_acc']}"
     session.print(f"test ({n} points, EMA): clean {record['clean_acc']}, PGD-40 CE {record['pgd_ce_acc']}, "
