@@ -85,6 +85,20 @@ def _close_progress_bars() -> None:
         bar.close()
 
 
+def _end_distributed() -> None:
+    """Destroy the default process group after a finished run (accelerate's ``PartialState.destroy_process_group``).
+
+    Left alive, gloo's threads can outlive the interpreter: ~1 in 6 two-process CPU runs aborted at exit with
+    "terminate called without an active exception" after writing every result. A no-op in a single process.
+    """
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from accelerate.state import PartialState
+
+        PartialState().destroy_process_group()
+
+
 def _exit_with(message: str, code: int) -> NoReturn:
     _close_progress_bars()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -100,7 +114,9 @@ def run_cli(main: Callable[[], T]) -> T:
     """
     debug = bool(os.environ.get("TRAINLIB_DEBUG"))
     try:
-        return main()
+        result = main()
+        _end_distributed()
+        return result
     except InputError as e:
         if debug:
             raise
