@@ -111,19 +111,18 @@ def test_a_finished_run_destroys_its_process_group(monkeypatch):
                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
         monkeypatch.setenv(name, value)
 
-    def main():
-        from accelerate import PartialState
+    from accelerate.state import AcceleratorState, PartialState
 
+    def main():
         PartialState(cpu=True)  # what Accelerator() does in a launched process: a gloo group
         assert dist.is_initialized()
         return "done"
 
+    AcceleratorState._reset_state(reset_partial_state=True)  # earlier tests may have built a single-process state
     try:
         assert run_cli(main) == "done"
         assert not dist.is_initialized()
     finally:
-        from accelerate.state import AcceleratorState
-
         if dist.is_initialized():
             dist.destroy_process_group()
         AcceleratorState._reset_state(reset_partial_state=True)  # later tests build their own single-process state
