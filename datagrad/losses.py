@@ -18,7 +18,7 @@ from collections.abc import Callable
 from torch import Tensor
 
 from .distances import Distance, get_distance
-from .posteriors import DataPosterior, attach_log_posterior, check_num_classes
+from .posteriors import DataPosterior, attach_log_posterior, check_num_classes, is_differentiable
 from .precision import at_least_float32
 
 Model = Callable[[Tensor], Tensor]  # x [B, ...] -> logits [B, K]
@@ -30,15 +30,20 @@ def self_consistent_distance(
     """Per-example D(p_d(·|x) || p_θ(·|x)): [B], differentiable in x (full gradient) and in θ.
 
     ``data_gradient=False`` holds p_d(·|x) at its value (stop-gradient): the input gradient keeps only the model
-    term, Σ_y p_d(y|x)·(−∇_x log p_θ(y|x)) for KL. The posterior is still called as with the full gradient (a
-    path-integral posterior needs its scores at x), so values are unchanged.
+    term, Σ_y p_d(y|x)·(−∇_x log p_θ(y|x)) for KL. A differentiable posterior (a network) is then evaluated on the
+    detached x, recording no graph through it; any other is called as with the full gradient (a path-integral
+    posterior needs its scores at x). Values are unchanged either way.
     """
     distance = get_distance(distance)
     logits = at_least_float32(model(x))
     check_num_classes(logits, posterior)
-    log_p_data = attach_log_posterior(posterior, x).to(logits.dtype)
-    if not data_gradient:
-        log_p_data = log_p_data.detach()
+    if data_gradient:
+        log_p_data = attach_log_posterior(posterior, x)
+    elif is_differentiable(posterior):
+        log_p_data = attach_log_posterior(posterior, x.detach())
+    else:
+        log_p_data = attach_log_posterior(posterior, x).detach()
+    log_p_data = log_p_data.to(logits.dtype)
     return distance(log_p_data, logits.log_softmax(dim=1))
 
 

@@ -103,6 +103,7 @@ def test_a_finished_run_destroys_its_process_group(monkeypatch):
     """run_cli ends a run that returned by destroying the default process group (gloo threads alive at interpreter
     exit aborted ~1 in 6 two-process CPU runs after every result was written); an error leaves it to the caller."""
     import torch.distributed as dist
+    from accelerate.state import AcceleratorState, PartialState
 
     from trainlib.cli import run_cli
 
@@ -110,8 +111,6 @@ def test_a_finished_run_destroys_its_process_group(monkeypatch):
     for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
         monkeypatch.setenv(name, value)
-
-    from accelerate.state import AcceleratorState, PartialState
 
     def main():
         PartialState(cpu=True)  # what Accelerator() does in a launched process: a gloo group

@@ -93,11 +93,29 @@ def test_kl_input_gradient_matches_autograd_through_closed_form(model, mixture, 
     assert (got - model_term_only).abs().max() > 1e-2
 
 
+class AutogradPosterior:
+    """The closed form as a differentiable posterior (as a posterior network is); records each input it is given."""
+
+    differentiable = True
+
+    def __init__(self, mixture):
+        self.mixture, self.num_classes, self.inputs = mixture, mixture.num_classes, []
+
+    def log_posterior(self, z):
+        self.inputs.append(z)
+        return closed_form_log_posterior(z, self.mixture)
+
+
+@pytest.mark.parametrize("differentiable", [False, True])
 @pytest.mark.parametrize("name", ["kl", "l1", "l2", "se"])
-def test_stopped_data_gradient_keeps_the_value_and_only_the_model_term(model, mixture, x, name):
-    """data_gradient=False: same value, input gradient of D(sg p_d || p_θ) by autograd through the closed form."""
-    stopped = lambda z: self_consistent_distance(model, z, mixture, name, data_gradient=False)
+def test_stopped_data_gradient_keeps_the_value_and_only_the_model_term(model, mixture, x, name, differentiable):
+    """data_gradient=False: same value, input gradient of D(sg p_d || p_θ) by autograd through the closed form; a
+    differentiable posterior is given the detached input (no graph through it)."""
+    posterior = AutogradPosterior(mixture) if differentiable else mixture
+    stopped = lambda z: self_consistent_distance(model, z, posterior, name, data_gradient=False)
     torch.testing.assert_close(stopped(x.requires_grad_(True)), self_consistent_distance(model, x, mixture, name))
+    if differentiable:
+        assert not posterior.inputs[-1].requires_grad
     expected = input_gradient(closed_form_loss(model, mixture, name, detach_data=True), x)
     torch.testing.assert_close(input_gradient(stopped, x), expected, rtol=1e-10, atol=1e-12)
 
