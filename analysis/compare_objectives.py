@@ -9,7 +9,9 @@ reused; an interrupted one is resumed), then evaluates the final EMA weights on 
 attacks (``datagrad.worst_case``) against each ``--truth`` (``auto``: the dataset's closed form at σ = 0, exact on
 ``gmm-*`` and ``digits-mixture``; on real data ``empirical`` and ``posterior-net``, both estimates), R_Std, R_Madry^KL,
 the argmax agreement of p_θ with p_d at the worst point, and the label accuracies (clean, PGD-40 CE / CW, AutoAttack
-with ``--autoattack``). With an exact truth a **Bayes** row (p_θ = p_d, R_SCORE = 0) is added. ``--sigmas`` also
+with ``--autoattack``). With an exact truth a **Bayes** row (p_θ = p_d, R_SCORE = 0) is added, and for every
+posterior net a direct-SCORE row trains against, a row for that net itself (p_θ = p_φ at the recipe's σ, no training):
+its own SCORE risk, which a classifier that fits the target exactly inherits. ``--sigmas`` also
 trains every direct-SCORE recipe that sets ``noise_std`` at those σ (``<recipe>-sigma<σ>``, first seed): how the
 smoothing of the target trades against its estimate's error. Recipes named in ``--one-seed`` (costly ablations) run on
 the first seed only; the table says how many seeds each row has. ``--budget RECIPE`` gives every row that recipe's
@@ -166,14 +168,47 @@ def _analyse(classifier, options, label_accuracy: bool) -> dict:
 def bayes_row(entry: Entry, cfg: CompareConfig) -> dict:
     """p_θ = p_d (the closed form): R_SCORE = 0; its label accuracies are the Bayes classifier's."""
     test = load_dataset(entry.config.dataset, "test", entry.config.data_dir)
-    options = cfg.risk_options("auto")
+    options, device = cfg.risk_options("auto"), sources.compute_device()
+    truth, _ = score_risk.truth_posterior(test, entry.config.dataset, options, device)
+    return reference_row("Bayes (p_θ = p_d)", "bayes", truth, entry, cfg, ["auto"])
+
+
+def estimator_rows(plan: list[Entry], cfg: CompareConfig, truths: list[str]) -> list[dict]:
+    """p_θ = p_φ for every posterior net (and σ) a direct-SCORE row trains against: the estimator's own SCORE risk,
+    which a classifier that fits its target exactly inherits (for ℓ1, R_SCORE(θ) ≤ R_SCORE(φ) + max_{x'} ℓ1(p_φ, p_θ)
+    at every point, the triangle inequality)."""
+    from scorenets import PosteriorNetPosterior
+    from trainlib.posterior_training import load_posterior_net
+
+    rows, seen = [], set()
+    for entry in plan:
+        training = entry.config
+        key = (getattr(training, "posterior_net", None), getattr(training, "noise_std", None))
+        if training.objective != "direct-score" or training.posterior != "posterior-net" or key in seen:
+            continue
+        seen.add(key)
+        test = load_dataset(training.dataset, "test", training.data_dir)
+        net = load_posterior_net(key[0], test.num_classes, sources.compute_device(),
+                                 expected_image_shape=tuple(test.image_shape))
+        estimator = PosteriorNetPosterior(net, key[1])
+        rows.append(reference_row(f"posterior net itself (p_θ = p_φ, σ {key[1]:g})", "posterior-net", estimator,
+                                  entry, cfg, truths))
+    return rows
+
+
+def reference_row(name: str, objective: str, posterior, entry: Entry, cfg: CompareConfig, truths: list[str]) -> dict:
+    """A row for the classifier p_θ = ``posterior`` (no training) on ``entry``'s test points and threat model."""
+    test = load_dataset(entry.config.dataset, "test", entry.config.data_dir)
     device = sources.compute_device()
-    truth, description = score_risk.truth_posterior(test, entry.config.dataset, options, device)
-    x, y = evaluation_points(test, range(min(options.n_points, len(test))), device)
-    model = score_risk.BayesClassifier(truth).eval()
-    record = score_risk.risk_record(model, x, y, truth, entry.config.eps, entry.config.norm, options)
-    return {"name": "Bayes (p_θ = p_d)", "objective": "bayes", "seeds": [], "runs": {"auto": [record | {"truth":
-            description}]}, "train_seconds": []}
+    model = score_risk.BayesClassifier(posterior).eval()
+    runs = {}
+    for index, truth_name in enumerate(truths):
+        options = dataclasses.replace(cfg.risk_options(truth_name), autoattack=cfg.autoattack and index == 0)
+        truth, description = score_risk.truth_posterior(test, entry.config.dataset, options, device)
+        x, y = evaluation_points(test, range(min(options.n_points, len(test))), device)
+        record = score_risk.risk_record(model, x, y, truth, entry.config.eps, entry.config.norm, options, index == 0)
+        runs[truth_name] = [record | {"truth": description}]
+    return {"name": name, "objective": objective, "seeds": [], "runs": runs, "train_seconds": []}
 
 
 def aggregate(values: list[float]) -> dict:
@@ -272,6 +307,8 @@ def compare(cfg: CompareConfig) -> list[dict]:
             for truth, record in measure(out, truths, cfg).items():
                 row["runs"].setdefault(truth, []).append(record)
         rows.append(row)
+    references = len(rows) - len(plan)  # the Bayes row, if any; the estimator rows follow it (nets exist by now)
+    rows[references:references] = estimator_rows(plan, cfg, truths)
     for row in rows:
         row["summary"] = summarise(row, truths)
     out = Path(cfg.out)

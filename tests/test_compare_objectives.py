@@ -1,11 +1,13 @@
 """analysis.compare_objectives and analysis.score_risk end to end on gmm-4x4 (exact truth): tiny runs over two seeds,
-the Bayes row at R_SCORE = 0, reuse of finished runs and cached risks, the σ sweep, and the score_risk command."""
+the Bayes row at R_SCORE = 0, the posterior net's own row, reuse of finished runs and cached risks, the σ sweep, and
+the score_risk command."""
 
 import json
 
 import pytest
 
 from analysis import compare_objectives, score_risk
+from scorenets import build_posterior_net
 from trainlib.config import parse_config
 
 
@@ -88,3 +90,26 @@ def test_budget_gives_every_row_the_same_epochs_batch_and_attack(compared):
         c = entry.config
         assert (c.epochs, c.batch_size, c.pgd_steps, c.step_size, c.epoch_size) == (3, 32, 5, 0.03, 256)
     assert [e.config.objective for e in plan] == ["standard", "direct-score"]  # the objectives stay the recipes'
+
+
+def test_posterior_net_row_is_the_net_itself_at_the_recipes_sigma(tmp_path):
+    """One row per (posterior net, σ) of the direct-SCORE rows, after the Bayes row: against the same net at the same σ
+    as truth its risk is 0 (p_θ = p_d); at another σ, or against the closed form, it is not."""
+    net = tmp_path / "posterior_net"
+    build_posterior_net("tiny8", 3, (1, 4, 4), 0.05, 0.5, block_out_channels=(8, 16), norm_num_groups=4
+                        ).save_pretrained(net, safe_serialization=True)
+    direct = dict(objective="direct-score", posterior="posterior-net", posterior_net=str(net))
+    recipes = [recipe(tmp_path / "a.json", **direct, noise_std=0.1),
+               recipe(tmp_path / "b.json", **direct, noise_std=0.1, attack_gradient="model"),
+               recipe(tmp_path / "c.json", **direct, noise_std=0.3)]
+    argv = ["--recipes", *recipes, "--truth", "auto", "posterior-net", "--posterior-net", str(net), "--noise-std",
+            "0.1", "--out", str(tmp_path / "out"), "--n-test", "16", "--pgd-steps", "2", "--no-autoattack"]
+    rows = compare_objectives.compare(parse_config(compare_objectives.CompareConfig, argv))
+    names = [r["name"] for r in rows]
+    assert names[:3] == ["Bayes (p_θ = p_d)", "posterior net itself (p_θ = p_φ, σ 0.1)",
+                         "posterior net itself (p_θ = p_φ, σ 0.3)"] and names[3:] == ["a", "b", "c"]
+    same, other = rows[1]["summary"], rows[2]["summary"]
+    assert same["posterior-net"]["score_l1"]["mean"] < 1e-6 and same["posterior-net"]["score_kl"]["mean"] < 1e-6
+    assert other["posterior-net"]["score_l1"]["mean"] > 1e-3
+    assert same["auto"]["score_l1"]["mean"] > 1e-3 and same["label"]["clean_acc"]["mean"] >= 0
+    assert "posterior net itself" in (tmp_path / "out" / "comparison.md").read_text()
