@@ -36,7 +36,7 @@ import torch
 from trainlib import adversarial
 from trainlib.cli import checking_input, run_cli
 from trainlib.config import config_to_dict, load_recipe, option, parse_config
-from trainlib.data_posterior import DEFAULT_NOISE_STD, DEFAULT_POSTERIOR_NET
+from trainlib.data_posterior import DEFAULT_NOISE_STD, DEFAULT_POSTERIOR_NET, PosteriorSpec, load_posterior_nets
 from trainlib.datasets import load_dataset
 from trainlib.evaluation import evaluation_points
 from trainlib.files import atomic_write_json, atomic_write_text
@@ -174,25 +174,26 @@ def bayes_row(entry: Entry, cfg: CompareConfig) -> dict:
 
 
 def estimator_rows(plan: list[Entry], cfg: CompareConfig, truths: list[str]) -> list[dict]:
-    """p_θ = p_φ for every posterior net (and σ) a direct-SCORE row trains against: the estimator's own SCORE risk,
-    which a classifier that fits its target exactly inherits (for ℓ1, R_SCORE(θ) ≤ R_SCORE(φ) + max_{x'} ℓ1(p_φ, p_θ)
-    at every point, the triangle inequality)."""
+    """p_θ = p_φ for every posterior net or ensemble (and σ) a direct-SCORE row trains against: the estimator's own
+    SCORE risk, which a classifier that fits its target exactly inherits (for ℓ1, R_SCORE(θ) ≤ R_SCORE(φ) +
+    max_{x'} ℓ1(p_φ, p_θ) at every point, the triangle inequality)."""
     from scorenets import PosteriorNetPosterior
-    from trainlib.posterior_training import load_posterior_net
 
     rows, seen = [], set()
     for entry in plan:
         training = entry.config
-        key = (getattr(training, "posterior_net", None), getattr(training, "noise_std", None))
-        if training.objective != "direct-score" or training.posterior != "posterior-net" or key in seen:
+        if training.objective != "direct-score" or training.posterior != "posterior-net":
             continue
-        seen.add(key)
+        paths = (training.posterior_net, *training.posterior_ensemble)
+        if (paths, training.noise_std) in seen:
+            continue
+        seen.add((paths, training.noise_std))
         test = load_dataset(training.dataset, "test", training.data_dir)
-        net = load_posterior_net(key[0], test.num_classes, sources.compute_device(),
-                                 expected_image_shape=tuple(test.image_shape))
-        estimator = PosteriorNetPosterior(net, key[1])
-        rows.append(reference_row(f"posterior net itself (p_θ = p_φ, σ {key[1]:g})", "posterior-net", estimator,
-                                  entry, cfg, truths))
+        nets = load_posterior_nets(PosteriorSpec.of(training), test.num_classes, tuple(test.image_shape),
+                                   sources.compute_device())
+        name = "posterior net" if len(nets) == 1 else f"ensemble of {len(nets)} posterior nets"
+        rows.append(reference_row(f"{name} itself (p_θ = p_φ, σ {training.noise_std:g})", "posterior-net",
+                                  PosteriorNetPosterior(nets, training.noise_std), entry, cfg, truths))
     return rows
 
 

@@ -26,6 +26,9 @@ them.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
@@ -174,19 +177,29 @@ class PosteriorNetPosterior:
 
     ``log_posterior(x)``: log_softmax of the logits in float32 or wider, [B, K]; its input gradient is the network's,
     so ``datagrad.attach_log_posterior`` uses it directly. ``grad_log_posterior`` (readouts only): K backward passes.
-    The network must be in eval mode (no dropout); its parameters are not trained here.
+    Several nets (a deep ensemble) give the mean of their probabilities, p(·|x) = (1/M) Σ_m p_φm(·|x, σ), as
+    log_posterior = logsumexp_m log p_φm − log M. Every net must be in eval mode (no dropout); none is trained here.
     """
 
     differentiable = True
 
-    def __init__(self, net: PosteriorNet, noise_std: float):
-        if net.training:
+    def __init__(self, net: PosteriorNet | Sequence[PosteriorNet], noise_std: float):
+        self.nets = [net] if isinstance(net, PosteriorNet) else list(net)
+        if not self.nets:
+            raise ValueError("give at least one posterior net")
+        if any(member.training for member in self.nets):
             raise ValueError("posterior net is in training mode (dropout active); call net.eval() first")
-        self.net, self.noise_std = net, net.check_noise_std(noise_std)
-        self.num_classes = net.num_classes
+        self.noise_std = min(member.check_noise_std(noise_std) for member in self.nets)  # the same float each time
+        classes = {member.num_classes for member in self.nets}
+        if len(classes) > 1:
+            raise ValueError(f"the posterior nets of an ensemble disagree on the number of classes: {sorted(classes)}")
+        self.num_classes = classes.pop()
 
     def log_posterior(self, x: Tensor) -> Tensor:
-        return at_least_float32(self.net(x, self.noise_std)).log_softmax(dim=1)
+        log_p = [at_least_float32(member(x, self.noise_std)).log_softmax(dim=1) for member in self.nets]
+        if len(log_p) == 1:
+            return log_p[0]
+        return torch.stack(log_p).logsumexp(dim=0) - math.log(len(log_p))
 
     def grad_log_posterior(self, x: Tensor) -> Tensor:
         return autograd_grad_log_posterior(self.log_posterior, x, self.num_classes).to(x.dtype)

@@ -184,6 +184,25 @@ def test_direct_score_with_the_posterior_net_makes_no_scorenet_call(tmp_path, mo
     assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in metrics(cfg.out) if "train/loss" in r)
 
 
+def test_direct_score_with_a_posterior_net_ensemble_evaluates_every_member(tmp_path, monkeypatch):
+    """--posterior-ensemble: each call of p_d evaluates the posterior net and every further net on the same inputs
+    (the ensemble's mean); the run records the ensemble in its config."""
+    calls = []
+    original = PosteriorNet.forward
+    monkeypatch.setattr(PosteriorNet, "forward", lambda self, x, s: (calls.append((id(self), x.shape[0]))
+                                                                     or original(self, x, s)))
+    cfg = tiny(tmp_path, objective="direct-score", posterior_net=str(_save_posterior_net(tmp_path / "a", 10)),
+               posterior_ensemble=(str(_save_posterior_net(tmp_path / "b", 10)),), scorenet=None, batch_size=8,
+               epoch_size=16, epochs=1, pgd_steps=2, val_every=0, n_test=8)
+    train(cfg)
+    members = sorted({net for net, _ in calls})
+    assert len(members) == 2 and len(calls) == 2 * 2 * (cfg.pgd_steps + 1)  # 2 steps × 2 nets × (attack + target)
+    assert {net for net, _ in calls[0::2]} != {net for net, _ in calls[1::2]}  # each call: one member, then the other
+    assert len({net for net, _ in calls[0::2]}) == 1 and {size for _, size in calls} == {cfg.batch_size}
+    saved = json.loads((Path(cfg.out) / "config.json").read_text())["config"]
+    assert saved["posterior_ensemble"] == [str(tmp_path / "b")]
+
+
 def test_direct_score_with_scorenet_makes_one_call_per_attack_step(tmp_path, monkeypatch):
     loaded = []
     original = ScoreNet.from_pretrained.__func__

@@ -95,6 +95,20 @@ def test_forward_takes_a_scalar_or_a_per_example_sigma_and_sigma_matters():
         PosteriorNetPosterior(net.train(), 0.2)
 
 
+def test_an_ensemble_is_the_mean_of_its_members_probabilities():
+    nets = [tiny_net().eval() for _ in range(3)]
+    x = torch.rand(5, 1, 4, 4)
+    mean = sum(torch.softmax(net(x, 0.3), dim=1) for net in nets) / 3  # by hand, in probability space
+    ensemble = PosteriorNetPosterior(nets, 0.3)
+    torch.testing.assert_close(ensemble.log_posterior(x).exp(), mean)
+    torch.testing.assert_close(PosteriorNetPosterior(nets[:1], 0.3).log_posterior(x),
+                               torch.log_softmax(nets[0](x, 0.3), dim=1))
+    with pytest.raises(ValueError, match="disagree on the number of classes"):
+        PosteriorNetPosterior([nets[0], tiny_net(num_classes=4).eval()], 0.3)
+    with pytest.raises(ValueError, match="training mode"):
+        PosteriorNetPosterior([nets[0], tiny_net()], 0.3)
+
+
 def test_data_posterior_gradient_matches_finite_differences(float64):
     net = tiny_net().double().eval()
     posterior = PosteriorNetPosterior(net, 0.3)

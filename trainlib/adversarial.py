@@ -102,6 +102,8 @@ class AdversarialConfig(EngineOptions):
         "p_d(.|x'): posterior net | score-net trajectory | exact smoothed training-set posterior | closed form (gmm-*)",
         "analytic")
     posterior_net: str | None = option("a posterior-net run directory or saved PosteriorNet folder", None)
+    posterior_ensemble: tuple[str, ...] = option(
+        "further posterior nets: p_d is the mean of their probabilities and --posterior-net's (a deep ensemble)", ())
     scorenet: str | None = option("a score-net run directory or saved ScoreNet folder (posterior=scorenet)", None)
     noise_std: float = option("sigma of p_sigma(y|x) ([0, 1] data units, std; about eps)", DEFAULT_NOISE_STD, gt=0)
     anchor: Literal["posterior-net", "label"] = option(
@@ -150,7 +152,7 @@ class AdversarialConfig(EngineOptions):
         self.micro_batch(self.batch_size)
         if self.objective == "direct-score":
             check_posterior_options(self.posterior, self.anchor, self.scorenet, self.posterior_net, self.dataset,
-                                    has_closed_form(self.dataset))
+                                    has_closed_form(self.dataset), self.posterior_ensemble)
         # objective options (beta, clip, clean weight, smoothing, distance): the objective's own checks
         make_objective(self, fixed_posterior(None))
 

@@ -3,6 +3,8 @@
     posterior-net  p_φ(·|x', σ) of a trained ``scorenets.PosteriorNet`` (``train/train_posterior.py``): differentiable
                    in x', so the full-gradient loss D(p_d(·|x') ‖ p_θ(·|x')) is plain autograd through both networks,
                    one backward per attack step whatever K is; no anchor, no path state. The default.
+                   ``--posterior-ensemble DIR...`` adds further nets: p_d is the mean of their probabilities
+                   (a deep ensemble; M passes per call), wherever the posterior net is used (target or anchor).
     scorenet       the score-net trajectory posterior (``scorenets.ScoreNetPosterior.trajectory``): log p_σ(·|x')
                    integrated from an anchor at the clean x along the attack path, one UNet call over B·K inputs per
                    step. ``--anchor posterior-net`` (default) anchors at p_φ(·|x, σ), an estimate of p_σ(·|x);
@@ -44,6 +46,7 @@ class PosteriorSpec:
     posterior: str
     noise_std: float
     posterior_net: str | None = None
+    posterior_ensemble: tuple[str, ...] = ()
     scorenet: str | None = None
     anchor: str = "posterior-net"
     anchor_smoothing: float = 1e-4
@@ -57,6 +60,7 @@ class PosteriorSpec:
         """The settings that determine p_d (for caches and records)."""
         keys = ["posterior", "noise_std"]
         keys += ["posterior_net"] if needs_posterior_net(self.posterior, self.anchor) else []
+        keys += ["posterior_ensemble"] if self.posterior_ensemble and "posterior_net" in keys else []
         keys += ["scorenet", "anchor"] if self.posterior == "scorenet" else []
         keys += ["anchor_smoothing"] if self.posterior == "scorenet" and self.anchor == "label" else []
         return {key: getattr(self, key) for key in keys}
@@ -67,7 +71,7 @@ def needs_posterior_net(posterior: str, anchor: str) -> bool:
 
 
 def check_posterior_options(posterior: str, anchor: str, scorenet: str | None, posterior_net: str | None,
-                            dataset: str, has_closed_form: bool) -> None:
+                            dataset: str, has_closed_form: bool, posterior_ensemble: tuple[str, ...] = ()) -> None:
     """One-line errors for an inconsistent choice (no files read)."""
     if posterior not in POSTERIORS:
         raise ValueError(f"unknown posterior {posterior!r}; valid: {', '.join(POSTERIORS)}")
@@ -77,6 +81,9 @@ def check_posterior_options(posterior: str, anchor: str, scorenet: str | None, p
         raise ValueError("posterior=scorenet needs --scorenet DIR (a saved ScoreNet)")
     if needs_posterior_net(posterior, anchor) and not posterior_net:
         raise ValueError(f"posterior={posterior} (anchor {anchor}) needs --posterior-net DIR (a saved PosteriorNet)")
+    if posterior_ensemble and not needs_posterior_net(posterior, anchor):
+        raise ValueError(f"--posterior-ensemble adds posterior nets, but posterior={posterior} (anchor {anchor}) uses "
+                         "none")
     if posterior == "analytic" and not has_closed_form:
         raise ValueError(f"posterior=analytic needs a dataset with a closed-form posterior (gmm-*, digits-mixture), "
                          f"got {dataset!r}")
@@ -100,21 +107,23 @@ def posterior_provider(cfg, train_set: ImageDataset, device: torch.device, max_b
 
         x, y = train_set.tensors(device)
         return fixed_posterior(KernelMixture(x, y, num_classes, bandwidth=cfg.noise_std))
-    net = _posterior_net(cfg, num_classes, shape, device) if needs_posterior_net(cfg.posterior, cfg.anchor) else None
+    uses_net = needs_posterior_net(cfg.posterior, cfg.anchor)
+    nets = load_posterior_nets(cfg, num_classes, shape, device) if uses_net else None
     if cfg.posterior == "posterior-net":
-        return fixed_posterior(PosteriorNetPosterior(net, cfg.noise_std))
+        return fixed_posterior(PosteriorNetPosterior(nets, cfg.noise_std))
     from .scorenet_training import load_scorenet
 
     scorenet = load_scorenet(cfg.scorenet, num_classes, device, expected_image_shape=shape)  # frozen, eval
-    return trajectory_provider(scorenet, cfg.noise_std, anchor_net=net, anchor_smoothing=cfg.anchor_smoothing,
+    return trajectory_provider(scorenet, cfg.noise_std, anchor_net=nets, anchor_smoothing=cfg.anchor_smoothing,
                                start_quadrature_points=cfg.start_quadrature_points, max_batch=max_batch)
 
 
 def trajectory_provider(scorenet, noise_std: float, *, anchor_net=None, anchor_smoothing: float = 1e-4,
                         start_quadrature_points: int = 0, max_batch: int | None = None) -> PosteriorProvider:
     """(x, y) → ``ScoreNetPosterior(scorenet, σ).trajectory`` anchored at the clean x: at p_φ(·|x, σ) of
-    ``anchor_net`` (a ``PosteriorNet``), or, without one, at the smoothed label (1 − α)·onehot(y) + α/K. One
-    score-net call at the anchor, then one per new point of the path (``max_batch`` caps the inputs per call)."""
+    ``anchor_net`` (a ``PosteriorNet`` or a list of them, an ensemble), or, without one, at the smoothed label
+    (1 − α)·onehot(y) + α/K. One score-net call at the anchor, then one per new point of the path (``max_batch`` caps
+    the inputs per call)."""
     from scorenets import PosteriorNetPosterior, ScoreNetPosterior, anchor_log_probs
 
     source = ScoreNetPosterior(scorenet, noise_std, max_batch)
@@ -130,12 +139,15 @@ def trajectory_provider(scorenet, noise_std: float, *, anchor_net=None, anchor_s
     return provider
 
 
-def _posterior_net(cfg, num_classes: int, shape: tuple, device):
+def load_posterior_nets(cfg: PosteriorSpec, num_classes: int, shape: tuple, device) -> list:
+    """The posterior net and the ensemble's further nets, loaded and checked (classes, image shape, σ range)."""
     from .posterior_training import load_posterior_net
 
-    net = load_posterior_net(cfg.posterior_net, num_classes, device, expected_image_shape=shape)
-    net.check_noise_std(cfg.noise_std)
-    return net
+    nets = [load_posterior_net(path, num_classes, device, expected_image_shape=shape)
+            for path in (cfg.posterior_net, *cfg.posterior_ensemble)]
+    for net in nets:
+        net.check_noise_std(cfg.noise_std)
+    return nets
 
 
 def ensure_default_nets(cfg, announce=print) -> None:
