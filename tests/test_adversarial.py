@@ -327,3 +327,20 @@ def test_missing_default_nets_are_trained_first_on_every_core_then_reused(tmp_pa
     data_posterior.ensure_default_nets(DirectScoreConfig(), announce=said.append)
     data_posterior.ensure_default_nets(DirectScoreConfig(posterior_net=str(tmp_path / "other")), announce=said.append)
     assert len(trained) == 2 and len(said) == 2
+
+
+def test_an_interrupted_default_posterior_net_is_resumed_not_reused(tmp_path, monkeypatch):
+    """A default run cut off after a checkpoint holds an intermediate EMA net (posterior_net/) but no results.json:
+    the one-command job resumes it rather than train against the unfinished net."""
+    from trainlib import data_posterior, posterior_training
+
+    monkeypatch.chdir(tmp_path)
+    for run, subdir in (("runs/scorenet-digits", "scorenet"), ("runs/posterior-digits", "posterior_net")):
+        (tmp_path / run / subdir).mkdir(parents=True)
+        (tmp_path / run / subdir / "config.json").write_text("{}")
+        (tmp_path / run / "config.json").write_text("{}")
+    (tmp_path / "runs/scorenet-digits/results.json").write_text("{}")  # the score net finished, the posterior net not
+    trained = []
+    monkeypatch.setattr(posterior_training, "train", lambda cfg: trained.append((cfg.out, cfg.resume)))
+    data_posterior.ensure_default_nets(DirectScoreConfig(), announce=lambda line: None)
+    assert trained == [("runs/posterior-digits", "latest")]

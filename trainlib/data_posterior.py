@@ -178,7 +178,11 @@ def ensure_default_nets(cfg, announce=print) -> None:
 
 
 def _saved(run: str, subdir: str) -> bool:
-    """Whether a finished network is saved in ``run`` (its folder holds a config file)."""
+    """Whether a finished network is saved in ``run``: its training run wrote results.json or, where ``run`` holds no
+    training run (a folder put there by hand), ``subdir`` holds a saved network. A run interrupted after a checkpoint
+    holds an intermediate EMA network and no results.json: it is resumed, not reused."""
+    if (Path(run) / "config.json").is_file():
+        return (Path(run) / "results.json").is_file()
     return any((Path(run) / subdir).glob("*config.json"))
 
 
