@@ -189,7 +189,9 @@ class PosteriorNetPosterior:
             raise ValueError("give at least one posterior net")
         if any(member.training for member in self.nets):
             raise ValueError("posterior net is in training mode (dropout active); call net.eval() first")
-        self.noise_std = min(member.check_noise_std(noise_std) for member in self.nets)  # the same float each time
+        for member in self.nets:
+            member.check_noise_std(noise_std)  # within each net's trained range
+        self.noise_std = check_noise_std(noise_std)
         classes = {member.num_classes for member in self.nets}
         if len(classes) > 1:
             raise ValueError(f"the posterior nets of an ensemble disagree on the number of classes: {sorted(classes)}")
