@@ -87,11 +87,12 @@ class CompareConfig:
         if self.n_test is not None and self.n_test < 1:
             raise ValueError(f"n_test must be >= 1, got {self.n_test}")
 
-    def risk_options(self, truth: str) -> score_risk.ScoreRiskConfig:
+    def risk_options(self, truth: str, first: bool = True) -> score_risk.ScoreRiskConfig:
+        """score_risk's options against ``truth``; AutoAttack (with ``--autoattack``) only for the first truth."""
         return score_risk.ScoreRiskConfig(runs=("-",), truth=truth, posterior_net=self.posterior_net,
                                           noise_std=self.noise_std, n_points=self.n_test or 10**9,
                                           pgd_steps=self.pgd_steps, restarts=self.restarts,
-                                          autoattack=self.autoattack)
+                                          autoattack=self.autoattack and first)
 
 
 @dataclass
@@ -147,7 +148,7 @@ def measure(classifier_source, truths: list[str], cfg: CompareConfig) -> dict:
     classifier = sources.open_classifier(classifier_source, dtype=torch.float32)
     records = {}
     for index, truth in enumerate(truths):
-        options = dataclasses.replace(cfg.risk_options(truth), autoattack=cfg.autoattack and index == 0)
+        options = cfg.risk_options(truth, first=index == 0)
         settings = options.settings({"truth": truth, "noise_std": cfg.noise_std, "posterior_net": cfg.posterior_net}
                                     | {"label": index == 0})
         records[truth] = sources.cached(classifier_source, f"{score_risk.RESULT_NAME}-{truth}", settings,
@@ -168,9 +169,9 @@ def _analyse(classifier, options, label_accuracy: bool) -> dict:
 def bayes_row(entry: Entry, cfg: CompareConfig) -> dict:
     """p_θ = p_d (the closed form): R_SCORE = 0; its label accuracies are the Bayes classifier's."""
     test = load_dataset(entry.config.dataset, "test", entry.config.data_dir)
-    options, device = cfg.risk_options("auto"), sources.compute_device()
-    truth, _ = score_risk.truth_posterior(test, entry.config.dataset, options, device)
-    return reference_row("Bayes (p_θ = p_d)", "bayes", truth, entry, cfg, ["auto"])
+    truth, _ = score_risk.truth_posterior(test, entry.config.dataset, cfg.risk_options("auto"),
+                                          sources.compute_device())
+    return reference_row("Bayes (p_θ = p_d)", "bayes", truth, test, entry, cfg, ["auto"])
 
 
 def estimator_rows(plan: list[Entry], cfg: CompareConfig, truths: list[str]) -> list[dict]:
@@ -193,22 +194,18 @@ def estimator_rows(plan: list[Entry], cfg: CompareConfig, truths: list[str]) -> 
                                    sources.compute_device())
         name = "posterior net" if len(nets) == 1 else f"ensemble of {len(nets)} posterior nets"
         rows.append(reference_row(f"{name} itself (p_θ = p_φ, σ {training.noise_std:g})", "posterior-net",
-                                  PosteriorNetPosterior(nets, training.noise_std), entry, cfg, truths))
+                                  PosteriorNetPosterior(nets, training.noise_std), test, entry, cfg, truths))
     return rows
 
 
-def reference_row(name: str, objective: str, posterior, entry: Entry, cfg: CompareConfig, truths: list[str]) -> dict:
-    """A row for the classifier p_θ = ``posterior`` (no training) on ``entry``'s test points and threat model."""
-    test = load_dataset(entry.config.dataset, "test", entry.config.data_dir)
-    device = sources.compute_device()
-    model = score_risk.BayesClassifier(posterior).eval()
-    runs = {}
-    for index, truth_name in enumerate(truths):
-        options = dataclasses.replace(cfg.risk_options(truth_name), autoattack=cfg.autoattack and index == 0)
-        truth, description = score_risk.truth_posterior(test, entry.config.dataset, options, device)
-        x, y = evaluation_points(test, range(min(options.n_points, len(test))), device)
-        record = score_risk.risk_record(model, x, y, truth, entry.config.eps, entry.config.norm, options, index == 0)
-        runs[truth_name] = [record | {"truth": description}]
+def reference_row(name: str, objective: str, posterior, test, entry: Entry, cfg: CompareConfig,
+                  truths: list[str]) -> dict:
+    """A row for the classifier p_θ = ``posterior`` (no training, nothing cached) on ``entry``'s test split ``test``
+    and threat model, measured as ``measure`` measures a trained run."""
+    settings = {"dataset": entry.config.dataset, "eps": entry.config.eps, "norm": entry.config.norm}
+    classifier = sources.Classifier(Path(name), score_risk.BayesClassifier(posterior).eval(), settings, test)
+    runs = {truth: [_analyse(classifier, cfg.risk_options(truth, first=index == 0), index == 0)]
+            for index, truth in enumerate(truths)}
     return {"name": name, "objective": objective, "seeds": [], "runs": runs, "train_seconds": []}
 
 
