@@ -78,6 +78,8 @@ class PosteriorOptions(ReadoutOptions):
                             "posterior-net")
     posterior_net: str | None = option("posterior net (run directory or posterior_net/ folder)",
                                        DEFAULT_POSTERIOR_NET)
+    posterior_ensemble: tuple[str, ...] = option(
+        "further posterior nets: p_d is the mean of their probabilities and --posterior-net's (a deep ensemble)", ())
     noise_std: float = option("sigma of p_sigma(y|x) ([0, 1] data units, std)", DEFAULT_NOISE_STD)
     anchor: str = option(f"posterior=scorenet: the anchor, {' | '.join(ANCHORS)}", "posterior-net")
     anchor_smoothing: float = option("anchor=label: its smoothing", DEFAULT_ANCHOR_SMOOTHING)
@@ -88,7 +90,8 @@ class PosteriorOptions(ReadoutOptions):
         if self.posterior == "analytic":
             raise ValueError("posterior=analytic is implied on gmm-* data; on image data choose "
                              f"{', '.join(POSTERIORS[:3])}")
-        check_posterior_options(self.posterior, self.anchor, self.scorenet, self.posterior_net, "", True)
+        check_posterior_options(self.posterior, self.anchor, self.scorenet, self.posterior_net, "", True,
+                                self.posterior_ensemble)
         if not 0 < self.anchor_smoothing < 1:
             raise ValueError(f"anchor_smoothing must be in (0, 1), got {self.anchor_smoothing}")
 

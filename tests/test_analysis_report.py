@@ -170,6 +170,13 @@ def test_score_net_path_runs_both_theorems(tmp_path):
     assert records[0]["settings"]["posterior"] == {
         "kind": "estimate, as in direct SCORE training", "posterior": "posterior-net", "noise_std": 0.2,
         "posterior_net": str(posterior_net), "scorenet": "runs/scorenet-digits"}
+    member = tmp_path / "member"  # --posterior-ensemble: a deep ensemble as the data posterior, as in training
+    build_posterior_net("tiny8", 10, (1, 8, 8), 0.05, 0.5, block_out_channels=(8, 16), norm_num_groups=4
+                        ).save_pretrained(member, safe_serialization=True)
+    ensemble = alignment.main([str(weights), "--posterior-net", str(posterior_net), "--posterior-ensemble",
+                               str(member), *options, "--out", str(tmp_path / "ensemble")])
+    assert list(ensemble[0]["settings"]["posterior"]["posterior_ensemble"]) == [str(member)]
+    assert ensemble[0]["terms"] != records[0]["terms"]  # another p_d: other data gradients
     records = smoothing.main([str(weights), "--scorenet", str(net), "--sigmas", "0.2", "--n-points", "4",
                               "--n-noise", "2", "--out", str(tmp_path / "out")])
     assert records[0]["n_samples"] == 8 and records[0]["settings"]["class_score"] == str(net)

@@ -245,6 +245,8 @@ ROWS = [
         "{in}/sn-3class-8x8", "--out", "{out}"),
     row("alignment", "anchor_smoothing must be in (0, 1)", "{in}/run-config-only", "--anchor-smoothing", "0",
         "--out", "{out}"),
+    row("alignment", "--posterior-ensemble adds posterior nets, but posterior=empirical", "{in}/run-config-only",
+        "--posterior", "empirical", "--posterior-ensemble", "{in}/pn-10class-8x8", "--out", "{out}"),
     row("smoothing", "noise_std σ must be a positive finite number", "{in}/classifier-digits.safetensors",
         "--scorenet", "{in}/sn-3class-8x8", "--sigmas", "0.1", "0", "--out", "{out}"),
     row("smoothing", "give at least one noise std", "{in}/run-config-only", "--sigmas", "--out", "{out}"),
