@@ -157,6 +157,7 @@ ROWS = [
     row("train_posterior", "need 0 < sigma_min < sigma_max", *SN, "--sigma-min", "0.5", "--sigma-max", "0.1"),
     row("train_posterior", "the DLSM term needs a score net", *SN, "--scorenet", "none"),
     row("train_posterior", "ce_weight must be > 0", *SN, "--ce-weight", "0"),
+    row("train_posterior", "--train-samples draws from a known distribution", *SN, "--train-samples", "100"),
     row("train_posterior", "unknown posterior-net preset 'huge'", *SN, "--preset", "huge"),
     row("train_posterior", "score net not found", *SN, "--scorenet", "{in}/missing-scorenet"),
     row("train_posterior", "holds a score net for 3 classes, expected 10", *SN, "--scorenet", "{in}/sn-3class-8x8"),

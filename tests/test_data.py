@@ -107,6 +107,22 @@ def test_gaussian_mixture_toys_expose_the_exact_mixture():
     assert torch.equal(load_dataset("gmm-4x4", "test").tensors()[0], load_dataset("gmm-4x4", "test").tensors()[0])
 
 
+def test_train_samples_draw_a_larger_train_split_of_the_same_distribution():
+    """--train-samples N (estimators studied at more data): N train samples of the same mixture, the other splits
+    unchanged; refused where the distribution is unknown."""
+    large = load_dataset("gmm-8x8", "train", train_samples=40_000)
+    assert len(large) == 40_000 and large.mixture is not None
+    x, y = large.tensors()
+    labels = torch.bincount(y, minlength=10).double() / len(y)
+    assert torch.all((labels - 0.1).abs() < 0.01)  # uniform priors
+    assert abs(x.std().item() - (0.1**2 + 0.15**2) ** 0.5) < 0.005
+    assert not torch.equal(x[:10_000], load_dataset("gmm-8x8", "train").tensors()[0])
+    assert torch.equal(load_dataset("gmm-8x8", "test", train_samples=40_000).tensors()[0],
+                       load_dataset("gmm-8x8", "test").tensors()[0])
+    with pytest.raises(ValueError, match="--train-samples draws from a known distribution"):
+        load_dataset("digits", "train", train_samples=100)
+
+
 # -- npz files ---------------------------------------------------------------------------------------------------
 def _npz(path, **arrays):
     np.savez(path, **arrays)

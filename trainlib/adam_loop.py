@@ -45,6 +45,8 @@ class AdamLoopOptions(EngineOptions):
     dataset: str = option("digits (embedded 8x8) | cifar10 | cifar100 | gmm-8x8 | gmm-4x4 | digits-mixture | npz:PATH",
                           "digits")
     data_dir: str = option("where CIFAR is downloaded to / read from", "data")
+    train_samples: int | None = option("gmm-* / digits-mixture: draw a train sample of this size from the known "
+                                       "distribution (none: the fixed 10,000 every classifier trains on)", None, ge=1)
     augment: Literal["auto", "on", "off"] = option("random horizontal flips; auto: on for CIFAR only", "auto")
     # optimization
     batch_size: int = option("global batch size (all processes, after accumulation)", 64, ge=1)
@@ -69,7 +71,7 @@ def open_training_data(cfg: AdamLoopOptions) -> tuple[object, ImageDataset, int]
     accelerator = cfg.accelerator()
     micro_batch = cfg.micro_batch(cfg.batch_size, accelerator.num_processes)
     with accelerator.main_process_first():
-        train_set = load_dataset(cfg.dataset, "train", cfg.data_dir)
+        train_set = load_dataset(cfg.dataset, "train", cfg.data_dir, train_samples=cfg.train_samples)
     return accelerator, train_set, micro_batch
 
 

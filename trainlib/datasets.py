@@ -16,7 +16,8 @@ Datasets (``load_dataset(name, split, data_dir)``; splits "train", "val", "test"
   cifar10    torchvision CIFAR-10 / CIFAR-100, downloaded into ``data_dir`` (md5-verified pickles).
   cifar100   As in the public code, val = the first 1,024 training images, train = the other 48,976.
   gmm-8x8    ``GaussianMixture`` toys rendered as images (``TOY_MIXTURES``; ``toy_mixture(name)`` gives the
-  gmm-4x4    exact mixture): fixed-seed samples, 10,000 train / 1,000 val / 2,000 test.
+  gmm-4x4    exact mixture): fixed-seed samples, 10,000 train / 1,000 val / 2,000 test (``train_samples``: a larger
+             fixed-seed train sample, for estimators studied at more data than the classifiers get).
   digits-mixture  a digit mixture with exact truth: p_d = (1/N) Σ_i N(x_i, h²I) over the N = 1,257 training digits
              (``datagrad.KernelMixture``, h = 0.1; ``digits-mixture:H`` for another h), sampled afresh with fixed
              seeds, 10,000 train / 1,000 val / 2,000 test: the images look like digits, p_σ(y|x) is exact at every σ
@@ -202,13 +203,15 @@ def dataset_mixture(name: str):
     return None
 
 
-def _load_sampled(name: str, split: str) -> ImageDataset:
-    """A fixed-seed sample of a toy distribution (gmm-*, digits-mixture), not clipped, with its exact mixture."""
+def _load_sampled(name: str, split: str, train_samples: int | None = None) -> ImageDataset:
+    """A fixed-seed sample of a toy distribution (gmm-*, digits-mixture), not clipped, with its exact mixture;
+    ``train_samples`` replaces the train part's 10,000."""
     mixture = dataset_mixture(name)
     parts = ["train", "val"] if split == "trainval" else [split]
+    sizes = _TOY_SIZES | ({"train": train_samples} if train_samples else {})
     pixels, labels = [], []
     for part in parts:
-        x, y = mixture.sample(_TOY_SIZES[part], torch.Generator().manual_seed(_TOY_SEEDS[part]))
+        x, y = mixture.sample(sizes[part], torch.Generator().manual_seed(_TOY_SEEDS[part]))
         pixels.append(x.permute(0, 2, 3, 1).numpy())  # [n, side, side, 1]
         labels.append(y.numpy())
     return ImageDataset(
@@ -244,17 +247,21 @@ def has_closed_form(name: str) -> bool:
 
 
 def load_dataset(
-    name: str, split: str = "train", data_dir: str | os.PathLike = "data", num_classes: int | None = None
+    name: str, split: str = "train", data_dir: str | os.PathLike = "data", num_classes: int | None = None,
+    train_samples: int | None = None,
 ) -> ImageDataset:
-    """Load a named dataset split (see module docstring); ``num_classes`` bounds labels of npz data."""
+    """Load a named dataset split (see module docstring); ``num_classes`` bounds labels of npz data;
+    ``train_samples`` (sampled toys only) the size of their train sample (none: 10,000)."""
     _check_split(split)
     check_dataset_name(name)
+    if train_samples is not None and not has_closed_form(name):
+        raise ValueError(f"--train-samples draws from a known distribution (gmm-*, digits-mixture), not {name!r}")
     if name.startswith("npz:"):
         return _load_npz_split(name[len("npz:") :], split, num_classes)
     if name == "digits":
         return _load_digits(split, data_dir)
     if name in ("cifar10", "cifar100"):
         return _load_cifar(name, split, data_dir)
-    return _load_sampled(name, split)  # gmm-*, digits-mixture[:H]
+    return _load_sampled(name, split, train_samples)  # gmm-*, digits-mixture[:H]
 
 
