@@ -199,6 +199,11 @@ def test_training_writes_a_loadable_net_and_resume_latest_gives_the_same_weights
     assert straight["steps"] == 6 and straight["sigma_range"] == [0.05, 0.5]
     net = load_posterior_net(tmp_path / "straight", expected_num_classes=3)
     assert net.config.sigma_min == 0.05 and net.image_shape == (1, 4, 4)
+    results = (tmp_path / "straight" / "results.json").read_bytes()
+    (tmp_path / "straight" / "results.json").unlink()  # as while the run still trains: an intermediate EMA net
+    with pytest.warns(UserWarning, match="unfinished training run .* last checkpoint"):
+        load_posterior_net(tmp_path / "straight")
+    (tmp_path / "straight" / "results.json").write_bytes(results)
     train(_tiny_config(tmp_path, "cut"))
     shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step_000006")  # as if killed after the step-3 checkpoint
     train(_tiny_config(tmp_path, "cut", resume="latest"))  # recomputes steps 4-6

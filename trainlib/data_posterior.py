@@ -29,6 +29,7 @@ import torch
 
 from .datasets import ImageDataset
 from .objectives import PosteriorProvider, fixed_posterior
+from .rundir import is_unfinished_run
 
 POSTERIORS = ("posterior-net", "scorenet", "empirical", "analytic")
 ANCHORS = ("posterior-net", "label")
@@ -182,7 +183,7 @@ def _saved(run: str, subdir: str) -> bool:
     training run (a folder put there by hand), ``subdir`` holds a saved network. A run interrupted after a checkpoint
     holds an intermediate EMA network and no results.json: it is resumed, not reused."""
     if (Path(run) / "config.json").is_file():
-        return (Path(run) / "results.json").is_file()
+        return not is_unfinished_run(run)
     return any((Path(run) / subdir).glob("*config.json"))
 
 

@@ -31,6 +31,7 @@ from .cli import checking_input
 from .config import option
 from .files import atomic_directory
 from .npz import load_generated, shard_paths
+from .rundir import saved_network_dir
 
 POSTERIOR_SUBDIR = "posterior_net"  # <run>/posterior_net: the EMA posterior net, PosteriorNet.from_pretrained
 PRESET_BY_IMAGE_SIZE = {4: "tiny8", 8: "tiny8", 16: "small16", 32: "cifar32"}
@@ -71,12 +72,9 @@ class PosteriorNetConfig(AdamLoopOptions):
 
 def find_posterior_dir(path: str | os.PathLike) -> Path:
     """The saved posterior net at ``path``: a ``save_pretrained`` folder, or a run directory holding posterior_net/."""
-    path = Path(path)
-    if not path.exists():
+    if not Path(path).exists():
         raise FileNotFoundError(f"posterior net not found: {path} (train one with train/train_posterior.py)")
-    if (path / POSTERIOR_SUBDIR).is_dir() and not (path / PosteriorNet.config_name).exists():
-        return path / POSTERIOR_SUBDIR
-    return path
+    return saved_network_dir(path, POSTERIOR_SUBDIR, PosteriorNet.config_name)
 
 
 def load_posterior_net(

@@ -27,6 +27,7 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
@@ -89,6 +90,24 @@ def drop_partial_last_line(path: str | os.PathLike, chunk: int = 1 << 16) -> boo
             position = start
         f.truncate(0)
         return True
+
+
+def is_unfinished_run(path: str | os.PathLike) -> bool:
+    """A training run directory (config.json) without results.json: still running, or interrupted. The networks a
+    run saves at each checkpoint (score net, posterior net) are then intermediate EMA networks."""
+    return (Path(path) / "config.json").is_file() and not (Path(path) / "results.json").is_file()
+
+
+def saved_network_dir(path: str | os.PathLike, subdir: str, config_name: str) -> Path:
+    """The folder of a network saved at ``path``: the folder itself, or a run directory's ``subdir`` (with a warning
+    when that run has not finished: its network is the last checkpoint's)."""
+    path = Path(path)
+    if (path / subdir).is_dir() and not (path / config_name).exists():
+        if is_unfinished_run(path):
+            warnings.warn(f"{path} is an unfinished training run (no results.json): {subdir}/ holds the EMA network "
+                          "of its last checkpoint", stacklevel=3)
+        return path / subdir
+    return path
 
 
 def check_fresh_start(path: str | os.PathLike, resume: bool) -> None:

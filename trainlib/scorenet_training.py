@@ -37,6 +37,7 @@ from scorenets.unet import CONFIG_NAME
 from .adam_loop import AdamLoopOptions, batch_loader, fit, open_training_data
 from .cli import checking_input
 from .config import option
+from .rundir import saved_network_dir
 
 SCORENET_SUBDIR = "scorenet"  # <run>/scorenet: the EMA score net, readable with ScoreNet.from_pretrained
 PRESET_BY_IMAGE_SIZE = {8: "tiny8", 16: "small16", 32: "cifar32"}
@@ -66,12 +67,9 @@ class ScoreNetConfig(AdamLoopOptions):
 # -- loading a trained score net -----------------------------------------------------------------------------------
 def find_scorenet_dir(path: str | os.PathLike) -> Path:
     """The saved score net at ``path``: a ``save_pretrained`` folder, or a run directory holding ``scorenet/``."""
-    path = Path(path)
-    if not path.exists():
+    if not Path(path).exists():
         raise FileNotFoundError(f"score net not found: {path} (train one with train/train_scorenet.py)")
-    if (path / SCORENET_SUBDIR).is_dir() and not (path / CONFIG_NAME).exists():
-        return path / SCORENET_SUBDIR
-    return path
+    return saved_network_dir(path, SCORENET_SUBDIR, CONFIG_NAME)
 
 
 def load_scorenet(
