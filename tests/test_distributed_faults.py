@@ -125,3 +125,24 @@ def test_a_finished_run_destroys_its_process_group(monkeypatch):
         if dist.is_initialized():
             dist.destroy_process_group()
         AcceleratorState._reset_state(reset_partial_state=True)  # later tests build their own single-process state
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_a_process_of_a_multi_process_run_ends_without_interpreter_finalization(world_size):
+    """With WORLD_SIZE > 1, run_cli ends the process by os._exit after flushing stdio, whether the run finished (0)
+    or stopped with one of its codes (here 2): finalizing with gloo's threads alive sometimes aborted with SIGABRT
+    after the results were written. An atexit handler shows whether finalization ran; in one process it does."""
+    code = ("import atexit, sys\nfrom trainlib.cli import checking_input, run_cli\n"
+            "atexit.register(print, 'finalized')\n"
+            "def finished():\n    print('results written')\n    return 1\n"
+            "def bad_input():\n    with checking_input():\n        raise ValueError('eps must be > 0')\n"
+            "run_cli(finished if sys.argv[1] == 'finished' else bad_input)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WORLD_SIZE": world_size, "RANK": "1"}
+    finalized = world_size == "1"
+    result = subprocess.run([sys.executable, "-c", code, "finished"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and result.stdout.startswith("results written\n")
+    assert ("finalized" in result.stdout) == finalized
+    result = subprocess.run([sys.executable, "-c", code, "bad_input"], capture_output=True, text=True, env=env)
+    prefix = "" if finalized else "[rank 1] "
+    assert result.returncode == 2 and result.stderr == f"{prefix}error: eps must be > 0\n"
+    assert ("finalized" in result.stdout) == finalized

@@ -14,6 +14,11 @@ status a job scheduler can act on (set TRAINLIB_DEBUG=1 to see tracebacks always
 
 Every other exception keeps its traceback and its own exit status: a ValueError raised in the middle of a run (after
 files were written) is a failure, not bad input.
+
+A process of a multi-process run (``WORLD_SIZE`` > 1) that finishes or stops with one of these codes ends without
+interpreter finalization (stdio flushed, then ``os._exit``): finalizing with gloo's threads alive aborts now and then
+("terminate called without an active exception", SIGABRT), even after the process group is destroyed, and that
+would replace the status. Every file a run writes is flushed and closed by then.
 """
 
 from __future__ import annotations
@@ -89,7 +94,8 @@ def _end_distributed() -> None:
     """Destroy the default process group after a finished run (accelerate's ``PartialState.destroy_process_group``).
 
     Left alive, gloo's threads can outlive the interpreter: ~1 in 6 two-process CPU runs aborted at exit with
-    "terminate called without an active exception" after writing every result. A no-op in a single process.
+    "terminate called without an active exception" after writing every result. Destroying it made that rare, not
+    impossible, so such a process then also ends without finalization (module docstring). A no-op in one process.
     """
     import torch.distributed
 
@@ -99,23 +105,38 @@ def _end_distributed() -> None:
         PartialState().destroy_process_group()
 
 
+def _multi_process() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _end_process(code: int) -> NoReturn:
+    """Exit with ``code``; in a multi-process run without interpreter finalization (module docstring)."""
+    if not _multi_process():
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _exit_with(message: str, code: int) -> NoReturn:
     _close_progress_bars()
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    prefix = f"[rank {os.environ.get('RANK', '0')}] " if world_size > 1 else ""
+    prefix = f"[rank {os.environ.get('RANK', '0')}] " if _multi_process() else ""
     print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
+    _end_process(code)
 
 
 def run_cli(main: Callable[[], T]) -> T:
     """Run an entry point; what stops it becomes one ``error:`` line and the exit status of the module docstring.
 
-    Bad input is an ``InputError`` (``checking_input``); every other exception propagates with its traceback.
+    Bad input is an ``InputError`` (``checking_input``); every other exception propagates with its traceback. In a
+    single process it returns what ``main`` returns; a process of a multi-process run exits 0 instead.
     """
     debug = bool(os.environ.get("TRAINLIB_DEBUG"))
     try:
         result = main()
         _end_distributed()
+        if _multi_process():
+            _end_process(0)
         return result
     except InputError as e:
         if debug:
