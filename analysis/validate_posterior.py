@@ -8,10 +8,10 @@ attack (``norm``, ``eps``, ``pgd_steps`` PGD steps of ``step_size`` from a unifo
 iterate), the noise std σ (``noise_std``, [0, 1] data units), the posterior net, the score net, the label anchor's
 smoothing, the distance and the seed; the classifier p_θ whose loss the attack maximizes is the recipe's trained run
 (``--classifier``, default the recipe's ``out``). For every estimator and split, on the first ``--n-points`` points,
-the attack is the training attack (``trainlib.objectives.DirectScore``: PGD on D(p̂(·|x') ‖ p_θ(·|x')) with the
-estimate's full gradient, or through p_θ only where the recipe says ``attack_gradient: model``, through
-``datagrad.self_consistent_distance``), so each estimator is read along the path it would itself drive, with its own
-random start. Estimators (``--estimators``):
+the attack is the training attack (``trainlib.objectives.DirectScore.inner_max``: PGD on D(p̂(·|x') ‖ p_θ(·|x')) with
+the estimate's full gradient, or through p_θ only where the recipe says ``attack_gradient: model``, and one more PGD
+per further entry of ``attack_losses``), so each estimator is read along the path(s) it would itself drive, with its
+own random start(s), and at the point training keeps. Estimators (``--estimators``):
 
     posterior-net        p_φ(·|x', σ) of the posterior net (autograd)
     trajectory           the score-net trajectory anchored at p_φ(·|x, σ) (the default for --posterior scorenet)
@@ -23,7 +23,8 @@ its kernel mixture), and on real data the **exact smoothed posterior of the trai
 p_σ(y|x) ∝ Σ_{i: y_i = y} N(x; x_i, σ²I) (``datagrad.KernelMixture``), which is what the score net's DSM and the
 posterior net's cross-entropy converge to on that set.
 
-At every point x_t of the path (t = 0: the random start, …, t = T: the last iterate, where training reads its target),
+At every point x_t of the path (t = 0: the random start, …, t = T: the last iterate, where training reads its target;
+with several ``attack_losses`` their paths follow one another in t and the last row is the point training keeps),
 with p̂ the estimate as training sees it there (for the trajectory at x_T: its zero-call left-point value):
 
     TV         ½ Σ_y |p̂(y|x_t) − p_σ(y|x_t)|                        (median, p90, mean)
@@ -54,17 +55,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from datagrad import KernelMixture, self_consistent_distance, worst_case
+from datagrad import KernelMixture, worst_case
 from datagrad.seeding import seeded_generator
 from scorenets import check_noise_std
-from trainlib.adversarial import AdversarialConfig
-from trainlib.attack_mode import attack_mode
+from trainlib.adversarial import AdversarialConfig, make_objective
 from trainlib.cli import checking_input, run_cli
 from trainlib.config import config_to_dict, load_recipe, option, parse_config
 from trainlib.data_posterior import PosteriorSpec, posterior_provider
 from trainlib.datasets import load_dataset
 from trainlib.files import atomic_write_json, atomic_write_text
-from trainlib.objectives import attack_from_threat
 from trainlib.rundir import git_revision, package_versions
 
 from .markdown import markdown_table
@@ -171,22 +170,18 @@ def estimator_spec(training: AdversarialConfig, estimator: str, sigma: float) ->
 
 
 def read_path(provider, truth, model, training: AdversarialConfig, x: Tensor, y: Tensor, seed: int) -> list[dict]:
-    """Run the training attack with the estimate ``provider(x, y)``; the metrics at every point of its path."""
+    """Run the training attack (``DirectScore.inner_max`` of the recipe) with the estimate ``provider(x, y)``; the
+    metrics at every point of its path(s) and at the point trained on."""
     posterior = provider(x, y)
-    attack = attack_from_threat(training)
     records = []
 
-    def loss(z: Tensor) -> Tensor:
-        value = self_consistent_distance(model, z, posterior, training.distance,  # extends a trajectory to z
-                                         data_gradient=training.attack_gradient == "full")
+    def watch(z: Tensor) -> None:  # after the attack's loss at z (which extends a trajectory to z)
         with torch.no_grad():
-            log_p_hat = posterior.log_posterior(z.detach())
-        records.append(point_metrics(log_p_hat, posterior.grad_log_posterior(z.detach()), truth, z.detach(), y))
-        return value
+            log_p_hat = posterior.log_posterior(z)
+        records.append(point_metrics(log_p_hat, posterior.grad_log_posterior(z), truth, z, y))
 
     generator = seeded_generator(seed, 0, 0, 0, 0, device=x.device)  # the training attack's generator at step 0
-    with attack_mode(model, training.attack_bn):
-        x_adv = attack.maximize(loss, x, generator)
+    x_adv = make_objective(training, provider).inner_max(model, x, y, posterior, generator, watch)
     with torch.no_grad():
         log_p_hat = posterior.log_posterior(x_adv)  # the training target: before any extension to x_T
     records.append(point_metrics(log_p_hat, posterior.grad_log_posterior(x_adv), truth, x_adv, y))

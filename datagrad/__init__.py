@@ -13,7 +13,7 @@ from .alignment import AlignmentTerms, alignment_terms, dual_exponent, expansion
 from .attacks import PGD, GridSearch, pgd, project, uniform_in_ball
 from .distances import DISTANCES, Distance, get_distance
 from .kernels import KernelMixture
-from .losses import madry_distance, self_consistent_distance, self_consistent_kl
+from .losses import data_margin, log_odds_margin, madry_distance, self_consistent_distance, self_consistent_kl
 from .posteriors import (
     DataPosterior,
     attach_log_posterior,
@@ -56,12 +56,14 @@ __all__ = [
     "check_corollary1",
     "check_num_classes",
     "check_theorem1",
+    "data_margin",
     "dual_exponent",
     "expansion_check",
     "gaussian_risk_samples",
     "get_distance",
     "intrinsic_risk",
     "is_differentiable",
+    "log_odds_margin",
     "loglog_slope",
     "madry_distance",
     "madry_risk",

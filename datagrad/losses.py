@@ -9,12 +9,17 @@ and the parameter gradient is that of the soft-label cross-entropy −Σ_y p_d(y
 p_d does not depend on θ. Both come from autograd: log p_d enters through
 :func:`datagrad.posteriors.attach_log_posterior`, whose input gradient is the posterior's data gradient.
 The same holds for every distance in :mod:`datagrad.distances` (chain rule through p_d and p_θ).
+
+``log_odds_margin`` is the margin log p(y|x) − max_{k≠y} log p(k|x) of any log-posterior; ``data_margin`` is its
+negative for p_d, the loss of an attack that moves p_d(·|x') off a label (its input gradient is the data gradient
+alone).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
 from .distances import Distance, get_distance
@@ -64,3 +69,18 @@ def madry_distance(
             f"clean posterior has shape {tuple(log_p_clean.shape)}"
         )
     return distance(log_p_clean.detach().to(logits.dtype), logits.log_softmax(dim=1))
+
+
+def log_odds_margin(log_p: Tensor, label: Tensor) -> Tensor:
+    """log p(label|x) − max_{k ≠ label} log p(k|x) from log-probabilities [B, K]: [B]."""
+    rows = torch.arange(len(label), device=label.device)
+    own = log_p[rows, label]
+    others = log_p.clone()
+    others[rows, label] = -torch.inf
+    return own - others.amax(dim=1)
+
+
+def data_margin(x: Tensor, posterior: DataPosterior, label: Tensor) -> Tensor:
+    """Per-example −[log p_d(y|x) − max_{k≠y} log p_d(k|x)]: [B], differentiable in x through the data gradient
+    (``attach_log_posterior``). PGD on it moves x towards where p_d names another class than y."""
+    return -log_odds_margin(at_least_float32(attach_log_posterior(posterior, x)), label)

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .attacks import pgd
 from .distances import get_distance
-from .losses import Model
+from .losses import Model, log_odds_margin
 from .posteriors import DataPosterior, attach_log_posterior, check_num_classes
 from .precision import at_least_float32
 from .seeding import derived_seed
@@ -55,15 +55,6 @@ class WorstCase:
     agreement: Tensor  # argmax p_θ = argmax p_d at the ℓ1-worst point (bool)
     per_attack: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # attack -> reported -> [B]
     worst_l1_points: Tensor | None = None  # [B, ...]
-
-
-def _margin(log_p: Tensor, label: Tensor) -> Tensor:
-    """log p(label|x) − max_{k ≠ label} log p(k|x): [B]."""
-    rows = torch.arange(len(label), device=label.device)
-    own = log_p[rows, label]
-    others = log_p.clone()
-    others[rows, label] = -torch.inf
-    return own - others.amax(dim=1)
 
 
 def _log_probs(model: Model, x: Tensor) -> Tensor:
@@ -134,9 +125,9 @@ def worst_case(
             if attack == "kl":
                 return KL(log_p.to(log_q.dtype), log_q)
             if attack == "data-margin":
-                return -_margin(log_p, data_label)
+                return -log_odds_margin(log_p, data_label)
             if attack == "model-margin":
-                return -_margin(log_q, model_label)
+                return -log_odds_margin(log_q, model_label)
             return KL(log_p_clean.to(log_q.dtype), log_q)  # madry-kl
 
         for restart in range(restarts):

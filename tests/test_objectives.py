@@ -281,6 +281,52 @@ def test_direct_score_attack_increases_score_kl(setup):
     assert adv.mean() > score_kl(random_points).mean() + 0.5 * (adv.mean() - clean.mean())
 
 
+def reference_data_margin(mixture, y):
+    """−[log p_d(y|z) − max_{k≠y} log p_d(k|z)] with explicit torch ops: z [B, ...] -> [B]."""
+    def loss(z):
+        log_p = mixture.log_posterior(z)
+        own = log_p.gather(1, y[:, None])[:, 0]
+        return log_p.masked_fill(F.one_hot(y, K).bool(), -torch.inf).amax(dim=1) - own
+    return loss
+
+
+def test_direct_score_with_a_data_margin_attack_trains_on_the_point_of_larger_distance(setup):
+    """attack_losses ("distance", "data-margin"): two PGDs from consecutive random starts of one generator; per example
+    the last iterate with the larger KL(p_d(·|x') || p_θ(·|x')), computed here in numpy."""
+    mixture, x, y, model = setup
+    out = run(build("direct-score", mixture, attack_losses=("distance", "data-margin")), model, x, y, seed=4)
+    generator = torch.Generator().manual_seed(4)
+    on_distance = hand_written_pgd(reference_attack_loss("direct-score", model, mixture, x, y), x, 0.15, 0.05, 4,
+                                   "linf", generator)
+    on_margin = hand_written_pgd(reference_data_margin(mixture, y), x, 0.15, 0.05, 4, "linf", generator)
+
+    def score_kl(z):
+        with torch.no_grad():
+            return np_kl(mixture.log_posterior(z).exp().numpy(), np_softmax(model(z)))
+
+    margin_wins = torch.from_numpy(score_kl(on_margin) > score_kl(on_distance))
+    assert 0 < margin_wins.sum() < len(x)  # both attacks are kept somewhere: the selection is exercised
+    expected = torch.where(margin_wins.view(-1, 1, 1, 1), on_margin, on_distance)
+    torch.testing.assert_close(out.x_adv, expected, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(out.loss.item(), np.maximum(score_kl(on_margin), score_kl(on_distance)).mean(),
+                               rtol=1e-10)
+
+
+def test_data_margin_attack_reaches_the_closed_form_maximizer():
+    """Two isotropic Gaussians with one std and equal priors: log p_d(y|x) − log p_d(k|x) = (μ_y − μ_k)·x / s² + c is
+    linear, so over B_∞(x, ε) ∩ [0, 1] it is lowest at clamp(x − ε·sign(μ_y − μ_k)); PGD reaches it exactly."""
+    means = torch.tensor([[0.3] * 8 + [0.7] * 8, [0.6] * 4 + [0.4] * 12], dtype=torch.float64)
+    mixture = GaussianMixture(means, stds=[0.2, 0.2], priors=[0.5, 0.5], event_shape=SHAPE)
+    x, y = mixture.sample(32, torch.Generator().manual_seed(6), dtype=torch.float64)
+    x = x.clamp(0, 1)
+    model = build_model("mlp", 2, in_channels=1, image_size=4).double()
+    objective = build_objective("direct-score", threat(eps=0.1, step_size=0.05, pgd_steps=8),
+                                attack_losses=("data-margin",), posterior_provider=fixed_posterior(mixture))
+    x_adv = objective.inner_max(model, x, y, mixture, torch.Generator().manual_seed(0))
+    direction = (means[y] - means[1 - y]).sign().view_as(x)
+    torch.testing.assert_close(x_adv, (x - 0.1 * direction).clamp(0, 1), rtol=0, atol=1e-12)
+
+
 class CountingPosterior:
     """Wraps a posterior and records the calls the direct-SCORE objective makes."""
 
@@ -421,6 +467,13 @@ def test_build_objective_rejects_bad_input():
         build_objective("direct-score", threat(), attack_gradient="data", posterior_provider=fixed_posterior(mixture))
     with pytest.raises(ValueError, match="attack_gradient 'model' is used by direct-score only, not 'trades-se'"):
         build_objective("trades-se", threat(), attack_gradient="model")
+    with pytest.raises(ValueError, match="unknown attack loss 'label-margin'"):
+        build_objective("direct-score", threat(), attack_losses=("distance", "label-margin"),
+                        posterior_provider=fixed_posterior(mixture))
+    with pytest.raises(ValueError, match="attack_losses needs at least one"):
+        build_objective("direct-score", threat(), attack_losses=(), posterior_provider=fixed_posterior(mixture))
+    with pytest.raises(ValueError, match=r"attack_losses \['data-margin'\] are used by direct-score only"):
+        build_objective("pgd-at", threat(), attack_losses=("data-margin",))
     model = build_model("mlp", K, in_channels=1, image_size=4)
     with pytest.raises(ValueError, match="integer labels"):
         build_objective("standard")(model, model, torch.rand(4, *SHAPE), torch.rand(4))

@@ -156,21 +156,23 @@ def test_real_digits_truth_is_the_exact_smoothed_training_posterior(tmp_path):
     assert train_start["label_truth"]["median"] > 0.5  # near a training digit, the kernel sum keeps its label
 
 
-@pytest.mark.parametrize("attack_gradient", ["full", "model"])
-def test_the_path_ends_where_the_training_objective_attacks(attack_gradient):
-    """read_path's last point is DirectScore's x' (same generator, same attack gradient): its metrics match."""
+@pytest.mark.parametrize("attack_gradient, attack_losses", [("full", ("distance",)), ("model", ("distance",)),
+                                                            ("full", ("distance", "data-margin"))])
+def test_the_path_ends_where_the_training_objective_attacks(attack_gradient, attack_losses):
+    """read_path's last point is DirectScore's x' (same generator, attack gradient and attacks): its metrics match."""
     mixture = toy_mixture("gmm-8x8")
     training = AdversarialConfig(dataset="gmm-8x8", model="mlp", objective="direct-score", eps=0.08, step_size=0.04,
-                                 pgd_steps=3, attack_gradient=attack_gradient)
+                                 pgd_steps=3, attack_gradient=attack_gradient, attack_losses=attack_losses)
     model = trained_mlp().double()
     x, y = load_dataset("gmm-8x8", "test").tensors()
     x, y = x[:32].double(), y[:32]
     truth = mixture.at(0.08)
     path = vp.read_path(lambda *_: mixture, truth, model, training, x, y, seed=3)
-    objective = build_objective("direct-score", training, attack_gradient=attack_gradient,
+    objective = build_objective("direct-score", training, attack_gradient=attack_gradient, attack_losses=attack_losses,
                                 posterior_provider=fixed_posterior(mixture))
     x_adv = objective(model, model, x, y, seeded_generator(3, 0, 0, 0, 0)).x_adv
     expected = vp.point_metrics(mixture.log_posterior(x_adv), mixture.grad_log_posterior(x_adv), truth, x_adv, y)
     assert path[-1] == expected
+    assert len(path) == len(attack_losses) * training.pgd_steps + 1  # the points each attack steps from, then x'
     other = dataclasses.replace(training, attack_gradient="full" if attack_gradient == "model" else "model")
     assert vp.read_path(lambda *_: mixture, truth, model, other, x, y, seed=3)[-1] != expected

@@ -92,6 +92,10 @@ class AdversarialConfig(EngineOptions):
     attack_gradient: Literal["full", "model"] = option(
         "direct-score attack: gradient through p_d and p_theta (full, SCORE's) or through p_theta only (model: "
         "p_d(.|x') held at its value, an ablation)", "full")
+    attack_losses: tuple[str, ...] = option(
+        "direct-score attacks, one PGD each from its own random start; per example the point with the largest D is "
+        "trained on: distance (SCORE's inner max) | data-margin (moves p_d(.|x') off the label: -[log p_d(y|x') - "
+        "max_k!=y log p_d(k|x')])", ("distance",))
     # threat model (training attack and evaluation)
     norm: Literal["linf", "l2"] = option("threat model norm", "linf")
     eps: float = option("radius of the threat ball in [0, 1] pixel units", 0.2, gt=0)
@@ -153,6 +157,9 @@ class AdversarialConfig(EngineOptions):
         if self.objective == "direct-score":
             check_posterior_options(self.posterior, self.anchor, self.scorenet, self.posterior_net, self.dataset,
                                     has_closed_form(self.dataset), self.posterior_ensemble)
+            if self.posterior == "scorenet" and len(self.attack_losses) > 1:
+                raise ValueError("several attack_losses need a path-independent posterior: a score-net trajectory "
+                                 "(posterior=scorenet) integrates along one attack path")
         # objective options (beta, clip, clean weight, smoothing, distance): the objective's own checks
         make_objective(self, fixed_posterior(None))
 
@@ -192,7 +199,8 @@ def make_objective(cfg: AdversarialConfig, provider) -> Objective:
     return build_objective(cfg.objective, cfg, beta=cfg.beta, clip=cfg.clip, clip_scope=cfg.clip_scope,
                            label_smoothing=cfg.label_smoothing, attack_bn=cfg.attack_bn, distance=cfg.distance,
                            clean_weight=cfg.clean_weight, clean_loss=cfg.clean_loss,
-                           attack_gradient=cfg.attack_gradient, posterior_provider=provider)
+                           attack_gradient=cfg.attack_gradient, attack_losses=cfg.attack_losses,
+                           posterior_provider=provider)
 
 
 # -- data and evaluation ----------------------------------------------------------------------------------------

@@ -21,7 +21,10 @@ Losses (batch means; D(p || q) from :mod:`datagrad.distances`, on log-probabilit
     trades-se     Σ_k (p_θ(x)_k − ỹ_k)² + β·Σ_k (p_θ(x')_k − p_θ(x)_k)²,  x' = PGD max Σ_k (p_θ(x')_k − sg p_θ(x)_k)²
     pgd-at-se     Σ_k (p_θ(x')_k − ỹ_k)²,              x' = PGD max Σ_k (p_θ(x')_k − y_k)²  (one-hot y)
     direct-score  D(sg p_d(·|x') || p_θ(·|x')) [+ w·clean],  x' = PGD max D(p_d(·|x') || p_θ(·|x')) (full gradient;
-                  ``attack_gradient="model"``: p_d held at its value in each step's gradient, an ablation)
+                  ``attack_gradient="model"``: p_d held at its value in each step's gradient, an ablation);
+                  ``attack_losses`` ("distance", "data-margin"): one PGD per entry, each from its own random start,
+                  the second on −[log p_d(y|x') − max_{k≠y} log p_d(k|x')]; per example x' is the last iterate with
+                  the largest D(p_d(·|x') || p_θ(·|x')) (a better inner max where p_d changes class inside the ball)
 
 (sg = stop-gradient; p_θ(x) in an attack is computed once, in attack mode.) In the TRADES losses gradients flow
 through both p_θ(x) and p_θ(x') (docs/conventions.md §3). Every attack starts uniformly in the ε-ball (the SCORE
@@ -58,6 +61,7 @@ from datagrad import (
     Distance,
     at_least_float32,
     check_num_classes,
+    data_margin,
     get_distance,
     self_consistent_distance,
 )
@@ -69,6 +73,7 @@ DEFAULT_BETA = {"trades-kl": 6.0, "trades-se": 4.0}
 CLIP_SCOPES = ("total", "robust")
 CLEAN_LOSSES = ("ce", "score")
 ATTACK_GRADIENTS = ("full", "model")  # direct SCORE's attack: through p_d and p_θ, or through p_θ only
+ATTACK_LOSSES = ("distance", "data-margin")  # direct SCORE's attacks: on D itself, or moving p_d off the label
 
 KL = get_distance("kl")
 SE = get_distance("se")
@@ -274,11 +279,43 @@ class DirectScore(Objective):
     label_smoothing: float = 0.0
     attack_bn: str = "eval"
     attack_gradient: str = "full"
+    attack_losses: tuple[str, ...] = ("distance",)
 
     def __post_init__(self):
         if self.attack.keep_best:
             raise ValueError("direct-score needs the last PGD iterate (keep_best=False): a trajectory posterior "
                              "integrates log p_d along the path actually taken")
+        check_attack_losses(self.attack_losses)
+
+    def inner_max(self, attack_model: nn.Module, x: Tensor, y: Tensor, posterior: DataPosterior,
+                  generator: torch.Generator | None, watch: Callable[[Tensor], None] | None = None) -> Tensor:
+        """x' ≈ argmax_{x'∈B(x)} D(p_d(·|x') ‖ p_θ(·|x')) as training takes it: one PGD per ``attack_losses`` entry
+        (each from its own random start, in ``attack_mode``); with several, per example the last iterate with the
+        largest D. ``watch(z)`` is called at every point an attack evaluates, after its loss (validation).
+        Several attacks need a path-independent posterior (not a score-net trajectory)."""
+        distance = get_distance(self.distance)
+
+        def attack_loss(name: str) -> Callable[[Tensor], Tensor]:
+            def loss(z: Tensor) -> Tensor:
+                if name == "distance":
+                    value = self_consistent_distance(attack_model, z, posterior, distance,
+                                                     data_gradient=self.attack_gradient == "full")
+                else:
+                    value = data_margin(z, posterior, y)
+                if watch is not None:
+                    watch(z.detach())
+                return value
+            return loss
+
+        with attack_mode(attack_model, self.attack_bn):
+            candidates = [self.attack.maximize(attack_loss(name), x, generator) for name in self.attack_losses]
+            if len(candidates) == 1:
+                return candidates[0]
+            with torch.no_grad():
+                values = torch.stack([self_consistent_distance(attack_model, z, posterior, distance)
+                                      for z in candidates])  # [A, B]
+        best = values.argmax(dim=0)
+        return torch.stack(candidates)[best, torch.arange(len(x), device=x.device)]
 
     def compute(self, model, attack_model, x, y, generator):
         distance = get_distance(self.distance)
@@ -288,11 +325,7 @@ class DirectScore(Objective):
         if use_clean and self.clean_loss == "score":
             with torch.no_grad():
                 log_p_data_clean = posterior.log_posterior(x)  # [B, K]; before the attack (trajectory anchor)
-        with attack_mode(attack_model, self.attack_bn):
-            x_adv = self.attack.maximize(
-                lambda z: self_consistent_distance(attack_model, z, posterior, distance,
-                                                   data_gradient=self.attack_gradient == "full"), x, generator
-            )
+        x_adv = self.inner_max(attack_model, x, y, posterior, generator)
         with torch.no_grad():
             log_p_data_adv = posterior.log_posterior(x_adv)  # [B, K] at the final iterate
         logits_clean = model(x) if use_clean else None
@@ -325,6 +358,13 @@ def _check_in(value: str, valid: tuple[str, ...], what: str) -> None:
         raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
 
 
+def check_attack_losses(attack_losses) -> None:
+    if not attack_losses:
+        raise ValueError(f"attack_losses needs at least one of {', '.join(ATTACK_LOSSES)}")
+    for name in attack_losses:
+        _check_in(name, ATTACK_LOSSES, "attack loss")
+
+
 def attack_from_threat(threat) -> PGD:
     """PGD for training from any object with ``norm`` ("linf"/"l2"), ``eps``, ``step_size`` and ``pgd_steps``:
     uniform random start, clamp to [0, 1], last iterate (no keep_best)."""
@@ -352,6 +392,7 @@ def build_objective(
     clean_weight: float = 0.0,
     clean_loss: str = "ce",
     attack_gradient: str = "full",
+    attack_losses: tuple[str, ...] = ("distance",),
     posterior_provider: PosteriorProvider | None = None,
 ) -> Objective:
     """Build an objective by name (``OBJECTIVES``); see the module docstring for the losses.
@@ -359,14 +400,16 @@ def build_objective(
     threat: ``norm``/``eps``/``step_size``/``pgd_steps`` (ignored by "standard"); beta: TRADES weight (None: the
     objective's default, ``DEFAULT_BETA``); clip: c of the SE clip τ = c²K/(K−1) (SE objectives only);
     label_smoothing: s in [0, 1); attack_bn: "eval" or "batch"; distance, clean_weight, clean_loss ("ce"/"score"),
-    attack_gradient ("full"/"model"), posterior_provider: direct SCORE only. Options an objective has no field for
-    are ignored, except a non-zero clip or clean weight and a non-full attack gradient, which raise.
+    attack_gradient ("full"/"model"), attack_losses (``ATTACK_LOSSES``), posterior_provider: direct SCORE only. Options
+    an objective has no field for are ignored, except a non-zero clip or clean weight, a non-full attack gradient and
+    attack losses other than ("distance",), which raise.
     """
     _check_in(name, tuple(OBJECTIVES), "objective")
     _check_in(attack_bn, BN_MODES, "attack BN mode")
     _check_in(clip_scope, CLIP_SCOPES, "clip scope")
     _check_in(clean_loss, CLEAN_LOSSES, "clean loss")
     _check_in(attack_gradient, ATTACK_GRADIENTS, "attack gradient")
+    check_attack_losses(attack_losses)
     get_distance(distance)
     if not 0 <= label_smoothing < 1:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
@@ -382,9 +425,11 @@ def build_objective(
         raise ValueError(f"clean_weight must be >= 0 and is used by direct-score only; got {clean_weight} for {name!r}")
     if attack_gradient != "full" and "attack_gradient" not in fields:
         raise ValueError(f"attack_gradient {attack_gradient!r} is used by direct-score only, not {name!r}")
+    if tuple(attack_losses) != ("distance",) and "attack_losses" not in fields:
+        raise ValueError(f"attack_losses {list(attack_losses)} are used by direct-score only, not {name!r}")
     options = dict(beta=beta, clip=clip, clip_scope=clip_scope, label_smoothing=label_smoothing, attack_bn=attack_bn,
                    distance=distance, clean_weight=clean_weight, clean_loss=clean_loss, attack_gradient=attack_gradient,
-                   posterior_provider=posterior_provider)
+                   attack_losses=tuple(attack_losses), posterior_provider=posterior_provider)
     kwargs = {key: value for key, value in options.items() if key in fields and value is not None}
     if "attack" in fields:
         if threat is None:
