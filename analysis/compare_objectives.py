@@ -15,7 +15,11 @@ its own SCORE risk, which a classifier that fits the target exactly inherits. ``
 trains every direct-SCORE recipe that sets ``noise_std`` at those σ (``<recipe>-sigma<σ>``, first seed): how the
 smoothing of the target trades against its estimate's error. Recipes named in ``--one-seed`` (costly ablations) run on
 the first seed only; the table says how many seeds each row has. ``--budget RECIPE`` gives every row that recipe's
-budget (epochs, epoch size, batch, PGD steps and step size): equal budgets by construction.
+budget (epochs, epoch size, batch, PGD steps and step size): equal budgets by construction. ``--paired-with RECIPE``
+adds, per trained row, its R_SCORE^ℓ1 and R_SCORE^KL minus that recipe's row, paired over the same test points: the
+test split and the attacks' random starts do not depend on the training seed, so per test point x_i the difference
+d_i = mean over the seeds both rows have of (R_s(x_i) − R_ref,s(x_i)) removes the spread over test points that the
+per-run intervals carry; reported as mean with a bootstrap 95 % interval over i.
 
 Rows report the mean over seeds ± their standard deviation, and the mean half-width of the per-run bootstrap 95 %
 intervals over test points; every run's budget (epochs, batch, PGD steps) and training wall time are in the JSON and
@@ -33,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from datagrad import bootstrap_mean
 from trainlib import adversarial
 from trainlib.cli import checking_input, run_cli
 from trainlib.config import config_to_dict, load_recipe, option, parse_config
@@ -72,6 +77,8 @@ class CompareConfig:
     epochs: int | None = option("override every recipe's epochs (none: the recipe's)", None)
     budget: str | None = option("a recipe whose budget (epochs, epoch size, batch, PGD steps and step size) every row "
                                 "gets: equal budgets (none: each recipe's own)", None)
+    paired_with: str | None = option("a recipe (file name without .json) every other trained row is compared with, "
+                                     "paired over the same test points and seeds (none: no paired column)", None)
 
     def validate(self) -> None:
         if self.budget is not None and not Path(self.budget).is_file():
@@ -126,6 +133,9 @@ def entries(cfg: CompareConfig) -> list[Entry]:
             for sigma in cfg.sigmas:
                 swept = dataclasses.replace(training, noise_std=sigma)
                 result.append(Entry(f"{path.stem}-sigma{sigma:g}", path, swept, cfg.seeds[:1]))
+    if cfg.paired_with is not None and cfg.paired_with not in [entry.name for entry in result]:
+        raise ValueError(f"paired_with must name one of the compared recipes "
+                         f"({', '.join(entry.name for entry in result)}), got {cfg.paired_with!r}")
     return result
 
 
@@ -151,8 +161,11 @@ def measure(classifier_source, truths: list[str], cfg: CompareConfig) -> dict:
         options = cfg.risk_options(truth, first=index == 0)
         settings = options.settings({"truth": truth, "noise_std": cfg.noise_std, "posterior_net": cfg.posterior_net}
                                     | {"label": index == 0})
-        records[truth] = sources.cached(classifier_source, f"{score_risk.RESULT_NAME}-{truth}", settings,
-                                        _analyse, classifier, options, index == 0)
+        name = f"{score_risk.RESULT_NAME}-{truth}"
+        records[truth] = sources.cached(classifier_source, name, settings, _analyse, classifier, options, index == 0)
+        if "score_l1_points" not in records[truth]:  # cached by a revision without per-point risks
+            records[truth] = sources.cached(classifier_source, name, settings, _analyse, classifier, options,
+                                            index == 0, recompute=True)
     return records
 
 
@@ -231,6 +244,32 @@ def summarise(row: dict, truths: list[str]) -> dict:
     return summary
 
 
+def paired_difference(row: dict, reference: dict, truth: str, metric: str) -> dict | None:
+    """``row`` minus ``reference`` on ``metric`` (score_l1 | score_kl) against ``truth``, paired (module docstring):
+    the bootstrap mean of d_i over test points, with the common seeds; None when the rows share no seed."""
+    common = [seed for seed in row["seeds"] if seed in reference["seeds"]]
+    if not common:
+        return None
+
+    def points(r: dict, seed: int) -> torch.Tensor:
+        return torch.tensor(r["runs"][truth][r["seeds"].index(seed)][f"{metric}_points"], dtype=torch.float64)
+
+    differences = torch.stack([points(row, seed) - points(reference, seed) for seed in common]).mean(0)
+    return bootstrap_mean(differences) | {"seeds": common}
+
+
+def add_paired(rows: list[dict], reference_name: str, truths: list[str]) -> None:
+    """``row["paired"][truth][metric]`` for every row that shares a seed with the reference row (not itself)."""
+    reference = next(r for r in rows if r["name"] == reference_name)
+    for row in rows:
+        if row is reference:
+            continue
+        blocks = {truth: {m: paired_difference(row, reference, truth, m) for m in ("score_l1", "score_kl")}
+                  for truth in truths if row["runs"].get(truth) and reference["runs"].get(truth)}
+        if any(d is not None for block in blocks.values() for d in block.values()):
+            row["paired"] = blocks
+
+
 def cell(block: dict | None, digits: int = 3) -> str:
     if block is None:
         return "—"
@@ -242,10 +281,16 @@ def cell(block: dict | None, digits: int = 3) -> str:
     return text
 
 
-def format_table(rows: list[dict], truths: list[str]) -> str:
+def interval_cell(block: dict | None) -> str:
+    return "—" if block is None else f"{block['mean']:+.3f} [{block['low']:+.3f}, {block['high']:+.3f}]"
+
+
+def format_table(rows: list[dict], truths: list[str], paired_with: str | None = None) -> str:
     header = ["objective", "seeds"]
     for truth in truths:
         header += [f"R_SCORE^ℓ1 ({truth})", f"R_SCORE^KL ({truth})"]
+    if paired_with is not None:
+        header += [f"Δ R_SCORE^ℓ1 vs {paired_with} ({truths[0]}, paired)", f"Δ R_SCORE^KL ({truths[0]}, paired)"]
     header += ["R_Std^ℓ1", "R_Madry^KL", "agrees at x'", "clean %", "PGD-40 CW %", "AutoAttack %", "train s"]
     lines = []
     for row in rows:
@@ -253,6 +298,9 @@ def format_table(rows: list[dict], truths: list[str]) -> str:
         cells = [row["name"], str(len(row["seeds"]) or "—")]
         for truth in truths:
             cells += [cell(s.get(truth, {}).get("score_l1")), cell(s.get(truth, {}).get("score_kl"))]
+        if paired_with is not None:
+            paired = row.get("paired", {}).get(truths[0], {})
+            cells += [interval_cell(paired.get("score_l1")), interval_cell(paired.get("score_kl"))]
         label = s["label"]
         seconds = f"{statistics.fmean(row['train_seconds']):.0f}" if row["train_seconds"] else "—"
         cells += [cell(first.get("standard_l1")), cell(first.get("madry_kl")), cell(first.get("agreement")),
@@ -309,16 +357,20 @@ def compare(cfg: CompareConfig) -> list[dict]:
     rows[references:references] = estimator_rows(plan, cfg, truths)
     for row in rows:
         row["summary"] = summarise(row, truths)
+    if cfg.paired_with is not None:
+        add_paired(rows, cfg.paired_with, truths)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    table = format_table(rows, truths)
+    table = format_table(rows, truths, cfg.paired_with)
     first = rows[-1]["runs"][truths[0]][0]
     caption = (f"{first['n_points']} test points, {first['norm']} ε = {first['eps']:g}; R_SCORE: per-example max over "
                f"{cfg.pgd_steps}-step PGD on ℓ1, KL, the log-odds of p_d and of p_θ and Madry's KL ({cfg.restarts} "
                f"start(s) each); mean ± sd over seeds {list(cfg.seeds)} (CI: mean half-width of the per-run bootstrap "
                f"95 % intervals over test points). Budgets (epochs, batch, PGD steps): "
                + "; ".join(f"{r['name']} {r['budget']['epochs']}/{r['budget']['batch_size']}/{r['budget']['pgd_steps']}"
-                           for r in rows if "budget" in r) + ".\n\n")
+                           for r in rows if "budget" in r) + "."
+               + (f" Δ: the row minus {cfg.paired_with}, paired over test points and common seeds, with a bootstrap "
+                  "95 % interval." if cfg.paired_with else "") + "\n\n")
     atomic_write_json(out / "comparison.json", {"config": config_to_dict(cfg), "rows": rows})
     atomic_write_text(out / "comparison.md", "# Objectives compared on SCORE\n\n" + caption + table)
     plot(out / "comparison.png", rows, truths[0])

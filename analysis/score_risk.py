@@ -127,6 +127,7 @@ def risk_record(model: nn.Module, x: Tensor, y: Tensor, truth, eps: float, norm:
         "madry_kl": interval(worst.madry_kl), "standard_l1": interval(worst.standard_l1),
         "standard_kl": interval(worst.standard_kl), "agreement": float(worst.agreement.double().mean()),
         "per_attack_score_l1": {a: float(v["score_l1"].mean()) for a, v in worst.per_attack.items()},
+        "score_l1_points": worst.score_l1.tolist(), "score_kl_points": worst.score_kl.tolist(),  # paired comparisons
         "label": {key: label[key] for key in ("clean_acc", "pgd_ce_acc", "pgd_cw_acc", "autoattack_acc")},
         "n_points": len(y), "eps": eps, "norm": norm,
     }

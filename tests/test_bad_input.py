@@ -222,6 +222,8 @@ ROWS = [
     row("compare_objectives", "n_test must be >= 1, got 0", "--out", "{out}", "--n-test", "0"),
     row("compare_objectives", "budget recipe file not found", "--out", "{out}", "--budget",
         "{in}/recipes/missing.json"),
+    row("compare_objectives", "paired_with must name one of the compared recipes", "--out", "{out}", "--paired-with",
+        "pgd-at"),
     row("score_risk", "give at least one run directory", "--out", "{out}"),
     row("score_risk", "checkpoint not found", "{in}/missing-run", "--out", "{out}"),
     row("score_risk", "argument --truth: invalid Literal value: 'oracle'", "{in}/classifier-digits.safetensors",

@@ -1,9 +1,10 @@
 """analysis.compare_objectives and analysis.score_risk end to end on gmm-4x4 (exact truth): tiny runs over two seeds,
 the Bayes row at R_SCORE = 0, the posterior net's own row, reuse of finished runs and cached risks, the σ sweep, and
-the score_risk command."""
+the score_risk command, and the paired differences against one row."""
 
 import json
 
+import numpy as np
 import pytest
 
 from analysis import compare_objectives, score_risk
@@ -26,7 +27,7 @@ def compared(tmp_path_factory):
                recipe(root / "gmm-4x4-direct-score.json", objective="direct-score", posterior="analytic",
                       noise_std=0.1)]
     argv = ["--recipes", *recipes, "--seeds", "0", "1", "--out", str(root / "out"), "--n-test", "24", "--pgd-steps",
-            "3", "--no-autoattack"]
+            "3", "--no-autoattack", "--paired-with", "gmm-4x4-standard"]
     rows = compare_objectives.compare(parse_config(compare_objectives.CompareConfig, argv))
     return root, argv, rows
 
@@ -52,6 +53,36 @@ def test_rows_seeds_bayes_and_outputs(compared):
     assert (root / "out" / "comparison.png").stat().st_size > 0
     saved = json.loads((root / "out" / "comparison.json").read_text())
     assert [r["name"] for r in saved["rows"]] == names
+
+
+def test_paired_difference_is_the_per_point_difference_over_common_seeds(compared):
+    root, _, rows = compared
+    standard, direct = rows[1], rows[2]
+    assert "paired" not in standard and "paired" not in rows[0]  # the reference itself; Bayes shares no seed
+    for metric in ("score_l1", "score_kl"):
+        for r in (standard, direct):
+            for record in r["runs"]["auto"]:  # the per-point values are what the reported mean is the mean of
+                assert len(record[f"{metric}_points"]) == 24
+                assert np.mean(record[f"{metric}_points"]) == pytest.approx(record[metric]["mean"], abs=1e-9)
+        expected = np.mean([np.subtract(d[f"{metric}_points"], s[f"{metric}_points"])
+                            for d, s in zip(direct["runs"]["auto"], standard["runs"]["auto"], strict=True)], axis=0)
+        paired = direct["paired"]["auto"][metric]
+        assert paired["seeds"] == [0, 1] and paired["n"] == 24
+        assert paired["mean"] == pytest.approx(expected.mean(), abs=1e-9)
+        assert paired["low"] <= paired["mean"] <= paired["high"]
+        assert expected.min() <= paired["low"] and paired["high"] <= expected.max()
+    assert "Δ R_SCORE^ℓ1 vs gmm-4x4-standard (auto, paired)" in (root / "out" / "comparison.md").read_text()
+
+
+def test_paired_difference_uses_only_the_seeds_both_rows_have():
+    def row(seeds, values):
+        return {"seeds": seeds, "runs": {"auto": [{"score_l1_points": v} for v in values]}}
+
+    reference = row([0, 1], [[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    other = row([1, 2], [[0.5, 0.5, 2.0], [9.0, 9.0, 9.0]])
+    paired = compare_objectives.paired_difference(other, reference, "auto", "score_l1")
+    assert paired["seeds"] == [1] and paired["mean"] == pytest.approx(1.0)  # seed 1 only: (0.5 + 0.5 + 2) / 3
+    assert compare_objectives.paired_difference(row([3], [[1.0]]), reference, "auto", "score_l1") is None
 
 
 def test_second_call_reuses_runs_and_cached_risks(compared, capsys):
