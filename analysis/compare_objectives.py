@@ -161,11 +161,8 @@ def measure(classifier_source, truths: list[str], cfg: CompareConfig) -> dict:
         options = cfg.risk_options(truth, first=index == 0)
         settings = options.settings({"truth": truth, "noise_std": cfg.noise_std, "posterior_net": cfg.posterior_net}
                                     | {"label": index == 0})
-        name = f"{score_risk.RESULT_NAME}-{truth}"
-        records[truth] = sources.cached(classifier_source, name, settings, _analyse, classifier, options, index == 0)
-        if "score_l1_points" not in records[truth]:  # cached by a revision without per-point risks
-            records[truth] = sources.cached(classifier_source, name, settings, _analyse, classifier, options,
-                                            index == 0, recompute=True)
+        records[truth] = sources.cached(classifier_source, f"{score_risk.RESULT_NAME}-{truth}", settings,
+                                        _analyse, classifier, options, index == 0)
     return records
 
 
@@ -282,7 +279,7 @@ def cell(block: dict | None, digits: int = 3) -> str:
 
 
 def interval_cell(block: dict | None) -> str:
-    return "—" if block is None else f"{block['mean']:+.3f} [{block['low']:+.3f}, {block['high']:+.3f}]"
+    return "—" if block is None else score_risk.interval_text(block, sign="+")
 
 
 def format_table(rows: list[dict], truths: list[str], paired_with: str | None = None) -> str:

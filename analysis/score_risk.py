@@ -45,6 +45,7 @@ from . import sources
 from .markdown import markdown_table
 
 RESULT_NAME = "score_risk"
+RECORD_VERSION = 2  # part of the cache settings: 2 keeps the per-point risks (paired comparisons); older caches miss
 TRUTHS = ("auto", "empirical", "posterior-net")
 
 
@@ -79,7 +80,7 @@ class ScoreRiskConfig(sources.ReadoutOptions):
 
     def settings(self, truth_description: dict) -> dict:
         keys = ("which", "n_points", "pgd_steps", "restarts", "attacks", "autoattack", "seed")
-        return {key: getattr(self, key) for key in keys} | {"truth": truth_description}
+        return {key: getattr(self, key) for key in keys} | {"truth": truth_description, "record": RECORD_VERSION}
 
 
 def truth_posterior(test: ImageDataset, dataset: str, cfg: ScoreRiskConfig, device) -> tuple[object, dict]:
@@ -160,8 +161,9 @@ def run_analysis(cfg: ScoreRiskConfig, recompute: bool = False) -> list[dict]:
     return records
 
 
-def interval_text(value: dict) -> str:
-    return f"{value['mean']:.3f} [{value['low']:.3f}, {value['high']:.3f}]"
+def interval_text(value: dict, sign: str = "") -> str:
+    """"mean [low, high]" to 3 decimals (``sign="+"``: signed, for differences)."""
+    return f"{value['mean']:{sign}.3f} [{value['low']:{sign}.3f}, {value['high']:{sign}.3f}]"
 
 
 def format_table(records: list[dict], names: list[str] | None = None) -> str:
