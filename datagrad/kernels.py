@@ -87,12 +87,21 @@ class KernelMixture:
             self._copies[key] = (centres, centres.pow(2).sum(dim=1))
         return self._copies[key]
 
-    def class_sums(self, x: Tensor, with_means: bool = False) -> tuple[Tensor, Tensor | None]:
-        """L_y = LSE_{i: y_i = y}(−‖x − c_i‖²/2h²): [B, K]; with ``with_means`` also E_{i|x,y}[c_i]: [B, K, d]."""
+    def class_sums(self, x: Tensor, with_means: bool = False, bandwidths: Tensor | None = None
+                   ) -> tuple[Tensor, Tensor | None]:
+        """L_y = LSE_{i: y_i = y}(−‖x − c_i‖²/2h²): [B, K]; with ``with_means`` also E_{i|x,y}[c_i]: [B, K, d].
+        ``bandwidths`` [B] > 0: example b's own kernel std h_b instead of h."""
         flat = self._flatten(x)
         centres, norms = self._centres_like(flat)
         x_norms = flat.pow(2).sum(dim=1, keepdim=True)  # [B, 1]
-        scale = 1.0 / (2.0 * self.bandwidth**2)
+        if bandwidths is None:
+            scale = 1.0 / (2.0 * self.bandwidth**2)
+        else:
+            bandwidths = torch.as_tensor(bandwidths, device=flat.device, dtype=flat.dtype)
+            if bandwidths.shape != (flat.shape[0],) or not bool((bandwidths > 0).all()):
+                raise ValueError(f"bandwidths must be a [B] = [{flat.shape[0]}] tensor of kernel stds > 0, got "
+                                 f"shape {tuple(bandwidths.shape)}")
+            scale = (0.5 / bandwidths.pow(2)).unsqueeze(1)  # [B, 1]
         sums, means = [], []
         for k in range(self.num_classes):
             total, mean = None, None
@@ -132,6 +141,12 @@ class KernelMixture:
         if noise_std:
             return self.at(noise_std).log_posterior(x)
         sums, _ = self.class_sums(x)
+        return sums.log_softmax(dim=1)
+
+    def log_posterior_per_example(self, x: Tensor, bandwidths: Tensor) -> Tensor:
+        """log p(y|x) of the same centres with kernel std ``bandwidths[b]`` for example b: [B, K]. With the training
+        points as centres and bandwidths the noise stds σ_b, the exact smoothed training-set posterior p_σb(y|x_b)."""
+        sums, _ = self.class_sums(x, bandwidths=bandwidths)
         return sums.log_softmax(dim=1)
 
     def grad_log_posterior(self, x: Tensor, noise_std: float = 0.0) -> Tensor:

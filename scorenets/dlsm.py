@@ -36,6 +36,19 @@ at x̃ + δ, ‖δ‖_∞ ≤ ρ, found by PGD on KL(p_φ(·|x̃, σ) ‖ p_φ(�
 fastest. Cost: ``adversarial_steps`` extra forward/backward passes of the network and 2·(1 + m)·B more score-net
 inputs.
 
+Exact targets at adversarial points. Cross-entropy at x̃ only reaches the network where noisy samples fall. With a
+``teacher`` log q(y|x, σ) (the exact smoothed posterior of the training set, ``datagrad.KernelMixture`` with the
+training images as centres and kernel std σ: the cross-entropy's own optimum) and ``teacher_weight`` w_T > 0, each
+example adds the cross-entropy of that exact target at x̃ + δ, ‖δ‖_∞ ≤ ρ_T (``teacher_radius``), δ found by the same
+PGD on the network's own KL (``_away_from``):
+
+    TEACHER = −Σ_k q(k | x̃ + δ, σ) log p_φ(k | x̃ + δ, σ)          loss += w_T · mean_b TEACHER
+
+Its minimiser is again q, so it does not change what the network estimates, only where it is trained: the points
+where the network's posterior moves fastest, which an attack on a classifier that copies p_φ finds (README, posterior
+network). Cost: ``adversarial_steps`` forward/backward passes to find δ, one more forward/backward over B inputs, and
+the teacher's kernel sum over the training set (no gradient).
+
 The score net's input for x̃ is its diffusion state u_t = (2x̃ − 1)·sqrt(ᾱ(t)) at t = t(σ) (``scorenets.noise``).
 """
 
@@ -72,6 +85,9 @@ def dlsm_loss(
     other_classes: int = 0,
     adversarial_radius: float = 0.0,
     adversarial_steps: int = 2,
+    teacher: Callable[[Tensor, Tensor], Tensor] | None = None,
+    teacher_weight: float = 0.0,
+    teacher_radius: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The loss of the module docstring on a batch x [B, C, H, W] in [0, 1] with labels [B]; (loss, detached stats).
@@ -80,10 +96,14 @@ def dlsm_loss(
     ``scorenet(u_t, t, labels)`` is the frozen ε-model (a ``ScoreNet``), ``schedule`` its noise schedule and
     ``null_class`` its unconditional label K; ``other_classes`` m adds the OTHER term for m random classes k ≠ y;
     ``adversarial_radius`` ρ > 0 moves the score matching of those classes, and of the label, to x̃ + δ (ADVERSARIAL,
-    module docstring). ``generator`` (on x's device) draws σ, n, the other classes and the attack's start.
+    module docstring). ``teacher(x, σ [B]) -> log q [B, K]`` with ``teacher_weight`` w_T > 0 adds TEACHER at
+    x̃ + δ, ‖δ‖_∞ ≤ ``teacher_radius`` (module docstring). ``generator`` (on x's device) draws σ, n, the other classes
+    and the attacks' starts.
     """
     if dlsm_weight > 0 and (scorenet is None or schedule is None or null_class is None):
         raise ValueError("DLSM (dlsm_weight > 0) needs the frozen score net, its schedule and its null class")
+    if teacher_weight > 0 and teacher is None:
+        raise ValueError("the teacher term (teacher_weight > 0) needs the teacher's log posterior")
     batch = x.shape[0]
     sigma = log_uniform(*sigma_range, batch, generator, x.device).to(x.dtype)  # [B]
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -127,6 +147,15 @@ def dlsm_loss(
         stats["dlsm"] = per_example[:batch].detach().mean()
         if matched:
             stats["other"] = per_example[batch:].detach().mean()
+    if teacher_weight > 0:
+        moved = _away_from(posterior_net, x_noisy, sigma, teacher_radius, adversarial_steps, generator) \
+            if teacher_radius > 0 else x_noisy.detach()
+        with torch.no_grad():
+            log_q = teacher(moved, sigma).float()
+        log_p_moved = posterior_net(moved, sigma).log_softmax(dim=1, dtype=torch.float32)
+        teacher_ce = -(log_q.exp() * log_p_moved).sum(dim=1)  # [B]
+        loss = loss + teacher_weight * teacher_ce.mean()
+        stats["teacher_kl"] = (log_q.exp() * (log_q - log_p_moved.detach())).sum(dim=1).mean()
     stats["loss"] = loss.detach()
     return loss, stats
 

@@ -44,6 +44,18 @@ def test_log_joint_and_posterior_match_a_per_centre_loop(kernel):
     torch.testing.assert_close(kernel.log_marginal(x), joint.logsumexp(dim=1))
 
 
+def test_per_example_bandwidths_match_a_per_centre_loop_at_each_bandwidth(kernel):
+    """Example b's posterior with kernel std h_b equals the per-centre loop of a mixture built with bandwidth h_b."""
+    x = 1.5 * torch.randn(4, 1, 2, 2, dtype=torch.float64)
+    bandwidths = torch.tensor([0.05, 0.3, 1.0, 4.0], dtype=torch.float64)
+    expected = torch.cat([brute_log_joint(KernelMixture(kernel.centres, kernel.labels, 3, float(h)), x[b:b + 1])
+                          for b, h in enumerate(bandwidths)]).log_softmax(dim=1)
+    torch.testing.assert_close(kernel.log_posterior_per_example(x, bandwidths), expected)
+    for bad in (bandwidths[:3], torch.tensor([0.1, 0.0, 1.0, 1.0], dtype=torch.float64)):
+        with pytest.raises(ValueError, match="bandwidths must be"):
+            kernel.log_posterior_per_example(x, bad)
+
+
 def test_chunk_size_does_not_change_the_result(kernel):
     x = torch.randn(5, 1, 2, 2, dtype=torch.float64)
     whole = KernelMixture(kernel.centres.reshape(-1, 1, 2, 2), kernel.labels, 3, 0.7, chunk_size=10_000)

@@ -182,6 +182,69 @@ def test_loss_without_dlsm_needs_no_score_net_and_is_cross_entropy():
         dlsm_loss(net, x, y, (0.1, 0.2))
 
 
+def test_teacher_term_is_the_soft_cross_entropy_of_the_teacher_at_the_noisy_points():
+    """ρ_T = 0: loss = CE + w_T · (−Σ_k q(k|x̃, σ) log p_φ(k|x̃, σ)) with q the exact mixture posterior, by hand from
+    the same draws of σ and n; the logged teacher_kl is KL(q ‖ p_φ) there."""
+    exact, net = ExactMixture(), tiny_net().double()
+    x, y = load_dataset("gmm-4x4", "train").get(range(8))
+    x = x.double()
+    teacher = lambda z, sigma: exact.logits(z, sigma).log_softmax(dim=1)
+    loss, stats = dlsm_loss(net, x, y, (0.1, 0.4), dlsm_weight=0.0, teacher=teacher, teacher_weight=0.5,
+                            generator=torch.Generator().manual_seed(4))
+    generator = torch.Generator().manual_seed(4)
+    sigma = torch.exp(math.log(0.1) + torch.rand(8, generator=generator) * (math.log(0.4) - math.log(0.1)))
+    sigma = sigma.double()
+    x_noisy = x + sigma.view(-1, 1, 1, 1) * torch.randn(x.shape, generator=generator, dtype=torch.float64)
+    log_p = net(x_noisy, sigma).log_softmax(dim=1)
+    q = exact.logits(x_noisy, sigma).softmax(dim=1)
+    soft_ce = -(q * log_p).sum(dim=1)
+    torch.testing.assert_close(loss, nn.functional.cross_entropy(log_p, y).float() + 0.5 * soft_ce.mean().float())
+    torch.testing.assert_close(stats["teacher_kl"], (q * (q.log() - log_p)).sum(dim=1).mean().float())
+    with pytest.raises(ValueError, match="needs the teacher's log posterior"):
+        dlsm_loss(net, x, y, (0.1, 0.4), dlsm_weight=0.0, teacher_weight=0.5)
+
+
+def test_teacher_term_at_adversarial_points_is_minimised_by_the_teacher():
+    """ρ_T > 0 (the points x̃ + δ where the network's own KL moves most): with the exact posterior as teacher, the
+    tempered exact posterior's teacher KL is 0 at τ = 1 and grows away from it (common random numbers)."""
+    exact = ExactMixture()
+    x, y = load_dataset("gmm-4x4", "train").get(range(256))
+    teacher = lambda z, sigma: exact.logits(z, sigma).log_softmax(dim=1)
+    kl = {tau: float(dlsm_loss(TemperedExact(exact, tau), x.double(), y, (0.05, 0.5), dlsm_weight=0.0,
+                               teacher=teacher, teacher_weight=1.0, teacher_radius=0.3,
+                               generator=torch.Generator().manual_seed(5))[1]["teacher_kl"]) for tau in (0.7, 1.0, 1.4)}
+    assert kl[1.0] < 1e-6 and kl[0.7] > 1e-3 and kl[1.4] > 1e-3, kl
+
+
+def test_teacher_points_lie_in_the_ball_where_the_network_moves_most():
+    """The teacher is asked at x̃ + δ with ‖δ‖_∞ ≤ ρ_T, where the network's KL(p_φ(·|x̃) ‖ p_φ(·|x̃ + δ)) exceeds
+    its value at uniform random δ in the same ball (x̃ recomputed by hand from the same draws)."""
+    net, asked = tiny_net().double().eval(), []
+    x, y = torch.rand(64, 1, 4, 4, dtype=torch.float64), torch.arange(64) % 3
+
+    def teacher(z, sigma):
+        asked.append((z.clone(), sigma.clone()))
+        return torch.full((len(z), 3), -math.log(3), dtype=z.dtype)
+
+    dlsm_loss(net, x, y, (0.1, 0.4), dlsm_weight=0.0, teacher=teacher, teacher_weight=1.0, teacher_radius=0.2,
+              adversarial_steps=3, generator=torch.Generator().manual_seed(6))
+    generator = torch.Generator().manual_seed(6)
+    sigma = torch.exp(math.log(0.1) + torch.rand(64, generator=generator) * (math.log(0.4) - math.log(0.1))).double()
+    x_noisy = x + sigma.view(-1, 1, 1, 1) * torch.randn(x.shape, generator=generator, dtype=torch.float64)
+    (points, asked_sigma), = asked
+    torch.testing.assert_close(asked_sigma, sigma)
+    delta = (points - x_noisy).abs().flatten(1).amax(dim=1)
+    assert bool((delta <= 0.2 + 1e-9).all()) and float(delta.min()) > 0.05
+
+    def moved_kl(z):
+        with torch.no_grad():
+            log_p, log_q = net(x_noisy, sigma).log_softmax(1), net(z, sigma).log_softmax(1)
+        return (log_p.exp() * (log_p - log_q)).sum(1).mean()
+
+    random_points = x_noisy + 0.2 * (2 * torch.rand(x.shape, dtype=torch.float64) - 1)
+    assert moved_kl(points) > moved_kl(random_points)
+
+
 # -- training ----------------------------------------------------------------------------------------------------------
 def _tiny_config(tmp_path, name, **overrides):
     options = dict(dataset="gmm-4x4", scorenet=None, dlsm_weight=0.0, other_classes=0, train_steps=6, batch_size=16,
@@ -209,6 +272,13 @@ def test_training_writes_a_loadable_net_and_resume_latest_gives_the_same_weights
     train(_tiny_config(tmp_path, "cut", resume="latest"))  # recomputes steps 4-6
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "cut")
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical to the uninterrupted run
+
+
+def test_training_with_the_teacher_logs_its_kl_against_the_train_split_posterior(tmp_path):
+    train(_tiny_config(tmp_path, "teacher", teacher_weight=1.0, teacher_radius=0.1))
+    rows = [json.loads(line) for line in (tmp_path / "teacher" / "metrics.jsonl").read_text().splitlines()]
+    logged = [row["train/teacher_kl"] for row in rows if "train/teacher_kl" in row]
+    assert logged and all(math.isfinite(v) and v >= 0 for v in logged)
 
 
 @pytest.mark.slow  # subprocesses

@@ -4,7 +4,8 @@
 the data (real train split, optionally mixed with generated shards as in classifier training), the frozen score net
 whose unconditional score the DLSM term needs, builds ``scorenets.PosteriorNet`` and runs the fixed-step Adam loop
 ``trainlib.adam_loop.fit`` (shared with the score net) with ``scorenets.dlsm_loss``: σ log-uniform in
-[``sigma_min``, ``sigma_max``] per example, x̃ = x + σn, loss = CE + w·DLSM. The EMA network goes to
+[``sigma_min``, ``sigma_max``] per example, x̃ = x + σn, loss = CE + w·DLSM (+ w_T·TEACHER: the exact smoothed
+posterior of the train split as a soft label at adversarial points near x̃, ``teacher_weight``). The EMA network goes to
 ``<out>/posterior_net/`` (diffusers ``save_pretrained``: posterior_net_config.json + safetensors, replaced
 atomically);
 ``load_posterior_net(path)`` reads it back from the run directory or that folder, in one call.
@@ -54,7 +55,11 @@ class PosteriorNetConfig(AdamLoopOptions):
     adversarial_radius: float = option("l-inf radius of the points x + delta where the label's and the other classes' "
                                        "gradients are matched instead (0: at the noisy points; scorenets.dlsm)", 0.0,
                                        ge=0)
-    adversarial_steps: int = option("PGD steps finding those points", 2, ge=1)
+    adversarial_steps: int = option("PGD steps finding those points and the teacher's", 2, ge=1)
+    teacher_weight: float = option("weight of the cross-entropy against the exact smoothed posterior of the train "
+                                   "split (datagrad.KernelMixture, kernel std sigma) at the points x + delta where "
+                                   "the network's own posterior moves most (0: off; scorenets.dlsm)", 0.0, ge=0)
+    teacher_radius: float = option("l-inf radius of those points (0: at the noisy points themselves)", 0.0, ge=0)
     generated: str | None = option("generated pseudo-data mixed into each batch: an .npz, a directory or a glob", None)
     unsup_fraction: float = option("fraction of each batch drawn (with replacement) from --generated", 0.7, ge=0, lt=1)
     batch_size: int = option("global batch size (all processes, after accumulation)", 64)
@@ -134,12 +139,22 @@ def train(cfg: PosteriorNetConfig) -> dict | None:
     loader = batch_loader(cfg, accelerator, train_set, micro_batch, generated, cfg.unsup_fraction)
     if num_classes - 1 < cfg.other_classes:
         raise ValueError(f"other_classes {cfg.other_classes} exceeds the {num_classes - 1} classes besides the label")
+    teacher = None
+    if cfg.teacher_weight > 0:  # the cross-entropy's own optimum, exact: the smoothed posterior of the train split
+        from datagrad import KernelMixture
+
+        x_train, y_train = train_set.tensors(device)
+        teacher = KernelMixture(x_train, y_train, num_classes, bandwidth=1.0).log_posterior_per_example  # h: σ_b
     loss_fn = partial(_loss, sigma_range=(cfg.sigma_min, cfg.sigma_max), scorenet=scorenet,
                       dlsm_weight=cfg.dlsm_weight, ce_weight=cfg.ce_weight, other_classes=cfg.other_classes,
-                      adversarial_radius=cfg.adversarial_radius, adversarial_steps=cfg.adversarial_steps)
+                      adversarial_radius=cfg.adversarial_radius, adversarial_steps=cfg.adversarial_steps,
+                      teacher=teacher, teacher_weight=cfg.teacher_weight, teacher_radius=cfg.teacher_radius)
     parameters = sum(p.numel() for p in model.parameters())
     terms = (f"CE + {cfg.dlsm_weight:g}·DLSM with {cfg.other_classes} other class(es) (score net {cfg.scorenet})"
              if scorenet is not None else "CE")
+    if teacher is not None:
+        terms += (f" + {cfg.teacher_weight:g}·TEACHER (the smoothed train-split posterior at l-inf "
+                  f"{cfg.teacher_radius:g} from x)")
     summary = (f"posterior net on {train_set.name} ({len(train_set)} images {image_shape}"
                f"{f' + {len(generated)} generated' if generated else ''}, {num_classes} classes), {preset} "
                f"({parameters / 1e6:.2f}M parameters), {terms}, sigma in [{cfg.sigma_min:g}, {cfg.sigma_max:g}], "
