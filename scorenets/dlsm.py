@@ -39,15 +39,16 @@ inputs.
 Exact targets at adversarial points. Cross-entropy at x̃ only reaches the network where noisy samples fall. With a
 ``teacher`` log q(y|x, σ) (the exact smoothed posterior of the training set, ``datagrad.KernelMixture`` with the
 training images as centres and kernel std σ: the cross-entropy's own optimum) and ``teacher_weight`` w_T > 0, each
-example adds the cross-entropy of that exact target at x̃ + δ, ‖δ‖_∞ ≤ ρ_T (``teacher_radius``), δ found by the same
-PGD on the network's own KL (``_away_from``):
+example adds the cross-entropy of that exact target at x̃ + δ, ‖δ‖_∞ ≤ ρ_T (``teacher_radius``), δ found by PGD
+(``adversarial_steps``) on the network's own KL as above (``teacher_attack = "network"``) or on its error,
+KL(q(·|x̃ + δ, σ) ‖ p_φ(·|x̃ + δ, σ)), through the teacher too (``"error"``: the worst case of the estimate itself):
 
     TEACHER = −Σ_k q(k | x̃ + δ, σ) log p_φ(k | x̃ + δ, σ)          loss += w_T · mean_b TEACHER
 
 Its minimiser is again q, so it does not change what the network estimates, only where it is trained: the points
 where the network's posterior moves fastest, which an attack on a classifier that copies p_φ finds (README, posterior
-network). Cost: ``adversarial_steps`` forward/backward passes to find δ, one more forward/backward over B inputs, and
-the teacher's kernel sum over the training set (no gradient).
+network). Cost: ``adversarial_steps`` forward/backward passes to find δ (for "error" each through the teacher's kernel
+sum over the training set as well), one more forward/backward over B inputs and one more kernel sum.
 
 The score net's input for x̃ is its diffusion state u_t = (2x̃ − 1)·sqrt(ᾱ(t)) at t = t(σ) (``scorenets.noise``).
 """
@@ -88,6 +89,7 @@ def dlsm_loss(
     teacher: Callable[[Tensor, Tensor], Tensor] | None = None,
     teacher_weight: float = 0.0,
     teacher_radius: float = 0.0,
+    teacher_attack: str = "network",
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The loss of the module docstring on a batch x [B, C, H, W] in [0, 1] with labels [B]; (loss, detached stats).
@@ -97,13 +99,16 @@ def dlsm_loss(
     ``null_class`` its unconditional label K; ``other_classes`` m adds the OTHER term for m random classes k ≠ y;
     ``adversarial_radius`` ρ > 0 moves the score matching of those classes, and of the label, to x̃ + δ (ADVERSARIAL,
     module docstring). ``teacher(x, σ [B]) -> log q [B, K]`` with ``teacher_weight`` w_T > 0 adds TEACHER at
-    x̃ + δ, ‖δ‖_∞ ≤ ``teacher_radius`` (module docstring). ``generator`` (on x's device) draws σ, n, the other classes
+    x̃ + δ, ‖δ‖_∞ ≤ ``teacher_radius``, δ by PGD on the network's own KL or on KL(q ‖ p_φ) (``teacher_attack``
+    "network" | "error"; module docstring). ``generator`` (on x's device) draws σ, n, the other classes
     and the attacks' starts.
     """
     if dlsm_weight > 0 and (scorenet is None or schedule is None or null_class is None):
         raise ValueError("DLSM (dlsm_weight > 0) needs the frozen score net, its schedule and its null class")
     if teacher_weight > 0 and teacher is None:
         raise ValueError("the teacher term (teacher_weight > 0) needs the teacher's log posterior")
+    if teacher_attack not in ("network", "error"):
+        raise ValueError(f"teacher_attack must be 'network' or 'error', got {teacher_attack!r}")
     batch = x.shape[0]
     sigma = log_uniform(*sigma_range, batch, generator, x.device).to(x.dtype)  # [B]
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -148,8 +153,8 @@ def dlsm_loss(
         if matched:
             stats["other"] = per_example[batch:].detach().mean()
     if teacher_weight > 0:
-        moved = _away_from(posterior_net, x_noisy, sigma, teacher_radius, adversarial_steps, generator) \
-            if teacher_radius > 0 else x_noisy.detach()
+        moved = _away_from(posterior_net, x_noisy, sigma, teacher_radius, adversarial_steps, generator,
+                           teacher if teacher_attack == "error" else None) if teacher_radius > 0 else x_noisy.detach()
         with torch.no_grad():
             log_q = teacher(moved, sigma).float()
         log_p_moved = posterior_net(moved, sigma).log_softmax(dim=1, dtype=torch.float32)
@@ -160,15 +165,21 @@ def dlsm_loss(
     return loss, stats
 
 
-def _away_from(posterior_net, x_noisy: Tensor, sigma: Tensor, radius: float, steps: int, generator) -> Tensor:
+def _away_from(posterior_net, x_noisy: Tensor, sigma: Tensor, radius: float, steps: int, generator,
+               teacher: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
     """x̃ + δ, ‖δ‖_∞ ≤ ρ, δ by ``steps`` PGD steps of ρ/2 from a uniform start maximizing KL(p_φ(·|x̃) ‖ p_φ(·|x̃ + δ))
-    (the unwrapped network; no gradient to its parameters): where the network's posterior moves fastest."""
+    (where the network's posterior moves fastest) or, with a ``teacher`` log q, KL(q(·|x̃ + δ) ‖ p_φ(·|x̃ + δ)) (where
+    it is furthest from the teacher); the unwrapped network, no gradient to its parameters."""
     network = getattr(posterior_net, "module", posterior_net)
-    with torch.no_grad():
-        reference = network(x_noisy, sigma).log_softmax(dim=1, dtype=torch.float32)
+    if teacher is None:
+        with torch.no_grad():
+            reference = network(x_noisy, sigma).log_softmax(dim=1, dtype=torch.float32)
 
     def moved(z: Tensor) -> Tensor:
         log_q = network(z, sigma).log_softmax(dim=1, dtype=torch.float32)
+        if teacher is not None:
+            log_t = teacher(z, sigma).float()
+            return (log_t.exp() * (log_t - log_q)).sum(dim=1)
         return (reference.exp() * (reference - log_q)).sum(dim=1)
 
     return pgd(moved, x_noisy.detach(), radius, radius / 2, steps, "linf", random_start=True, clamp=None,

@@ -245,6 +245,41 @@ def test_teacher_points_lie_in_the_ball_where_the_network_moves_most():
     assert moved_kl(points) > moved_kl(random_points)
 
 
+def test_teacher_error_attack_finds_points_where_the_network_is_furthest_from_the_teacher():
+    """teacher_attack = "error": the teacher's last points lie in the ball and KL(q ‖ p_φ) there exceeds its value at
+    the network-attack points and at uniform random points of the same ball (same draws of σ and n)."""
+    exact, net = ExactMixture(), tiny_net().double().eval()
+    x, y = load_dataset("gmm-4x4", "train").get(range(128))
+    x = x.double()
+    asked = []
+
+    def teacher(z, sigma):
+        asked.append(z.detach().clone())
+        return exact.logits(z, sigma).log_softmax(dim=1)
+
+    def error_at(points, sigma):
+        with torch.no_grad():
+            log_q, log_p = exact.logits(points, sigma).log_softmax(1), net(points, sigma).log_softmax(1)
+        return float((log_q.exp() * (log_q - log_p)).sum(1).mean())
+
+    found = {}
+    for attack in ("error", "network"):
+        asked.clear()
+        dlsm_loss(net, x, y, (0.1, 0.4), dlsm_weight=0.0, teacher=teacher, teacher_weight=1.0, teacher_radius=0.3,
+                  teacher_attack=attack, adversarial_steps=4, generator=torch.Generator().manual_seed(7))
+        found[attack] = asked[-1]
+    assert len(asked) == 1  # the network attack never calls the teacher inside PGD
+    generator = torch.Generator().manual_seed(7)
+    sigma = torch.exp(math.log(0.1) + torch.rand(128, generator=generator) * (math.log(0.4) - math.log(0.1))).double()
+    x_noisy = x + sigma.view(-1, 1, 1, 1) * torch.randn(x.shape, generator=generator, dtype=torch.float64)
+    assert float((found["error"] - x_noisy).abs().amax()) <= 0.3 + 1e-9
+    random_points = x_noisy + 0.3 * (2 * torch.rand(x.shape, dtype=torch.float64) - 1)
+    error = error_at(found["error"], sigma)
+    assert error > error_at(found["network"], sigma) and error > error_at(random_points, sigma)
+    with pytest.raises(ValueError, match="teacher_attack must be"):
+        dlsm_loss(net, x, y, (0.1, 0.4), dlsm_weight=0.0, teacher=teacher, teacher_weight=1.0, teacher_attack="x")
+
+
 # -- training ----------------------------------------------------------------------------------------------------------
 def _tiny_config(tmp_path, name, **overrides):
     options = dict(dataset="gmm-4x4", scorenet=None, dlsm_weight=0.0, other_classes=0, train_steps=6, batch_size=16,

@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -60,6 +61,9 @@ class PosteriorNetConfig(AdamLoopOptions):
                                    "split (datagrad.KernelMixture, kernel std sigma) at the points x + delta where "
                                    "the network's own posterior moves most (0: off; scorenets.dlsm)", 0.0, ge=0)
     teacher_radius: float = option("l-inf radius of those points (0: at the noisy points themselves)", 0.0, ge=0)
+    teacher_attack: Literal["network", "error"] = option(
+        "what the PGD finding those points maximizes: network = the network's own KL(p_phi(x) || p_phi(x + delta)); "
+        "error = its KL from the teacher at x + delta, through the kernel sum too", "network")
     generated: str | None = option("generated pseudo-data mixed into each batch: an .npz, a directory or a glob", None)
     unsup_fraction: float = option("fraction of each batch drawn (with replacement) from --generated", 0.7, ge=0, lt=1)
     batch_size: int = option("global batch size (all processes, after accumulation)", 64)
@@ -148,13 +152,14 @@ def train(cfg: PosteriorNetConfig) -> dict | None:
     loss_fn = partial(_loss, sigma_range=(cfg.sigma_min, cfg.sigma_max), scorenet=scorenet,
                       dlsm_weight=cfg.dlsm_weight, ce_weight=cfg.ce_weight, other_classes=cfg.other_classes,
                       adversarial_radius=cfg.adversarial_radius, adversarial_steps=cfg.adversarial_steps,
-                      teacher=teacher, teacher_weight=cfg.teacher_weight, teacher_radius=cfg.teacher_radius)
+                      teacher=teacher, teacher_weight=cfg.teacher_weight, teacher_radius=cfg.teacher_radius,
+                      teacher_attack=cfg.teacher_attack)
     parameters = sum(p.numel() for p in model.parameters())
     terms = (f"CE + {cfg.dlsm_weight:g}·DLSM with {cfg.other_classes} other class(es) (score net {cfg.scorenet})"
              if scorenet is not None else "CE")
     if teacher is not None:
         terms += (f" + {cfg.teacher_weight:g}·TEACHER (the smoothed train-split posterior at l-inf "
-                  f"{cfg.teacher_radius:g} from x)")
+                  f"{cfg.teacher_radius:g} from x, attack on the {cfg.teacher_attack})")
     summary = (f"posterior net on {train_set.name} ({len(train_set)} images {image_shape}"
                f"{f' + {len(generated)} generated' if generated else ''}, {num_classes} classes), {preset} "
                f"({parameters / 1e6:.2f}M parameters), {terms}, sigma in [{cfg.sigma_min:g}, {cfg.sigma_max:g}], "
