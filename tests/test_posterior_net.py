@@ -314,6 +314,8 @@ def test_training_with_the_teacher_logs_its_kl_against_the_train_split_posterior
     rows = [json.loads(line) for line in (tmp_path / "teacher" / "metrics.jsonl").read_text().splitlines()]
     logged = [row["train/teacher_kl"] for row in rows if "train/teacher_kl" in row]
     assert logged and all(math.isfinite(v) and v >= 0 for v in logged)
+    with pytest.raises(ValueError, match="only without --generated"):
+        _tiny_config(tmp_path, "mixed", teacher_weight=1.0, generated=str(tmp_path / "shards")).validate()
 
 
 @pytest.mark.slow  # subprocesses

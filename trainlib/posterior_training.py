@@ -58,8 +58,8 @@ class PosteriorNetConfig(AdamLoopOptions):
                                        ge=0)
     adversarial_steps: int = option("PGD steps finding those points and the teacher's", 2, ge=1)
     teacher_weight: float = option("weight of the cross-entropy against the exact smoothed posterior of the train "
-                                   "split (datagrad.KernelMixture, kernel std sigma) at the points x + delta where "
-                                   "the network's own posterior moves most (0: off; scorenets.dlsm)", 0.0, ge=0)
+                                   "split (datagrad.KernelMixture, kernel std sigma) at adversarial points x + delta "
+                                   "(--teacher-radius, --teacher-attack; 0: off; scorenets.dlsm)", 0.0, ge=0)
     teacher_radius: float = option("l-inf radius of those points (0: at the noisy points themselves)", 0.0, ge=0)
     teacher_attack: Literal["network", "error"] = option(
         "what the PGD finding those points maximizes: network = the network's own KL(p_phi(x) || p_phi(x + delta)); "
@@ -75,6 +75,9 @@ class PosteriorNetConfig(AdamLoopOptions):
             raise ValueError(f"unknown posterior-net preset {self.preset!r}; valid: {', '.join(POSTERIOR_PRESETS)}")
         if not (math.isfinite(self.sigma_max) and self.sigma_min < self.sigma_max):
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min} and {self.sigma_max}")
+        if self.teacher_weight > 0 and self.generated is not None and self.unsup_fraction > 0:
+            raise ValueError("the teacher term is the smoothed posterior of the real train split, which is the "
+                             "cross-entropy's optimum only without --generated data; use one or the other")
         if self.dlsm_weight > 0 and not self.scorenet:
             raise ValueError("the DLSM term needs a score net (--scorenet DIR); use --dlsm-weight 0 to train without")
 
