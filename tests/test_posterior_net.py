@@ -168,13 +168,21 @@ def test_exact_posterior_minimises_the_expected_loss():
     assert losses[1.0]["dlsm"] < 1.0  # the exact denoiser explains part of n's unit variance
 
 
+def noisy_draws(x, sigma_range, seed):
+    """(σ [B], x̃ = x + σn) drawn by hand as ``dlsm_loss`` draws them from a generator seeded with ``seed``: σ
+    log-uniform in ``sigma_range``, then n, both in x's dtype."""
+    generator = torch.Generator().manual_seed(seed)
+    low, high = sigma_range
+    sigma = torch.exp(math.log(low) + torch.rand(len(x), generator=generator) * (math.log(high) - math.log(low)))
+    sigma = sigma.to(x.dtype)
+    return sigma, x + sigma.view(-1, 1, 1, 1) * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+
+
 def test_loss_without_dlsm_needs_no_score_net_and_is_cross_entropy():
     net = tiny_net()
     x, y = torch.rand(6, 1, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2])
     loss, stats = dlsm_loss(net, x, y, (0.1, 0.2), dlsm_weight=0.0, generator=torch.Generator().manual_seed(3))
-    generator = torch.Generator().manual_seed(3)
-    sigma = torch.exp(math.log(0.1) + torch.rand(6, generator=generator) * (math.log(0.2) - math.log(0.1)))
-    x_noisy = x + sigma.view(-1, 1, 1, 1) * torch.randn(x.shape, generator=generator)
+    sigma, x_noisy = noisy_draws(x, (0.1, 0.2), 3)
     expected = nn.functional.cross_entropy(net(x_noisy, sigma), y)
     torch.testing.assert_close(loss, expected)
     assert set(stats) == {"ce", "acc", "loss"}
@@ -191,10 +199,7 @@ def test_teacher_term_is_the_soft_cross_entropy_of_the_teacher_at_the_noisy_poin
     teacher = lambda z, sigma: exact.logits(z, sigma).log_softmax(dim=1)
     loss, stats = dlsm_loss(net, x, y, (0.1, 0.4), dlsm_weight=0.0, teacher=teacher, teacher_weight=0.5,
                             generator=torch.Generator().manual_seed(4))
-    generator = torch.Generator().manual_seed(4)
-    sigma = torch.exp(math.log(0.1) + torch.rand(8, generator=generator) * (math.log(0.4) - math.log(0.1)))
-    sigma = sigma.double()
-    x_noisy = x + sigma.view(-1, 1, 1, 1) * torch.randn(x.shape, generator=generator, dtype=torch.float64)
+    sigma, x_noisy = noisy_draws(x, (0.1, 0.4), 4)
     log_p = net(x_noisy, sigma).log_softmax(dim=1)
     q = exact.logits(x_noisy, sigma).softmax(dim=1)
     soft_ce = -(q * log_p).sum(dim=1)
@@ -228,9 +233,7 @@ def test_teacher_points_lie_in_the_ball_where_the_network_moves_most():
 
     dlsm_loss(net, x, y, (0.1, 0.4), dlsm_weight=0.0, teacher=teacher, teacher_weight=1.0, teacher_radius=0.2,
               adversarial_steps=3, generator=torch.Generator().manual_seed(6))
-    generator = torch.Generator().manual_seed(6)
-    sigma = torch.exp(math.log(0.1) + torch.rand(64, generator=generator) * (math.log(0.4) - math.log(0.1))).double()
-    x_noisy = x + sigma.view(-1, 1, 1, 1) * torch.randn(x.shape, generator=generator, dtype=torch.float64)
+    sigma, x_noisy = noisy_draws(x, (0.1, 0.4), 6)
     (points, asked_sigma), = asked
     torch.testing.assert_close(asked_sigma, sigma)
     delta = (points - x_noisy).abs().flatten(1).amax(dim=1)
@@ -269,9 +272,7 @@ def test_teacher_error_attack_finds_points_where_the_network_is_furthest_from_th
                   teacher_attack=attack, adversarial_steps=4, generator=torch.Generator().manual_seed(7))
         found[attack] = asked[-1]
     assert len(asked) == 1  # the network attack never calls the teacher inside PGD
-    generator = torch.Generator().manual_seed(7)
-    sigma = torch.exp(math.log(0.1) + torch.rand(128, generator=generator) * (math.log(0.4) - math.log(0.1))).double()
-    x_noisy = x + sigma.view(-1, 1, 1, 1) * torch.randn(x.shape, generator=generator, dtype=torch.float64)
+    sigma, x_noisy = noisy_draws(x, (0.1, 0.4), 7)
     assert float((found["error"] - x_noisy).abs().amax()) <= 0.3 + 1e-9
     random_points = x_noisy + 0.3 * (2 * torch.rand(x.shape, dtype=torch.float64) - 1)
     error = error_at(found["error"], sigma)
