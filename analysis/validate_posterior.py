@@ -10,8 +10,8 @@ smoothing, the distance and the seed; the classifier p_θ whose loss the attack 
 (``--classifier``, default the recipe's ``out``). For every estimator and split, on the first ``--n-points`` points,
 the attack is the training attack (``trainlib.objectives.DirectScore.inner_max``: PGD on D(p̂(·|x') ‖ p_θ(·|x')) with
 the estimate's full gradient, or through p_θ only where the recipe says ``attack_gradient: model``, and one more PGD
-per further entry of ``attack_losses``), so each estimator is read along the path(s) it would itself drive, with its
-own random start(s), and at the point training keeps. Estimators (``--estimators``):
+per further entry of ``attack_losses``, each ``attack_starts`` times), so each estimator is read along the path(s) it
+would itself drive, with its own random start(s), and at the point training keeps. Estimators (``--estimators``):
 
     posterior-net        p_φ(·|x', σ) of the posterior net (autograd)
     trajectory           the score-net trajectory anchored at p_φ(·|x, σ) (the default for --posterior scorenet)
@@ -24,7 +24,8 @@ p_σ(y|x) ∝ Σ_{i: y_i = y} N(x; x_i, σ²I) (``datagrad.KernelMixture``), whi
 posterior net's cross-entropy converge to on that set.
 
 At every point x_t of the path (t = 0: the random start, …, t = T: the last iterate, where training reads its target;
-with several ``attack_losses`` their paths follow one another in t and the last row is the point training keeps),
+with several ``attack_losses`` or ``attack_starts`` their paths follow one another in t, with several starts each
+ending at its last iterate, where the best start is picked; the last row is the point training keeps),
 with p̂ the estimate as training sees it there (for the trajectory at x_T: its zero-call left-point value):
 
     TV         ½ Σ_y |p̂(y|x_t) − p_σ(y|x_t)|                        (median, p90, mean)

@@ -117,7 +117,12 @@ def _update_best(best: Tensor, best_loss: Tensor | None, candidate: Tensor, loss
 
 @dataclass(frozen=True)
 class PGD:
-    """A PGD configuration usable wherever an inner maximizer is expected."""
+    """A PGD configuration usable wherever an inner maximizer is expected.
+
+    ``starts`` > 1 (random starts only): that many PGD runs from consecutive uniform starts of one generator; per
+    example the result with the largest ``loss_fn`` (evaluated once more at each result, without gradient; the
+    earlier start on a tie) is returned. ``starts`` times the attack cost, plus one forward pass per start.
+    """
 
     eps: float
     step_size: float
@@ -126,15 +131,27 @@ class PGD:
     random_start: bool = True
     clamp: tuple[float, float] | None = (0.0, 1.0)
     keep_best: bool = True
+    starts: int = 1
 
     def __post_init__(self):
         _check_pgd(self.eps, self.step_size, self.steps, self.norm, self.clamp)
+        if self.starts < 1 or int(self.starts) != self.starts:
+            raise ValueError(f"starts must be a positive integer, got {self.starts}")
+        if self.starts > 1 and not self.random_start:
+            raise ValueError(f"{self.starts} starts need random_start=True (every start would be x itself)")
 
     def maximize(self, loss_fn: LossFn, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        return pgd(
-            loss_fn, x, self.eps, self.step_size, self.steps, self.norm, self.random_start, self.clamp,
-            generator, self.keep_best,
-        )
+        best, best_loss = None, None
+        for _ in range(int(self.starts)):
+            found = pgd(
+                loss_fn, x, self.eps, self.step_size, self.steps, self.norm, self.random_start, self.clamp,
+                generator, self.keep_best,
+            )
+            if self.starts == 1:
+                return found
+            with torch.no_grad():
+                best, best_loss = _update_best(best, best_loss, found, loss_fn(found))
+        return best
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ closed-form optima of linear losses, random starts, reproducibility, and input v
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -175,6 +176,32 @@ def test_pgd_bad_input_raises(kwargs, match):
     arguments = dict(eps=0.1, step_size=0.01, steps=3, norm="linf", clamp=(0.0, 1.0)) | kwargs
     with pytest.raises(ValueError, match=match):
         pgd(lambda z: z.sum(1), torch.rand(2, 3), **arguments)
+
+
+@pytest.mark.parametrize("keep_best", [False, True])
+def test_pgd_starts_keep_the_best_of_independent_runs(keep_best):
+    """starts = 3: three ``pgd`` runs from consecutive starts of one generator; per example the run whose result has
+    the largest loss, recomputed here in numpy. A loss with two bumps per example makes the starts disagree."""
+    x = torch.linspace(-1, 1, 64, dtype=torch.float64)[:, None]
+    loss_fn = lambda z: torch.cos(6 * z[:, 0]) + 0.3 * torch.sin(17 * z[:, 0])
+    eps, step, steps = 0.5, 0.02, 10
+    found = PGD(eps, step, steps, clamp=None, keep_best=keep_best, starts=3).maximize(
+        loss_fn, x, torch.Generator().manual_seed(2))
+    generator = torch.Generator().manual_seed(2)
+    runs = [pgd(loss_fn, x, eps, step, steps, clamp=None, generator=generator, keep_best=keep_best)
+            for _ in range(3)]
+    values = np.stack([np.cos(6 * r[:, 0].numpy()) + 0.3 * np.sin(17 * r[:, 0].numpy()) for r in runs])
+    assert len(set(values.argmax(axis=0).tolist())) == 3  # every start wins somewhere: the selection is exercised
+    expected = np.take_along_axis(np.stack([r[:, 0].numpy() for r in runs]), values.argmax(axis=0)[None], 0)[0]
+    np.testing.assert_array_equal(found[:, 0].numpy(), expected)
+    assert (loss_fn(found) >= loss_fn(runs[0])).all()  # never below a single start
+
+
+def test_pgd_starts_validate():
+    with pytest.raises(ValueError, match="starts must be a positive integer, got 0"):
+        PGD(eps=0.1, step_size=0.01, steps=1, starts=0)
+    with pytest.raises(ValueError, match="2 starts need random_start=True"):
+        PGD(eps=0.1, step_size=0.01, steps=1, random_start=False, starts=2)
 
 
 def test_maximizer_configs_validate_their_ball():

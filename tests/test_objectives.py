@@ -165,6 +165,33 @@ def test_attack_and_loss_match_hand_written_versions(setup, name, norm):
                                rtol=1e-10)
 
 
+def np_attack_loss(name, model, mixture, x, z, y):
+    """Each attack's loss at z in numpy from the logits (p_d from the closed form): [B]."""
+    with torch.no_grad():
+        p, q, one_hot = np_softmax(model(x)), np_softmax(model(z)), np_targets(y, 0.0)
+        p_data = mixture.log_posterior(z).exp().numpy()
+    return {"pgd-at": np_ce(q, one_hot), "trades-kl": np_kl(p, q), "trades-se": np_se(q, p),
+            "pgd-at-se": np_se(q, one_hot), "direct-score": np_kl(p_data, q)}[name]
+
+
+@pytest.mark.parametrize("name", ADVERSARIAL)
+def test_attack_starts_train_on_the_best_of_hand_written_attacks(setup, name):
+    """attack_starts = 2: two hand-written PGDs from consecutive uniform starts of one generator; per example the
+    last iterate with the larger attack loss (numpy); the training loss is read there."""
+    mixture, x, y, model = setup
+    out = run(build(name, mixture, attack_starts=2, **({"beta": 3.0} if name.startswith("trades") else {})),
+              model, x, y, seed=4)
+    generator = torch.Generator().manual_seed(4)
+    first, second = (hand_written_pgd(reference_attack_loss(name, model, mixture, x, y), x, 0.15, 0.05, 4, "linf",
+                                      generator) for _ in range(2))
+    second_wins = torch.from_numpy(np_attack_loss(name, model, mixture, x, second, y)
+                                   > np_attack_loss(name, model, mixture, x, first, y))
+    assert 0 < second_wins.sum() < len(x)  # both starts are kept somewhere: the selection is exercised
+    expected = torch.where(second_wins.view(-1, 1, 1, 1), second, first)
+    torch.testing.assert_close(out.x_adv, expected, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(out.loss.item(), reference_loss(name, model, mixture, x, expected, y, 3.0), rtol=1e-10)
+
+
 def test_se_loss_gradient_matches_closed_form(float64):
     logits = torch.randn(6, K, requires_grad=True)
     targets = torch.from_numpy(np_targets(torch.tensor([0, 1, 2, 2, 1, 0]), 0.1))
@@ -474,6 +501,13 @@ def test_build_objective_rejects_bad_input():
         build_objective("direct-score", threat(), attack_losses=(), posterior_provider=fixed_posterior(mixture))
     with pytest.raises(ValueError, match=r"attack_losses \['data-margin'\] are used by direct-score only"):
         build_objective("pgd-at", threat(), attack_losses=("data-margin",))
+    with pytest.raises(ValueError, match="repeat an attack; several starts of one attack are attack_starts"):
+        build_objective("direct-score", threat(), attack_losses=("distance", "distance"),
+                        posterior_provider=fixed_posterior(mixture))
+    with pytest.raises(ValueError, match=r"attack_starts must be an integer >= 1 .* got 2 for 'standard'"):
+        build_objective("standard", attack_starts=2)
+    with pytest.raises(ValueError, match=r"attack_starts must be an integer >= 1 .* got 0 for 'pgd-at'"):
+        build_objective("pgd-at", threat(), attack_starts=0)
     model = build_model("mlp", K, in_channels=1, image_size=4)
     with pytest.raises(ValueError, match="integer labels"):
         build_objective("standard")(model, model, torch.rand(4, *SHAPE), torch.rand(4))

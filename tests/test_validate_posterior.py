@@ -156,23 +156,29 @@ def test_real_digits_truth_is_the_exact_smoothed_training_posterior(tmp_path):
     assert train_start["label_truth"]["median"] > 0.5  # near a training digit, the kernel sum keeps its label
 
 
-@pytest.mark.parametrize("attack_gradient, attack_losses", [("full", ("distance",)), ("model", ("distance",)),
-                                                            ("full", ("distance", "data-margin"))])
-def test_the_path_ends_where_the_training_objective_attacks(attack_gradient, attack_losses):
-    """read_path's last point is DirectScore's x' (same generator, attack gradient and attacks): its metrics match."""
+@pytest.mark.parametrize("attack_gradient, attack_losses, attack_starts", [
+    ("full", ("distance",), 1), ("model", ("distance",), 1), ("full", ("distance", "data-margin"), 1),
+    ("full", ("distance",), 2)])
+def test_the_path_ends_where_the_training_objective_attacks(attack_gradient, attack_losses, attack_starts):
+    """read_path's last point is DirectScore's x' (same generator, attack gradient, attacks and starts): its metrics
+    match."""
     mixture = toy_mixture("gmm-8x8")
     training = AdversarialConfig(dataset="gmm-8x8", model="mlp", objective="direct-score", eps=0.08, step_size=0.04,
-                                 pgd_steps=3, attack_gradient=attack_gradient, attack_losses=attack_losses)
+                                 pgd_steps=3, attack_gradient=attack_gradient, attack_losses=attack_losses,
+                                 attack_starts=attack_starts)
     model = trained_mlp().double()
     x, y = load_dataset("gmm-8x8", "test").tensors()
     x, y = x[:32].double(), y[:32]
     truth = mixture.at(0.08)
     path = vp.read_path(lambda *_: mixture, truth, model, training, x, y, seed=3)
     objective = build_objective("direct-score", training, attack_gradient=attack_gradient, attack_losses=attack_losses,
-                                posterior_provider=fixed_posterior(mixture))
+                                attack_starts=attack_starts, posterior_provider=fixed_posterior(mixture))
     x_adv = objective(model, model, x, y, seeded_generator(3, 0, 0, 0, 0)).x_adv
     expected = vp.point_metrics(mixture.log_posterior(x_adv), mixture.grad_log_posterior(x_adv), truth, x_adv, y)
     assert path[-1] == expected
-    assert len(path) == len(attack_losses) * training.pgd_steps + 1  # the points each attack steps from, then x'
+    # the points each attack steps from (with several starts also each start's last iterate, read to pick the
+    # best), then x'
+    per_start = training.pgd_steps + (attack_starts > 1)
+    assert len(path) == len(attack_losses) * attack_starts * per_start + 1
     other = dataclasses.replace(training, attack_gradient="full" if attack_gradient == "model" else "model")
     assert vp.read_path(lambda *_: mixture, truth, model, other, x, y, seed=3)[-1] != expected

@@ -101,6 +101,8 @@ class AdversarialConfig(EngineOptions):
     eps: float = option("radius of the threat ball in [0, 1] pixel units", 0.2, gt=0)
     step_size: float = option("PGD step size of the training attack", 0.05, gt=0)
     pgd_steps: int = option("PGD steps of the training attack", 10, ge=1, renamed_from="steps")
+    attack_starts: int = option("random starts of every training attack (each attack loss of direct-score too); per "
+                                "example the start ending with the largest attack loss is trained on", 1, ge=1)
     # data posterior (direct-score only; trainlib.data_posterior)
     posterior: Literal["posterior-net", "scorenet", "empirical", "analytic"] = option(
         "p_d(.|x'): posterior net | score-net trajectory | exact smoothed training-set posterior | closed form (gmm-*)",
@@ -157,9 +159,9 @@ class AdversarialConfig(EngineOptions):
         if self.objective == "direct-score":
             check_posterior_options(self.posterior, self.anchor, self.scorenet, self.posterior_net, self.dataset,
                                     has_closed_form(self.dataset), self.posterior_ensemble)
-            if self.posterior == "scorenet" and len(self.attack_losses) > 1:
-                raise ValueError("several attack_losses need a path-independent posterior: a score-net trajectory "
-                                 "(posterior=scorenet) integrates along one attack path")
+            if self.posterior == "scorenet" and (len(self.attack_losses) > 1 or self.attack_starts > 1):
+                raise ValueError("several attack_losses or attack_starts need a path-independent posterior: a "
+                                 "score-net trajectory (posterior=scorenet) integrates along one attack path")
         # objective options (beta, clip, clean weight, smoothing, distance): the objective's own checks
         make_objective(self, fixed_posterior(None))
 
@@ -200,7 +202,7 @@ def make_objective(cfg: AdversarialConfig, provider) -> Objective:
                            label_smoothing=cfg.label_smoothing, attack_bn=cfg.attack_bn, distance=cfg.distance,
                            clean_weight=cfg.clean_weight, clean_loss=cfg.clean_loss,
                            attack_gradient=cfg.attack_gradient, attack_losses=cfg.attack_losses,
-                           posterior_provider=provider)
+                           attack_starts=cfg.attack_starts, posterior_provider=provider)
 
 
 # -- data and evaluation ----------------------------------------------------------------------------------------

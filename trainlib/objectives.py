@@ -29,7 +29,9 @@ Losses (batch means; D(p || q) from :mod:`datagrad.distances`, on log-probabilit
 (sg = stop-gradient; p_θ(x) in an attack is computed once, in attack mode.) In the TRADES losses gradients flow
 through both p_θ(x) and p_θ(x') (docs/conventions.md §3). Every attack starts uniformly in the ε-ball (the SCORE
 code does this for TRADES-KL too; original TRADES starts at x + 0.001·N(0, I)), clamps to [0, 1] and returns its last
-iterate.
+iterate. ``attack_starts`` = S > 1, for every objective with an attack: each attack runs S times from consecutive
+uniform starts of the batch's generator and keeps, per example, the last iterate with the largest attack loss
+(``datagrad.PGD.starts``): S times the attack steps, the same for every objective when comparing at equal budgets.
 
 Clipping (the SCORE code without generated data, ``--clip_loss c``): τ(c) = c²·K/(K−1), the SE between the
 prediction (1 − c on y, c/(K−1) elsewhere) and one-hot y. Per example, before the batch mean:
@@ -290,9 +292,10 @@ class DirectScore(Objective):
     def inner_max(self, attack_model: nn.Module, x: Tensor, y: Tensor, posterior: DataPosterior,
                   generator: torch.Generator | None, watch: Callable[[Tensor], None] | None = None) -> Tensor:
         """x' ≈ argmax_{x'∈B(x)} D(p_d(·|x') ‖ p_θ(·|x')) as training takes it: one PGD per ``attack_losses`` entry
-        (each from its own random start, in ``attack_mode``); with several, per example the last iterate with the
-        largest D. ``watch(z)`` is called at every point an attack evaluates, after its loss (validation).
-        Several attacks need a path-independent posterior (not a score-net trajectory)."""
+        (each from its own random start(s), in ``attack_mode``); with several, per example the last iterate with the
+        largest D. ``watch(z)`` is called at every point an attack evaluates, after its loss (validation; with
+        several starts also at each start's last iterate, where the best start is picked). Several attacks or
+        starts need a path-independent posterior (not a score-net trajectory)."""
         distance = get_distance(self.distance)
 
         def attack_loss(name: str) -> Callable[[Tensor], Tensor]:
@@ -361,13 +364,17 @@ def _check_in(value: str, valid: tuple[str, ...], what: str) -> None:
 def check_attack_losses(attack_losses) -> None:
     if not attack_losses:
         raise ValueError(f"attack_losses needs at least one of {', '.join(ATTACK_LOSSES)}")
+    if len(set(attack_losses)) != len(attack_losses):
+        raise ValueError(f"attack_losses {list(attack_losses)} repeat an attack; several starts of one attack are "
+                         "attack_starts")
     for name in attack_losses:
         _check_in(name, ATTACK_LOSSES, "attack loss")
 
 
-def attack_from_threat(threat) -> PGD:
+def attack_from_threat(threat, starts: int = 1) -> PGD:
     """PGD for training from any object with ``norm`` ("linf"/"l2"), ``eps``, ``step_size`` and ``pgd_steps``:
-    uniform random start, clamp to [0, 1], last iterate (no keep_best)."""
+    uniform random start (``starts`` of them, the best kept per example), clamp to [0, 1], last iterate (no
+    keep_best)."""
     missing = [a for a in ("norm", "eps", "step_size", "pgd_steps") if not hasattr(threat, a)]
     if missing:
         raise ValueError(f"threat model needs attributes norm, eps, step_size, pgd_steps; missing {', '.join(missing)}")
@@ -376,7 +383,7 @@ def attack_from_threat(threat) -> PGD:
     if int(threat.pgd_steps) != threat.pgd_steps or threat.pgd_steps < 1:
         raise ValueError(f"threat pgd_steps must be an integer >= 1, got {threat.pgd_steps}")
     return PGD(eps=float(threat.eps), step_size=float(threat.step_size), steps=int(threat.pgd_steps),
-               norm=threat.norm, random_start=True, clamp=(0.0, 1.0), keep_best=False)
+               norm=threat.norm, random_start=True, clamp=(0.0, 1.0), keep_best=False, starts=starts)
 
 
 def build_objective(
@@ -393,6 +400,7 @@ def build_objective(
     clean_loss: str = "ce",
     attack_gradient: str = "full",
     attack_losses: tuple[str, ...] = ("distance",),
+    attack_starts: int = 1,
     posterior_provider: PosteriorProvider | None = None,
 ) -> Objective:
     """Build an objective by name (``OBJECTIVES``); see the module docstring for the losses.
@@ -400,9 +408,10 @@ def build_objective(
     threat: ``norm``/``eps``/``step_size``/``pgd_steps`` (ignored by "standard"); beta: TRADES weight (None: the
     objective's default, ``DEFAULT_BETA``); clip: c of the SE clip τ = c²K/(K−1) (SE objectives only);
     label_smoothing: s in [0, 1); attack_bn: "eval" or "batch"; distance, clean_weight, clean_loss ("ce"/"score"),
-    attack_gradient ("full"/"model"), attack_losses (``ATTACK_LOSSES``), posterior_provider: direct SCORE only. Options
-    an objective has no field for are ignored, except a non-zero clip or clean weight, a non-full attack gradient and
-    attack losses other than ("distance",), which raise.
+    attack_gradient ("full"/"model"), attack_losses (``ATTACK_LOSSES``), posterior_provider: direct SCORE only;
+    attack_starts: random starts of every attack (objectives with one). Options an objective has no field for are
+    ignored, except a non-zero clip or clean weight, a non-full attack gradient, attack losses other than
+    ("distance",) and several attack starts, which raise.
     """
     _check_in(name, tuple(OBJECTIVES), "objective")
     _check_in(attack_bn, BN_MODES, "attack BN mode")
@@ -427,6 +436,9 @@ def build_objective(
         raise ValueError(f"attack_gradient {attack_gradient!r} is used by direct-score only, not {name!r}")
     if tuple(attack_losses) != ("distance",) and "attack_losses" not in fields:
         raise ValueError(f"attack_losses {list(attack_losses)} are used by direct-score only, not {name!r}")
+    if int(attack_starts) != attack_starts or attack_starts < 1 or (attack_starts > 1 and "attack" not in fields):
+        raise ValueError(f"attack_starts must be an integer >= 1 and is used by objectives with an attack only; got "
+                         f"{attack_starts} for {name!r}")
     options = dict(beta=beta, clip=clip, clip_scope=clip_scope, label_smoothing=label_smoothing, attack_bn=attack_bn,
                    distance=distance, clean_weight=clean_weight, clean_loss=clean_loss, attack_gradient=attack_gradient,
                    attack_losses=tuple(attack_losses), posterior_provider=posterior_provider)
@@ -434,7 +446,7 @@ def build_objective(
     if "attack" in fields:
         if threat is None:
             raise ValueError(f"objective {name!r} needs a threat model (norm, eps, step_size, pgd_steps)")
-        kwargs["attack"] = attack_from_threat(threat)
+        kwargs["attack"] = attack_from_threat(threat, int(attack_starts))
     if "posterior_provider" in fields and posterior_provider is None:
         raise ValueError("objective 'direct-score' needs a posterior provider (a score-net checkpoint or an analytic "
                          "posterior for toy data)")
