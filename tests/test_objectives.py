@@ -317,15 +317,19 @@ def reference_data_margin(mixture, y):
     return loss
 
 
-def test_direct_score_with_a_data_margin_attack_trains_on_the_point_of_larger_distance(setup):
-    """attack_losses ("distance", "data-margin"): two PGDs from consecutive random starts of one generator; per example
-    the last iterate with the larger KL(p_d(·|x') || p_θ(·|x')), computed here in numpy."""
+@pytest.mark.parametrize("second", ["data-margin", "label-ce"])
+def test_direct_score_with_a_second_attack_trains_on_the_point_of_larger_distance(setup, second):
+    """attack_losses ("distance", second): two PGDs from consecutive random starts of one generator, the second on
+    p_d's margin or on −log p_θ(y|x') (PGD-AT's attack); per example the last iterate with the larger
+    KL(p_d(·|x') || p_θ(·|x')), computed here in numpy."""
     mixture, x, y, model = setup
-    out = run(build("direct-score", mixture, attack_losses=("distance", "data-margin")), model, x, y, seed=4)
+    out = run(build("direct-score", mixture, attack_losses=("distance", second)), model, x, y, seed=4)
     generator = torch.Generator().manual_seed(4)
     on_distance = hand_written_pgd(reference_attack_loss("direct-score", model, mixture, x, y), x, 0.15, 0.05, 4,
                                    "linf", generator)
-    on_margin = hand_written_pgd(reference_data_margin(mixture, y), x, 0.15, 0.05, 4, "linf", generator)
+    second_loss = (reference_data_margin(mixture, y) if second == "data-margin"
+                   else reference_attack_loss("pgd-at", model, mixture, x, y))
+    on_margin = hand_written_pgd(second_loss, x, 0.15, 0.05, 4, "linf", generator)
 
     def score_kl(z):
         with torch.no_grad():

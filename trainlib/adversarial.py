@@ -95,7 +95,8 @@ class AdversarialConfig(EngineOptions):
     attack_losses: tuple[str, ...] = option(
         "direct-score attacks, one PGD each from its own random start; per example the point with the largest D is "
         "trained on: distance (SCORE's inner max) | data-margin (moves p_d(.|x') off the label: -[log p_d(y|x') - "
-        "max_k!=y log p_d(k|x')])", ("distance",))
+        "max_k!=y log p_d(k|x')]) | label-ce (moves p_theta off the label: -log p_theta(y|x'), PGD-AT's attack)",
+        ("distance",))
     # threat model (training attack and evaluation)
     norm: Literal["linf", "l2"] = option("threat model norm", "linf")
     eps: float = option("radius of the threat ball in [0, 1] pixel units", 0.2, gt=0)

@@ -22,9 +22,10 @@ Losses (batch means; D(p || q) from :mod:`datagrad.distances`, on log-probabilit
     pgd-at-se     Σ_k (p_θ(x')_k − ỹ_k)²,              x' = PGD max Σ_k (p_θ(x')_k − y_k)²  (one-hot y)
     direct-score  D(sg p_d(·|x') || p_θ(·|x')) [+ w·clean],  x' = PGD max D(p_d(·|x') || p_θ(·|x')) (full gradient;
                   ``attack_gradient="model"``: p_d held at its value in each step's gradient, an ablation);
-                  ``attack_losses`` ("distance", "data-margin"): one PGD per entry, each from its own random start,
-                  the second on −[log p_d(y|x') − max_{k≠y} log p_d(k|x')]; per example x' is the last iterate with
-                  the largest D(p_d(·|x') || p_θ(·|x')) (a better inner max where p_d changes class inside the ball)
+                  ``attack_losses`` ("distance", "data-margin", "label-ce"): one PGD per entry, each from its own
+                  random start, "data-margin" on −[log p_d(y|x') − max_{k≠y} log p_d(k|x')], "label-ce" on
+                  −log p_θ(y|x') (PGD-AT's attack); per example x' is the last iterate with the largest
+                  D(p_d(·|x') || p_θ(·|x')) (a better inner max where p_d, or p_θ alone, changes class in the ball)
 
 (sg = stop-gradient; p_θ(x) in an attack is computed once, in attack mode.) In the TRADES losses gradients flow
 through both p_θ(x) and p_θ(x') (docs/conventions.md §3). Every attack starts uniformly in the ε-ball (the SCORE
@@ -75,7 +76,7 @@ DEFAULT_BETA = {"trades-kl": 6.0, "trades-se": 4.0}
 CLIP_SCOPES = ("total", "robust")
 CLEAN_LOSSES = ("ce", "score")
 ATTACK_GRADIENTS = ("full", "model")  # direct SCORE's attack: through p_d and p_θ, or through p_θ only
-ATTACK_LOSSES = ("distance", "data-margin")  # direct SCORE's attacks: on D itself, or moving p_d off the label
+ATTACK_LOSSES = ("distance", "data-margin", "label-ce")  # direct SCORE's attacks: on D, moving p_d or p_θ off y
 
 KL = get_distance("kl")
 SE = get_distance("se")
@@ -124,6 +125,11 @@ def se_clip_threshold(c: float, num_classes: int) -> float:
 
 def accuracy(logits: Tensor, y: Tensor) -> Tensor:
     return (logits.detach().argmax(dim=1) == y).float().mean()
+
+
+def label_cross_entropy(model: nn.Module, y: Tensor) -> Callable[[Tensor], Tensor]:
+    """PGD-AT's attack loss z ↦ −log p_θ(y|z): [B]."""
+    return lambda z: nn.functional.cross_entropy(model(z), y, reduction="none")
 
 
 def fixed_posterior(posterior: DataPosterior) -> PosteriorProvider:
@@ -175,9 +181,7 @@ class PGDAT(Objective):
 
     def compute(self, model, attack_model, x, y, generator):
         with attack_mode(attack_model, self.attack_bn):
-            x_adv = self.attack.maximize(
-                lambda z: nn.functional.cross_entropy(attack_model(z), y, reduction="none"), x, generator
-            )
+            x_adv = self.attack.maximize(label_cross_entropy(attack_model, y), x, generator)
         logits_adv = model(x_adv)
         loss = soft_cross_entropy(logits_adv, _targets_for(logits_adv, y, self.label_smoothing)).mean()
         stats = {"loss": loss.detach(), "acc_adv": accuracy(logits_adv, y)}
@@ -303,8 +307,10 @@ class DirectScore(Objective):
                 if name == "distance":
                     value = self_consistent_distance(attack_model, z, posterior, distance,
                                                      data_gradient=self.attack_gradient == "full")
-                else:
+                elif name == "data-margin":
                     value = data_margin(z, posterior, y)
+                else:
+                    value = label_cross_entropy(attack_model, y)(z)
                 if watch is not None:
                     watch(z.detach())
                 return value
