@@ -22,8 +22,9 @@ d_i = mean over the seeds both rows have of (R_s(x_i) − R_ref,s(x_i)) removes 
 per-run intervals carry; reported as mean with a bootstrap 95 % interval over i.
 
 Rows report the mean over seeds ± their standard deviation, and the mean half-width of the per-run bootstrap 95 %
-intervals over test points; every run's budget (epochs, batch, PGD steps) and training wall time are in the JSON and
-the caption. Writes ``comparison.json``, ``comparison.md`` (a report section) and ``comparison.png`` into ``--out``.
+intervals over test points; every run's budget (epochs, batch, PGD steps, attack runs per example: starts × attacks)
+and training wall time are in the JSON and the caption. Writes ``comparison.json``, ``comparison.md`` (a report
+section) and ``comparison.png`` into ``--out``.
 Direct-SCORE recipes on digits train the default score net / posterior net first when they are missing.
 """
 
@@ -342,7 +343,8 @@ def compare(cfg: CompareConfig) -> list[dict]:
     for entry in plan:
         row = {"name": entry.name, "objective": entry.config.objective, "seeds": list(entry.seeds), "runs": {},
                "train_seconds": [], "budget": {k: getattr(entry.config, k) for k in
-                                               ("epochs", "batch_size", "pgd_steps", "step_size", "eps", "model")}}
+                                               ("epochs", "batch_size", "pgd_steps", "step_size", "eps", "model")}
+               | {"attack_runs": attack_runs(entry.config)}}
         for seed in entry.seeds:
             out = run_dir(cfg, entry, seed)
             train_run(entry, out, seed)
@@ -363,9 +365,9 @@ def compare(cfg: CompareConfig) -> list[dict]:
     caption = (f"{first['n_points']} test points, {first['norm']} ε = {first['eps']:g}; R_SCORE: per-example max over "
                f"{cfg.pgd_steps}-step PGD on ℓ1, KL, the log-odds of p_d and of p_θ and Madry's KL ({cfg.restarts} "
                f"start(s) each); mean ± sd over seeds {list(cfg.seeds)} (CI: mean half-width of the per-run bootstrap "
-               f"95 % intervals over test points). Budgets (epochs, batch, PGD steps): "
+               f"95 % intervals over test points). Budgets (epochs/batch/PGD steps × attack runs per example): "
                + "; ".join(f"{r['name']} {r['budget']['epochs']}/{r['budget']['batch_size']}/{r['budget']['pgd_steps']}"
-                           for r in rows if "budget" in r) + "."
+                           f"×{r['budget']['attack_runs']}" for r in rows if "budget" in r) + "."
                + (f" Δ: the row minus {cfg.paired_with}, paired over test points and common seeds, with a bootstrap "
                   "95 % interval." if cfg.paired_with else "") + "\n\n")
     atomic_write_json(out / "comparison.json", {"config": config_to_dict(cfg), "rows": rows})
@@ -373,6 +375,14 @@ def compare(cfg: CompareConfig) -> list[dict]:
     plot(out / "comparison.png", rows, truths[0])
     print("\n" + caption + table)
     return rows
+
+
+def attack_runs(config) -> int:
+    """PGD runs per training example and step: ``attack_starts`` × the number of direct-SCORE ``attack_losses``
+    (0 for "standard"); times ``pgd_steps``, the attack steps an objective spends."""
+    if config.objective == "standard":
+        return 0
+    return config.attack_starts * (len(config.attack_losses) if config.objective == "direct-score" else 1)
 
 
 def _recorded_seconds(run: Path) -> list[float]:

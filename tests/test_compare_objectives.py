@@ -9,6 +9,7 @@ import pytest
 
 from analysis import compare_objectives, score_risk
 from scorenets import build_posterior_net
+from trainlib.adversarial import AdversarialConfig
 from trainlib.config import parse_config
 
 
@@ -121,6 +122,16 @@ def test_budget_gives_every_row_the_same_epochs_batch_and_attack(compared):
         c = entry.config
         assert (c.epochs, c.batch_size, c.pgd_steps, c.step_size, c.epoch_size) == (3, 32, 5, 0.03, 256)
     assert [e.config.objective for e in plan] == ["standard", "direct-score"]  # the objectives stay the recipes'
+
+
+@pytest.mark.parametrize("objective, options, runs", [
+    ("standard", {}, 0), ("pgd-at", {}, 1), ("trades-kl", {"attack_starts": 3}, 3),
+    ("direct-score", {"attack_losses": ("distance", "data-margin")}, 2),
+    ("direct-score", {"attack_losses": ("distance", "label-ce"), "attack_starts": 2}, 4)])
+def test_attack_runs_count_starts_times_attacks(objective, options, runs):
+    """The caption's attack cost per example: PGD runs = starts × attacks (direct SCORE's attack_losses)."""
+    config = AdversarialConfig(dataset="gmm-4x4", objective=objective, **options)
+    assert compare_objectives.attack_runs(config) == runs
 
 
 def test_posterior_net_row_is_the_net_itself_at_the_recipes_sigma(tmp_path):
