@@ -307,12 +307,16 @@ def format_table(rows: list[dict], truths: list[str], paired_with: str | None = 
     return markdown_table(header, lines) + "\n"
 
 
-def plot(path: Path, rows: list[dict], truth: str) -> None:
-    """Left: R_SCORE^ℓ1 per objective (mean ± sd over seeds). Right: R_SCORE^ℓ1 against label robust accuracy."""
+def plot(path: Path, rows: list[dict], truth: str, paired_with: str | None = None) -> None:
+    """Left: R_SCORE^ℓ1 per objective (mean ± sd over seeds). With ``paired_with``, middle: each row's paired
+    difference to that row with its bootstrap 95 % interval (the differences the bars are too coarse to show).
+    Right: R_SCORE^ℓ1 against label robust accuracy."""
     from .plotting import PALETTE, plt, save_figure, style
 
     with style():
-        figure, (left, right) = plt.subplots(1, 2, figsize=(12, 0.45 * len(rows) + 2))
+        panels = 3 if paired_with is not None else 2
+        figure, axes = plt.subplots(1, panels, figsize=(6 * panels, 0.45 * len(rows) + 2))
+        left, right = axes[0], axes[-1]
         names = [r["name"] for r in rows]
         means = [r["summary"].get(truth, {}).get("score_l1", {}).get("mean", float("nan")) for r in rows]
         sds = [r["summary"].get(truth, {}).get("score_l1", {}).get("sd", 0.0) for r in rows]
@@ -321,6 +325,17 @@ def plot(path: Path, rows: list[dict], truth: str) -> None:
         left.set(yticks=range(len(rows)), yticklabels=names, xlabel=f"R_SCORE^ℓ1 against p_d ({truth})",
                  title="SCORE (lower is better; orange: direct SCORE)")
         left.invert_yaxis()
+        if paired_with is not None:
+            middle = axes[1]
+            for i, (row, colour) in enumerate(zip(rows, colours, strict=True)):
+                d = row.get("paired", {}).get(truth, {}).get("score_l1")
+                if d is not None:
+                    middle.errorbar(d["mean"], i, xerr=[[d["mean"] - d["low"]], [d["high"] - d["mean"]]], fmt="o",
+                                    color=colour, capsize=3)
+            middle.axvline(0.0, color="black", linewidth=0.8)
+            middle.set(ylim=left.get_ylim(), yticks=range(len(rows)), yticklabels=[],
+                       xlabel=f"Δ R_SCORE^ℓ1 vs {paired_with} (paired, 95 % interval)",
+                       title="paired difference (left of 0: lower SCORE)")
         key = "autoattack_acc" if all("autoattack_acc" in r["summary"]["label"] for r in rows) else "pgd_cw_acc"
         for row, mean, colour in zip(rows, means, colours, strict=True):
             accuracy = row["summary"]["label"].get(key, {}).get("mean", float("nan"))
@@ -372,7 +387,7 @@ def compare(cfg: CompareConfig) -> list[dict]:
                   "95 % interval." if cfg.paired_with else "") + "\n\n")
     atomic_write_json(out / "comparison.json", {"config": config_to_dict(cfg), "rows": rows})
     atomic_write_text(out / "comparison.md", "# Objectives compared on SCORE\n\n" + caption + table)
-    plot(out / "comparison.png", rows, truths[0])
+    plot(out / "comparison.png", rows, truths[0], cfg.paired_with)
     print("\n" + caption + table)
     return rows
 
