@@ -15,15 +15,15 @@ its own SCORE risk, which a classifier that fits the target exactly inherits. ``
 trains every direct-SCORE recipe that sets ``noise_std`` at those σ (``<recipe>-sigma<σ>``, first seed): how the
 smoothing of the target trades against its estimate's error. Recipes named in ``--one-seed`` (costly ablations) run on
 the first seed only; the table says how many seeds each row has. ``--budget RECIPE`` gives every row that recipe's
-budget (epochs, epoch size, batch, PGD steps and step size): equal budgets by construction. ``--paired-with RECIPE``
-adds, per trained row, its R_SCORE^ℓ1 and R_SCORE^KL minus that recipe's row, paired over the same test points: the
-test split and the attacks' random starts do not depend on the training seed, so per test point x_i the difference
-d_i = mean over the seeds both rows have of (R_s(x_i) − R_ref,s(x_i)) removes the spread over test points that the
-per-run intervals carry; reported as mean with a bootstrap 95 % interval over i.
+budget (model, epochs, epoch size, batch, PGD steps and step size): equal budgets by construction.
+``--paired-with RECIPE`` adds, per trained row, its R_SCORE^ℓ1 and R_SCORE^KL minus that recipe's row, paired over
+the same test points: the test split and the attacks' random starts do not depend on the training seed, so per test
+point x_i the difference d_i = mean over the seeds both rows have of (R_s(x_i) − R_ref,s(x_i)) removes the spread
+over test points that the per-run intervals carry; reported as mean with a bootstrap 95 % interval over i.
 
 Rows report the mean over seeds ± their standard deviation, and the mean half-width of the per-run bootstrap 95 %
-intervals over test points; every run's budget (epochs, batch, PGD steps, attack runs per example: starts × attacks)
-and training wall time are in the JSON and the caption. Writes ``comparison.json``, ``comparison.md`` (a report
+intervals over test points; every run's budget (model, epochs, batch, PGD steps, attack runs per example: starts ×
+attacks) and training wall time are in the JSON and the caption. Writes ``comparison.json``, ``comparison.md`` (a report
 section) and ``comparison.png`` into ``--out``.
 Direct-SCORE recipes on digits train the default score net / posterior net first when they are missing.
 """
@@ -54,7 +54,7 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 DIGITS_RECIPES = tuple(str(RECIPES_DIR / f"digits-{name}.json")
                        for name in ("standard", "pgd-at", "trades-kl", "trades-se", "direct-score"))
 METRICS = ("score_l1", "score_kl", "standard_l1", "madry_kl")
-BUDGET = ("epochs", "epoch_size", "batch_size", "pgd_steps", "step_size")
+BUDGET = ("model", "epochs", "epoch_size", "batch_size", "pgd_steps", "step_size")
 LABELS = ("clean_acc", "pgd_cw_acc", "autoattack_acc")
 
 
@@ -76,8 +76,8 @@ class CompareConfig:
     restarts: int = option("random starts per attack of the SCORE ensemble", 1)
     autoattack: bool = option("AutoAttack standard label accuracy", True)
     epochs: int | None = option("override every recipe's epochs (none: the recipe's)", None)
-    budget: str | None = option("a recipe whose budget (epochs, epoch size, batch, PGD steps and step size) every row "
-                                "gets: equal budgets (none: each recipe's own)", None)
+    budget: str | None = option("a recipe whose budget (model, epochs, epoch size, batch, PGD steps and step size) "
+                                "every row gets: equal budgets (none: each recipe's own)", None)
     paired_with: str | None = option("a recipe (file name without .json) every other trained row is compared with, "
                                      "paired over the same test points and seeds (none: no paired column)", None)
 
@@ -380,9 +380,9 @@ def compare(cfg: CompareConfig) -> list[dict]:
     caption = (f"{first['n_points']} test points, {first['norm']} ε = {first['eps']:g}; R_SCORE: per-example max over "
                f"{cfg.pgd_steps}-step PGD on ℓ1, KL, the log-odds of p_d and of p_θ and Madry's KL ({cfg.restarts} "
                f"start(s) each); mean ± sd over seeds {list(cfg.seeds)} (CI: mean half-width of the per-run bootstrap "
-               f"95 % intervals over test points). Budgets (epochs/batch/PGD steps × attack runs per example): "
-               + "; ".join(f"{r['name']} {r['budget']['epochs']}/{r['budget']['batch_size']}/{r['budget']['pgd_steps']}"
-                           f"×{r['budget']['attack_runs']}" for r in rows if "budget" in r) + "."
+               f"95 % intervals over test points). Budgets (model, epochs/batch/PGD steps × attack runs per example): "
+               + "; ".join(f"{r['name']} {b['model']}, {b['epochs']}/{b['batch_size']}/{b['pgd_steps']}"
+                           f"×{b['attack_runs']}" for r in rows if (b := r.get("budget"))) + "."
                + (f" Δ: the row minus {cfg.paired_with}, paired over test points and common seeds, with a bootstrap "
                   "95 % interval." if cfg.paired_with else "") + "\n\n")
     atomic_write_json(out / "comparison.json", {"config": config_to_dict(cfg), "rows": rows})

@@ -10,7 +10,7 @@ No I/O lives here; everything else in the project builds on it.
 """
 
 from .alignment import AlignmentTerms, alignment_terms, dual_exponent, expansion_check, loglog_slope
-from .attacks import PGD, GridSearch, pgd, project, uniform_in_ball
+from .attacks import PGD, GridSearch, pgd, project, uniform_in_ball, update_best
 from .distances import DISTANCES, Distance, get_distance
 from .kernels import KernelMixture
 from .losses import data_margin, log_odds_margin, madry_distance, self_consistent_distance, self_consistent_kl
@@ -78,5 +78,6 @@ __all__ = [
     "standard_risk",
     "toy_mixture",
     "uniform_in_ball",
+    "update_best",
     "worst_case",
 ]

@@ -98,16 +98,22 @@ def pgd(
             (grad,) = torch.autograd.grad(loss.sum(), x_adv)
         x_adv = x_adv.detach()
         if keep_best:
-            best, best_loss = _update_best(best, best_loss, x_adv, loss.detach())
+            best, best_loss = update_best(best, best_loss, x_adv, loss.detach())
         x_adv = to_feasible(x_adv + step_size * _ascent_direction(grad, norm))
     if keep_best:
         with torch.no_grad():
-            best, _ = _update_best(best, best_loss, x_adv, loss_fn(x_adv))
+            best, _ = update_best(best, best_loss, x_adv, loss_fn(x_adv))
         return best
     return x_adv
 
 
-def _update_best(best: Tensor, best_loss: Tensor | None, candidate: Tensor, loss: Tensor):
+def update_best(best: Tensor | None, best_loss: Tensor | None, candidate: Tensor,
+                loss: Tensor) -> tuple[Tensor, Tensor]:
+    """Per example i: (candidate_i, loss_i) where loss_i > best_loss_i, else (best_i, best_loss_i).
+
+    The one selection rule of every maximizer here (PGD's best iterate and best start, the grid, direct SCORE's best
+    attack): strictly larger wins, so on a tie the earlier candidate stays. ``best_loss`` None takes the candidate.
+    """
     if best_loss is None:
         return candidate, loss
     better = loss > best_loss
@@ -150,7 +156,7 @@ class PGD:
             if self.starts == 1:
                 return found
             with torch.no_grad():
-                best, best_loss = _update_best(best, best_loss, found, loss_fn(found))
+                best, best_loss = update_best(best, best_loss, found, loss_fn(found))
         return best
 
 
@@ -179,6 +185,7 @@ class GridSearch:
         candidates = x.unsqueeze(0) + offsets.view(-1, *([1] * x.dim()))  # [P, B, ...]
         if self.clamp is not None:
             candidates = candidates.clamp(*self.clamp)
-        losses = torch.stack([loss_fn(c) for c in candidates])  # [P, B]
-        best = losses.argmax(dim=0)  # [B]
-        return candidates[best, torch.arange(x.shape[0], device=x.device)]
+        best, best_loss = None, None
+        for candidate in candidates:
+            best, best_loss = update_best(best, best_loss, candidate, loss_fn(candidate))
+        return best

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from datagrad import PGD, GridSearch, pgd, seed_toy, self_consistent_distance, uniform_in_ball
+from datagrad import PGD, GridSearch, pgd, seed_toy, self_consistent_distance, uniform_in_ball, update_best
 
 
 def concave_bumps(centres: torch.Tensor):
@@ -240,3 +240,16 @@ def test_grid_search_respects_clamp():
     x = torch.tensor([[0.05], [0.5], [0.95]], dtype=torch.float64)
     found = GridSearch(0.2, points=41, clamp=(0.0, 1.0)).maximize(lambda z: z[:, 0], x)
     torch.testing.assert_close(found, torch.tensor([[0.25], [0.7], [1.0]], dtype=torch.float64))
+
+
+def test_update_best_takes_strictly_larger_losses_per_example():
+    """The shared selection rule, checked against numpy's first-maximum argmax over three candidates."""
+    losses = np.array([[0.1, 0.5, 0.5, 2.0], [0.3, 0.5, 0.1, 2.0], [0.2, 0.9, 0.5, 1.0]])  # [candidate, example]
+    candidates = [torch.full((4, 2, 3), float(a)) for a in range(3)]
+    best, best_loss = None, None
+    for candidate, loss in zip(candidates, losses, strict=True):
+        best, best_loss = update_best(best, best_loss, candidate, torch.tensor(loss))
+    expected = losses.argmax(axis=0)  # numpy keeps the first maximum: [1, 2, 0, 0]
+    assert expected.tolist() == [1, 2, 0, 0]
+    assert torch.equal(best[:, 0, 0], torch.tensor(expected, dtype=best.dtype))
+    assert torch.equal(best_loss, torch.tensor(losses.max(axis=0)))

@@ -112,15 +112,17 @@ def test_score_risk_command_on_a_run(compared, capsys):
     assert (run / "analysis" / "score_risk.json").is_file()
 
 
-def test_budget_gives_every_row_the_same_epochs_batch_and_attack(compared):
+def test_budget_gives_every_row_the_same_model_epochs_batch_and_attack(compared):
     root, _, _ = compared
-    budget = recipe(root / "budget.json", objective="trades-se", epochs=3, batch_size=32, pgd_steps=5, step_size=0.03)
+    budget = recipe(root / "budget.json", objective="trades-se", model="cnn-8", epochs=3, batch_size=32, pgd_steps=5,
+                    step_size=0.03)
     argv = ["--recipes", str(root / "gmm-4x4-standard.json"), str(root / "gmm-4x4-direct-score.json"), "--budget",
             budget, "--out", str(root / "budget")]
     plan = compare_objectives.entries(parse_config(compare_objectives.CompareConfig, argv))
     for entry in plan:
         c = entry.config
-        assert (c.epochs, c.batch_size, c.pgd_steps, c.step_size, c.epoch_size) == (3, 32, 5, 0.03, 256)
+        budget_values = (c.model, c.epochs, c.batch_size, c.pgd_steps, c.step_size, c.epoch_size)
+        assert budget_values == ("cnn-8", 3, 32, 5, 0.03, 256)
     assert [e.config.objective for e in plan] == ["standard", "direct-score"]  # the objectives stay the recipes'
 
 

@@ -21,6 +21,8 @@ SMALL = [  # (name, in_channels, image_size)
     ("preact-resnet18", 3, 16),
     ("cnn-small", 1, 8),
     ("cnn-small-bn", 1, 8),
+    ("cnn-64", 1, 8),
+    ("cnn-8-bn", 3, 6),
     ("mlp", 1, 8),
     ("mlp-bn", 3, 6),
 ]
@@ -78,6 +80,17 @@ def test_parameter_counts_match_published_and_closed_form_values():
             assert value == wrn_reference_count(depth, width, k), name
     # PreAct ResNet-18 with the final BN (Rice et al. / SCORE code): 11,171,146 without it + 2·512
     assert counts["preact-resnet18", 10] == 11_171_146 + 1024
+
+
+def test_small_cnn_counts_match_the_closed_form():
+    """conv 3×3 C→c, c→c, c→2c, 2c→2c (with biases), then linear from 2c·⌈H/2⌉·⌈W/2⌉ features."""
+    def reference(c, classes=10, channels=1, size=8):
+        convs = channels * c * 9 + c + c * c * 9 + c + c * 2 * c * 9 + 2 * c + 2 * c * 2 * c * 9 + 2 * c
+        return convs + 2 * c * ((size + 1) // 2) ** 2 * classes + classes
+
+    assert count(build_model("cnn-small", 10, in_channels=1, image_size=8)) == reference(32) == 75_242
+    assert count(build_model("cnn-64", 10, in_channels=1, image_size=8)) == reference(64)
+    assert count(build_model("cnn-5", 7, in_channels=3, image_size=7)) == reference(5, 7, 3, 7)
 
 
 def batch_norm_eval(h, sd, prefix):
@@ -163,6 +176,10 @@ def test_registry_rejects_bad_input():
         build_model("wrn-27-10", 10)
     with pytest.raises(ValueError, match="one value per input channel"):
         build_model("cnn-small", 10, in_channels=1, image_size=8, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2))
+    with pytest.raises(ValueError, match="at least one channel"):
+        build_model("cnn-0", 10, in_channels=1, image_size=8)
+    with pytest.raises(ValueError, match="unknown model 'cnn-wide'"):
+        build_model("cnn-wide", 10, in_channels=1, image_size=8)
     with pytest.raises(ValueError, match="at least 8×8"):
         build_model("preact-resnet18", 10, image_size=4)
     with pytest.raises(ValueError, match="num_classes"):

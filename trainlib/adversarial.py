@@ -79,7 +79,8 @@ class AdversarialConfig(EngineOptions):
     augment: Literal["auto", "on", "off"] = option("random crop (pad 4) + flip; auto: on for CIFAR only", "auto")
     n_val: int = option("validation points (first n of the val split; PGD-40 CW on the EMA model)", 1024, ge=1)
     # model and objective
-    model: str = option("wrn-28-10 | wrn-70-16 | wrn-D-W | preact-resnet18 | cnn-small(-bn) | mlp(-bn)", "cnn-small")
+    model: str = option("wrn-28-10 | wrn-70-16 | wrn-D-W | preact-resnet18 | cnn-small(-bn) = cnn-32(-bn) | "
+                        "cnn-C(-bn) | mlp(-bn)", "cnn-small")
     objective: str = option(" | ".join(OBJECTIVES), "trades-se")
     beta: float | None = option("TRADES weight of the robust term (none: 6 for trades-kl, 4 for trades-se)", None, ge=0)
     clip: float = option("SE loss clip c, threshold c^2 K/(K-1) (trades-se, pgd-at-se; 0: no clip)", 0.0, ge=0, lt=1)

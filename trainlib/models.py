@@ -304,8 +304,9 @@ def _image_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
 # Registry and optimizer parameter groups
 
 MODEL_NAMES = ("wrn-28-10", "wrn-70-16", "wrn-<depth>-<width>", "preact-resnet18", "cnn-small", "cnn-small-bn",
-               "mlp", "mlp-bn")
+               "cnn-<channels>", "cnn-<channels>-bn", "mlp", "mlp-bn")
 _WRN_NAME = re.compile(r"wrn-(\d+)-(\d+)")
+_CNN_NAME = re.compile(r"cnn-(small|\d+)(-bn)?")
 
 
 def build_model(
@@ -316,7 +317,8 @@ def build_model(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
 ) -> NormalizedClassifier:
-    """Build a classifier by name (see ``MODEL_NAMES``; "wrn-D-W" is any WRN with depth D = 6n + 4, width W).
+    """Build a classifier by name (see ``MODEL_NAMES``; "wrn-D-W" is any WRN with depth D = 6n + 4, width W;
+    "cnn-c" is ``SmallCNN`` with c channels at full resolution, so "cnn-small" is "cnn-32").
 
     Inputs are [B, in_channels, H, W] in [0, 1]; ``mean``/``std`` default to ``default_stats(in_channels)``.
     """
@@ -332,8 +334,12 @@ def build_model(
         if wrn:
             return WideResNet(depth=int(wrn.group(1)), width=int(wrn.group(2)), **common)
         return PreActResNet(**common)
-    if name in ("cnn-small", "cnn-small-bn"):
-        return SmallCNN(image_size=(height, width), batch_norm=name.endswith("-bn"), **common)
+    cnn = _CNN_NAME.fullmatch(name)
+    if cnn:
+        channels = 32 if cnn.group(1) == "small" else int(cnn.group(1))
+        if channels < 1:
+            raise ValueError(f"model {name!r} needs at least one channel")
+        return SmallCNN(image_size=(height, width), channels=channels, batch_norm=bool(cnn.group(2)), **common)
     if name in ("mlp", "mlp-bn"):
         return MLP(image_size=(height, width), batch_norm=name.endswith("-bn"), **common)
     raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")

@@ -67,6 +67,7 @@ from datagrad import (
     data_margin,
     get_distance,
     self_consistent_distance,
+    update_best,
 )
 
 from .attack_mode import BN_MODES, attack_mode
@@ -317,14 +318,15 @@ class DirectScore(Objective):
             return loss
 
         with attack_mode(attack_model, self.attack_bn):
-            candidates = [self.attack.maximize(attack_loss(name), x, generator) for name in self.attack_losses]
-            if len(candidates) == 1:
-                return candidates[0]
-            with torch.no_grad():
-                values = torch.stack([self_consistent_distance(attack_model, z, posterior, distance)
-                                      for z in candidates])  # [A, B]
-        best = values.argmax(dim=0)
-        return torch.stack(candidates)[best, torch.arange(len(x), device=x.device)]
+            if len(self.attack_losses) == 1:
+                return self.attack.maximize(attack_loss(self.attack_losses[0]), x, generator)
+            best, best_value = None, None
+            for name in self.attack_losses:
+                candidate = self.attack.maximize(attack_loss(name), x, generator)
+                with torch.no_grad():
+                    value = self_consistent_distance(attack_model, candidate, posterior, distance)
+                best, best_value = update_best(best, best_value, candidate, value)
+        return best
 
     def compute(self, model, attack_model, x, y, generator):
         distance = get_distance(self.distance)
