@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .attacks import pgd
+from .attacks import pgd, update_best
 from .distances import get_distance
 from .losses import Model, log_odds_margin
 from .posteriors import DataPosterior, attach_log_posterior, check_num_classes
@@ -104,10 +104,9 @@ def worst_case(
         values = {"score_l1": L1(log_p, log_q), "score_kl": KL(log_p, log_q), "madry_kl": KL(log_p_clean, log_q)}
         for name, value in values.items():
             mine[name] = torch.maximum(mine[name], value)
-            if name == "score_l1":
-                better = value > best[name]
-                worst_points = torch.where(better.view(-1, *([1] * (z.dim() - 1))), z, worst_points)
-                worst_agree = torch.where(better, log_p.argmax(1) == log_q.argmax(1), worst_agree)
+            if name == "score_l1":  # the ℓ1-worst point and its agreement, by the maximizers' selection rule
+                worst_points, _ = update_best(worst_points, best[name], z, value)
+                worst_agree, _ = update_best(worst_agree, best[name], log_p.argmax(1) == log_q.argmax(1), value)
             best[name] = torch.maximum(best[name], value)
 
     for attack in attacks:
