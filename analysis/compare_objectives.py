@@ -357,8 +357,7 @@ def compare(cfg: CompareConfig) -> list[dict]:
         rows.append(bayes_row(plan[0], cfg))
     for entry in plan:
         row = {"name": entry.name, "objective": entry.config.objective, "seeds": list(entry.seeds), "runs": {},
-               "train_seconds": [], "budget": {k: getattr(entry.config, k) for k in
-                                               ("epochs", "batch_size", "pgd_steps", "step_size", "eps", "model")}
+               "train_seconds": [], "budget": {k: getattr(entry.config, k) for k in (*BUDGET, "eps")}
                | {"attack_runs": attack_runs(entry.config)}}
         for seed in entry.seeds:
             out = run_dir(cfg, entry, seed)

@@ -54,6 +54,9 @@ def test_rows_seeds_bayes_and_outputs(compared):
     assert (root / "out" / "comparison.png").stat().st_size > 0
     saved = json.loads((root / "out" / "comparison.json").read_text())
     assert [r["name"] for r in saved["rows"]] == names
+    budgets = [r["budget"] for r in saved["rows"] if "budget" in r]  # the recipes' own: mlp, 1 × 256, batch 64, PGD-2
+    assert budgets == [{"model": "mlp", "epochs": 1, "epoch_size": 256, "batch_size": 64, "pgd_steps": 2,
+                        "step_size": 0.05, "eps": 0.1, "attack_runs": runs} for runs in (0, 1)]
 
 
 def test_paired_difference_is_the_per_point_difference_over_common_seeds(compared):
