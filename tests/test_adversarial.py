@@ -17,7 +17,7 @@ from scorenets import PosteriorNet, ScoreNet, build_posterior_net
 from trainlib.adversarial import AdversarialConfig, DirectScoreConfig, train
 from trainlib.checkpoint import load_weights, load_weights_metadata
 from trainlib.classifiers import build_classifier, list_snapshots, load_classifier
-from trainlib.config import config_to_dict, parse_config
+from trainlib.config import EXTENDS, config_to_dict, parse_config, read_recipe
 from trainlib.datasets import load_dataset
 from trainlib.evaluate_command import EvaluateConfig, evaluate_checkpoint
 from trainlib.posterior_training import PosteriorNetConfig
@@ -235,8 +235,16 @@ def test_recipes_are_valid(recipe, capsys):
         parse_config(config_class, ["--config", str(recipe), "--dry-run"])
     assert exit_info.value.code == 0
     resolved = json.loads(capsys.readouterr().out)
-    written = {k: v for k, v in json.loads(recipe.read_text()).items() if not k.startswith("_")}
+    written = read_recipe(recipe)  # its own values over those of the recipes it extends
     assert {k: resolved[k] for k in written} == written  # JSON in, JSON out: the same numbers
+    own = json.loads(recipe.read_text())
+    if EXTENDS in own:  # it holds only what differs from its base, and its base chain stays short
+        base = read_recipe(recipe.parent / own[EXTENDS])
+        assert not [k for k, v in own.items() if k in base and base[k] == v], "restates its base's values"
+    chain, path = 0, recipe
+    while EXTENDS in (data := json.loads(path.read_text())):
+        chain, path = chain + 1, path.parent / data[EXTENDS]
+    assert chain <= 3, f"{recipe.stem} extends a chain of {chain} recipes; at most 3 keep it readable"
 
 
 def test_table4_recipes_cover_every_row():
@@ -245,7 +253,7 @@ def test_table4_recipes_cover_every_row():
             "cifar100-linf-wrn-70-16"]
     assert {f"{row}-{tag}" for row in rows for tag in ("kl", "se-beta3", "se-beta4")} <= names
     for row in rows:
-        recipe = json.loads((ROOT / "recipes" / f"{row}-se-beta4.json").read_text())
+        recipe = read_recipe(ROOT / "recipes" / f"{row}-se-beta4.json")
         assert (recipe["batch_size"], recipe["epochs"], recipe["lr"], recipe["epoch_size"]) == (512, 400, 0.2, 50000)
         assert recipe["unsup_fraction"] == 0.7 and recipe["ema_tau"] == 0.995 and recipe["weight_decay"] == 5e-4
         assert recipe["eps"] == pytest.approx(8 / 255 if "linf" in row else 128 / 255)

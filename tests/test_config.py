@@ -71,6 +71,41 @@ def test_recipe_then_flags_override(tmp_path):
     assert (cfg.lr, cfg.epochs, cfg.widths, cfg.max_steps) == (0.3, 9, (4,), None)
 
 
+def test_recipe_extends_a_base_in_its_own_folder_over_a_chain(tmp_path):
+    """A recipe holds only what differs from the recipe it extends; a base may extend further; flags still win."""
+    (tmp_path / "root.json").write_text(json.dumps({"_comment": "root", "lr": 0.3, "epochs": 7, "name": "root"}))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "mid.json").write_text(json.dumps({"extends": "../root.json", "epochs": 8, "widths": [4]}))
+    (tmp_path / "sub" / "leaf.json").write_text(json.dumps({"extends": "mid.json", "_why": "x", "name": "leaf"}))
+    cfg = parse_config(Cfg, ["--config", str(tmp_path / "sub" / "leaf.json")])
+    assert (cfg.lr, cfg.epochs, cfg.widths, cfg.name) == (0.3, 8, (4,), "leaf")
+    assert parse_config(Cfg, ["--config", str(tmp_path / "sub" / "leaf.json"), "--lr", "0.5"]).lr == 0.5
+
+
+@pytest.mark.parametrize(("files", "message"), [
+    ({"a.json": {"extends": "gone.json"}}, "recipe file not found: {tmp}/gone.json (extended by {tmp}/a.json)"),
+    ({"a.json": {"extends": "b.json"}, "b.json": {"extends": "a.json"}},
+     "recipes extend each other in a cycle: {tmp}/a.json -> {tmp}/b.json -> {tmp}/a.json"),
+    ({"a.json": {"extends": "a.json"}}, "cycle: {tmp}/a.json -> {tmp}/a.json"),
+    ({"a.json": {"extends": 3}}, "'extends' must name a recipe file, got 3"),
+    ({"a.json": {"extends": "b.json"}, "b.json": {"lrr": 1}}, "unknown key 'lrr' in recipe {tmp}/a.json"),
+])
+def test_bad_extends_is_one_clear_line(tmp_path, capsys, files, message):
+    for name, recipe in files.items():
+        (tmp_path / name).write_text(json.dumps(recipe))
+    code, err = exit_code_and_stderr(capsys, ["--config", str(tmp_path / "a.json")])
+    assert code == 2 and err.count("\n") == 1 and message.format(tmp=tmp_path) in err, err
+
+
+def test_extends_is_not_a_field_name():
+    @dataclass
+    class Clash:
+        extends: str = "x"
+
+    with pytest.raises(TypeError, match="reserved"):
+        build_parser(Clash)
+
+
 @pytest.mark.parametrize(
     ("recipe", "message"),
     [

@@ -13,7 +13,9 @@ documentation of the options, their ranges (checked by ``Options.validate``) and
 
 Values are resolved in order: dataclass defaults < recipe file (``--config FILE.json``, a JSON object
 with field names as keys; keys starting with "_" are comments; a run directory's ``config.json`` works
-too) < flags on the command line. The config's ``__post_init__``/``validate()`` may raise ValueError;
+too) < flags on the command line. A recipe may name another with ``"extends": "base.json"`` (a path relative to
+its own folder): it then holds only what differs, over the base's values (bases may extend further; a cycle is an
+error); ``--dry-run`` shows the result. The config's ``__post_init__``/``validate()`` may raise ValueError;
 that, an unknown recipe key or a missing required option prints one line ``error: <message>`` on stderr
 and exits with status 2 (argparse's own usage errors exit 2 as well). ``--dry-run`` prints the resolved
 config as JSON and exits 0.
@@ -42,7 +44,8 @@ from .config_types import argument_kwargs, coerce, from_command_line, to_jsonabl
 
 T = TypeVar("T")
 
-_RESERVED = ("config", "dry_run", "help")
+EXTENDS = "extends"  # the recipe key naming a base recipe
+_RESERVED = ("config", "dry_run", "help", EXTENDS)
 
 
 # -- fields ---------------------------------------------------------------------------------------------------
@@ -154,11 +157,14 @@ def _renamed_action(old: str, new: str) -> type[argparse.Action]:
     return Renamed
 
 
-def load_recipe(cls: type, path: str | os.PathLike) -> dict[str, Any]:
-    """Read a recipe file into checked field values; raises ValueError/FileNotFoundError naming the problem."""
+def read_recipe(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe's option values as written (JSON types, "_" comments dropped), over those of the recipe it
+    ``extends`` (module docstring); raises ValueError/FileNotFoundError naming the problem."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"recipe file not found: {path}")
+        raise FileNotFoundError(f"recipe file not found: {path}" + (f" (extended by {_chain[-1]})" if _chain else ""))
+    if path.resolve() in (p.resolve() for p in _chain):
+        raise ValueError("recipes extend each other in a cycle: " + " -> ".join(map(str, (*_chain, path))))
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -167,12 +173,23 @@ def load_recipe(cls: type, path: str | os.PathLike) -> dict[str, Any]:
         data = data["config"]  # a run directory's config.json
     if not isinstance(data, dict):
         raise ValueError(f"recipe {path} must hold a JSON object of options, got {type(data).__name__}")
+    values = {key: value for key, value in data.items() if not key.startswith("_")}
+    base = values.pop(EXTENDS, None)
+    if base is None:
+        return values
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"recipe {path}: {EXTENDS!r} must name a recipe file, got {base!r}")
+    return read_recipe(path.parent / base, (*_chain, path)) | values
+
+
+def load_recipe(cls: type, path: str | os.PathLike) -> dict[str, Any]:
+    """Read a recipe file (``read_recipe``) into checked field values; raises ValueError/FileNotFoundError naming the
+    problem."""
+    data = read_recipe(path)
     fields, hints = _fields(cls)
     names, renamed = [f.name for f in fields], _renamed(cls)
     values = {}
     for key, value in data.items():
-        if key.startswith("_"):
-            continue
         if key in renamed and key not in names:
             raise ValueError(f"key {key!r} in recipe {path} was renamed {renamed[key]!r}")
         if key not in names:
