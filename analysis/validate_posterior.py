@@ -31,6 +31,10 @@ with p̂ the estimate as training sees it there (for the trajectory at x_T: its 
     TV         ½ Σ_y |p̂(y|x_t) − p_σ(y|x_t)|                        (median, p90, mean)
     agreement  argmax_y p̂(y|x_t) = argmax_y p_σ(y|x_t)                (fraction)
     label      p̂(y|x_t) and p_σ(y|x_t) of the clean point's label      (medians; does the target keep the label?)
+    leaves y   argmax_k p̂(k|x_t) ≠ y, argmax_k p_σ(k|x_t) ≠ y, and both (fractions): where the target names another
+               class than the clean label, and whether the truth does too (a target that never leaves y where p_σ
+               does cannot teach the classifier p_σ's class changes inside the ball; one that leaves it where p_σ does
+               not teaches wrong ones)
     cosine     cosine of the centred [K, D] gradient matrices Ĝ and G, G_y = ∇ log p_σ(y|x_t) − Σ_k p_σ(k|x_t) ∇ log
                p_σ(k|x_t) (median, p10); at x_T the trajectory is extended by one step to read Ĝ (training does not
                use a gradient there)
@@ -138,17 +142,24 @@ def summary(values: Tensor) -> dict:
             "p90": float(np.percentile(values, 90)), "mean": float(values.mean())}
 
 
+def _fraction(mask: Tensor) -> float:
+    return float(mask.double().mean())
+
+
 def point_metrics(log_p_hat: Tensor, grad_hat: Tensor, truth, x: Tensor, y: Tensor) -> dict:
     """The module docstring's metrics at points x [B, ...] with clean labels y [B]."""
     with torch.no_grad():
         log_p = truth.log_posterior(x.double())
     grad = truth.grad_log_posterior(x.double())
     rows = torch.arange(len(y), device=y.device)
+    estimate_leaves, truth_leaves = log_p_hat.argmax(1) != y, log_p.argmax(1) != y
     return {
         "tv": summary(total_variation(log_p_hat, log_p)),
         "agreement": float((log_p_hat.argmax(1) == log_p.argmax(1)).double().mean()),
         "label_estimate": summary(log_p_hat.double().exp()[rows, y]),
         "label_truth": summary(log_p.exp()[rows, y]),
+        "leaves_label": {"estimate": _fraction(estimate_leaves), "truth": _fraction(truth_leaves),
+                         "both": _fraction(estimate_leaves & truth_leaves)},
         "cosine": summary(matrix_cosine(centred(grad_hat, log_p_hat), centred(grad, log_p))),
     }
 
@@ -236,7 +247,9 @@ def validate(cfg: ValidateConfig) -> dict:
                 last = path[-1]
                 print(f"σ {sigma:g} {estimator:>16} {split:>5}: at x_T TV {last['tv']['median']:.4f}, cosine "
                       f"{last['cosine']['median']:.4f}, agreement {last['agreement']:.3f}, label p̂ "
-                      f"{last['label_estimate']['median']:.3f} (truth {last['label_truth']['median']:.3f})")
+                      f"{last['label_estimate']['median']:.3f} (truth {last['label_truth']['median']:.3f}), leaves y "
+                      f"{last['leaves_label']['estimate']:.3f} (truth {last['leaves_label']['truth']:.3f}, both "
+                      f"{last['leaves_label']['both']:.3f})")
     return {"results": results, "acceptance": acceptance(results, cfg), "recipe": config_to_dict(training),
             "classifier": str(classifier.source), "truth": _truth_name(training)}
 
@@ -269,14 +282,15 @@ def format_tables(record: dict, cfg: ValidateConfig) -> str:
         for t, m in enumerate(r["path"]):
             row = [f"{r['sigma']:g}", r["estimator"], r["split"], str(t), f"{m['tv']['median']:.4f}",
                    f"{m['tv']['p90']:.3f}", f"{m['agreement']:.3f}", f"{m['label_estimate']['median']:.3f}",
-                   f"{m['label_truth']['median']:.3f}", f"{m['cosine']['median']:.4f}", f"{m['cosine']['p10']:.3f}"]
+                   f"{m['label_truth']['median']:.3f}", "{estimate:.3f} / {truth:.3f} / {both:.3f}".format(
+                       **m["leaves_label"]), f"{m['cosine']['median']:.4f}", f"{m['cosine']['p10']:.3f}"]
             path_rows.append(row)
             if t == len(r["path"]) - 1:
                 worst = r.get("worst_case_tv")
                 last_rows.append([row[0], row[1], row[2], *row[4:],
                                   f"{worst['median']:.4f} / {worst['mean']:.4f}" if worst else "—"])
     header = ["σ", "estimator", "split", "TV median", "TV p90", "argmax agrees", "p̂(y) median", "p(y) median",
-              "cosine median", "cosine p10"]
+              "leaves y: p̂ / p / both", "cosine median", "cosine p10"]
     last_header = [*header, "worst-case TV in the ball (median / mean)"]
     verdicts = [f"- σ {a['sigma']:g}, {a['estimator']}, {a['split']}: median TV {a['median_tv']:.4f} "
                 f"(≤ {cfg.max_tv:g}), median cosine {a['median_cosine']:.4f} (≥ {cfg.min_cosine:g}): "

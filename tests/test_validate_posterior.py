@@ -65,6 +65,16 @@ def test_metrics_against_hand_computations():
     torch.testing.assert_close(centred, torch.tensor([[[0.75, -0.75], [-0.25, 0.25]]], dtype=torch.float64))
 
 
+def test_leaves_label_counts_where_the_estimate_and_the_truth_name_another_class():
+    """Four points, label 0: the estimate leaves it at points 1 and 3, the truth at 2 and 3 (a linear 2-class truth
+    whose class is the sign of the first coordinate)."""
+    truth = GaussianMixture([[1.0, 0.0], [-1.0, 0.0]], [1.0, 1.0], [0.5, 0.5])
+    x = torch.tensor([[2.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [-2.0, 0.0]])
+    estimate = torch.tensor([[0.9, 0.1], [0.3, 0.7], [0.8, 0.2], [0.1, 0.9]]).log()
+    metrics = vp.point_metrics(estimate, torch.zeros(4, 2, 2), truth, x, torch.zeros(4, dtype=torch.long))
+    assert metrics["leaves_label"] == {"estimate": 0.5, "truth": 0.5, "both": 0.25}
+
+
 def trained_mlp():
     """An mlp fitted to gmm-8x8 by 300 steps of clean cross-entropy: the attack then has a real p_θ to pull against."""
     model = build_classifier("mlp", "gmm-8x8", 10, (1, 8, 8))
