@@ -16,6 +16,8 @@ would itself drive, with its own random start(s), and at the point training keep
     posterior-net        p_φ(·|x', σ) of the posterior net (autograd)
     trajectory           the score-net trajectory anchored at p_φ(·|x, σ) (the default for --posterior scorenet)
     trajectory-label     the score-net trajectory anchored at the smoothed label (1 − α)·onehot(y) + α/K (ablation)
+    empirical            the exact smoothed posterior of the training split at σ, a kernel sum (no network; on real
+                         data it is the truth itself)
     exact                the truth itself: its own path, where it keeps the label and how far it moves
 
 Truth p_σ(y|x): the closed form at σ for datasets that have one (``gmm-*``: the Gaussian mixture; ``digits-mixture``:
@@ -74,7 +76,7 @@ from trainlib.rundir import git_revision, package_versions
 from .markdown import markdown_table
 from .sources import compute_device, open_classifier
 
-ESTIMATORS = ("posterior-net", "trajectory", "trajectory-label", "exact")
+ESTIMATORS = ("posterior-net", "trajectory", "trajectory-label", "empirical", "exact")
 RESULTS_FILE, TABLE_FILE, FIGURE_FILE = "validate_posterior.json", "validate_posterior.md", "error_along_path.png"
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -177,7 +179,7 @@ def truth_posterior(training: AdversarialConfig, sigma: float, device):
 def estimator_spec(training: AdversarialConfig, estimator: str, sigma: float) -> PosteriorSpec:
     spec = dataclasses.replace(PosteriorSpec.of(training), noise_std=sigma)
     kind = {"posterior-net": ("posterior-net", spec.anchor), "trajectory": ("scorenet", "posterior-net"),
-            "trajectory-label": ("scorenet", "label")}[estimator]
+            "trajectory-label": ("scorenet", "label"), "empirical": ("empirical", spec.anchor)}[estimator]
     return dataclasses.replace(spec, posterior=kind[0], anchor=kind[1])
 
 

@@ -158,12 +158,17 @@ def test_real_digits_truth_is_the_exact_smoothed_training_posterior(tmp_path):
     info = {"model": "mlp", "dataset": "digits", "num_classes": 10, "image_shape": [1, 8, 8], "eps": 0.2}
     save_weights(weights, build_classifier("mlp", "digits", 10, (1, 8, 8)).state_dict(),
                  {WEIGHTS_METADATA_KEY: json.dumps(info)})
-    cfg = vp.ValidateConfig(recipe=str(recipe), classifier=str(weights), estimators=("exact",), n_points=16,
-                            out=str(tmp_path / "out"))
+    cfg = vp.ValidateConfig(recipe=str(recipe), classifier=str(weights), estimators=("exact", "empirical"),
+                            n_points=16, out=str(tmp_path / "out"))
     record = vp.validate_posterior(cfg)
     assert record["truth"].startswith("exact smoothed posterior of the 1257 training images of digits")
     train_start = record["results"][0]["path"][0]
     assert train_start["label_truth"]["median"] > 0.5  # near a training digit, the kernel sum keeps its label
+    for result in record["results"]:  # the empirical estimator is that truth, built by training's provider
+        if result["estimator"] == "empirical":
+            for point in result["path"]:
+                assert point["tv"]["p90"] < 1e-5 and point["agreement"] == 1.0 and point["cosine"]["p10"] > 1 - 1e-6
+                assert point["leaves_label"]["estimate"] == point["leaves_label"]["truth"]
 
 
 @pytest.mark.parametrize("attack_gradient, attack_losses, attack_starts", [
