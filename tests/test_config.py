@@ -88,7 +88,8 @@ def test_recipe_extends_a_base_in_its_own_folder_over_a_chain(tmp_path):
      "recipes extend each other in a cycle: {tmp}/a.json -> {tmp}/b.json -> {tmp}/a.json"),
     ({"a.json": {"extends": "a.json"}}, "cycle: {tmp}/a.json -> {tmp}/a.json"),
     ({"a.json": {"extends": 3}}, "'extends' must name a recipe file, got 3"),
-    ({"a.json": {"extends": "b.json"}, "b.json": {"lrr": 1}}, "unknown key 'lrr' in recipe {tmp}/a.json"),
+    ({"a.json": {"extends": "b.json"}, "b.json": {"lrr": 1}}, "unknown key 'lrr' in recipe {tmp}/b.json"),
+    ({"a.json": {"extends": "b.json", "lr": 1}, "b.json": {"epochs": "3"}}, "recipe {tmp}/b.json: key 'epochs'"),
 ])
 def test_bad_extends_is_one_clear_line(tmp_path, capsys, files, message):
     for name, recipe in files.items():

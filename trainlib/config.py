@@ -191,14 +191,22 @@ def load_recipe(cls: type, path: str | os.PathLike) -> dict[str, Any]:
     values = {}
     for key, value in data.items():
         if key in renamed and key not in names:
-            raise ValueError(f"key {key!r} in recipe {path} was renamed {renamed[key]!r}")
+            raise ValueError(f"key {key!r} in recipe {_defining(path, key)} was renamed {renamed[key]!r}")
         if key not in names:
-            raise ValueError(f"unknown key {key!r} in recipe {path} (valid keys: {', '.join(names)})")
+            raise ValueError(f"unknown key {key!r} in recipe {_defining(path, key)} (valid keys: {', '.join(names)})")
         try:
             values[key] = coerce(hints[key], value)
         except ValueError as e:
-            raise ValueError(f"recipe {path}: key {key!r}: {e}") from None
+            raise ValueError(f"recipe {_defining(path, key)}: key {key!r}: {e}") from None
     return values
+
+
+def _defining(path: str | os.PathLike, key: str) -> Path:
+    """The file of ``path``'s extends chain whose value of ``key`` wins (for error messages; the chain is valid)."""
+    path = Path(path)
+    data = json.loads(path.read_text())
+    data = data["config"] if isinstance(data.get("config"), dict) and isinstance(data.get("run"), dict) else data
+    return path if key in data or EXTENDS not in data else _defining(path.parent / data[EXTENDS], key)
 
 
 def parse_config(
