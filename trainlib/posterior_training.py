@@ -151,7 +151,8 @@ def train(cfg: PosteriorNetConfig) -> dict | None:
         from datagrad import KernelMixture
 
         x_train, y_train = train_set.tensors(device)
-        teacher = KernelMixture(x_train, y_train, num_classes, bandwidth=1.0).log_posterior_per_example  # h: σ_b
+        smoothed = KernelMixture(x_train, y_train, num_classes, bandwidth=cfg.sigma_min)  # p_σ of the train split
+        teacher = smoothed.log_posterior_per_example  # read at each example's own σ_b, not at sigma_min
     loss_fn = partial(_loss, sigma_range=(cfg.sigma_min, cfg.sigma_max), scorenet=scorenet,
                       dlsm_weight=cfg.dlsm_weight, ce_weight=cfg.ce_weight, other_classes=cfg.other_classes,
                       adversarial_radius=cfg.adversarial_radius, adversarial_steps=cfg.adversarial_steps,
