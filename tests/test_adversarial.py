@@ -17,7 +17,7 @@ from scorenets import PosteriorNet, ScoreNet, build_posterior_net
 from trainlib.adversarial import AdversarialConfig, DirectScoreConfig, train
 from trainlib.checkpoint import load_weights, load_weights_metadata
 from trainlib.classifiers import build_classifier, list_snapshots, load_classifier
-from trainlib.config import EXTENDS, config_to_dict, parse_config, read_recipe
+from trainlib.config import config_to_dict, parse_config, read_recipe, recipe_chain
 from trainlib.datasets import load_dataset
 from trainlib.evaluate_command import EvaluateConfig, evaluate_checkpoint
 from trainlib.posterior_training import PosteriorNetConfig
@@ -237,14 +237,11 @@ def test_recipes_are_valid(recipe, capsys):
     resolved = json.loads(capsys.readouterr().out)
     written = read_recipe(recipe)  # its own values over those of the recipes it extends
     assert {k: resolved[k] for k in written} == written  # JSON in, JSON out: the same numbers
-    own = json.loads(recipe.read_text())
-    if EXTENDS in own:  # it holds only what differs from its base, and its base chain stays short
-        base = read_recipe(recipe.parent / own[EXTENDS])
+    chain = recipe_chain(recipe)  # it holds only what differs from its base, and its base chain stays short
+    if len(chain) > 1:
+        base, own = read_recipe(chain[-2][0]), chain[-1][1]
         assert not [k for k, v in own.items() if k in base and base[k] == v], "restates its base's values"
-    chain, path = 0, recipe
-    while EXTENDS in (data := json.loads(path.read_text())):
-        chain, path = chain + 1, path.parent / data[EXTENDS]
-    assert chain <= 3, f"{recipe.stem} extends a chain of {chain} recipes; at most 3 keep it readable"
+    assert len(chain) - 1 <= 3, f"{recipe.stem} extends a chain of {len(chain) - 1} recipes; at most 3 keep it readable"
 
 
 def test_table4_recipes_cover_every_row():

@@ -157,9 +157,10 @@ def _renamed_action(old: str, new: str) -> type[argparse.Action]:
     return Renamed
 
 
-def read_recipe(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A recipe's option values as written (JSON types, "_" comments dropped), over those of the recipe it
-    ``extends`` (module docstring); raises ValueError/FileNotFoundError naming the problem."""
+def recipe_chain(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> list[tuple[Path, dict[str, Any]]]:
+    """[(file, its own option values)] from the root base to ``path``, following ``extends`` (module docstring): the
+    values as written (JSON types), "_" comments and ``extends`` dropped; raises ValueError/FileNotFoundError naming
+    the problem (a missing file, bad JSON, a cycle)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recipe file not found: {path}" + (f" (extended by {_chain[-1]})" if _chain else ""))
@@ -176,37 +177,40 @@ def read_recipe(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict[
     values = {key: value for key, value in data.items() if not key.startswith("_")}
     base = values.pop(EXTENDS, None)
     if base is None:
-        return values
+        return [(path, values)]
     if not isinstance(base, str) or not base:
         raise ValueError(f"recipe {path}: {EXTENDS!r} must name a recipe file, got {base!r}")
-    return read_recipe(path.parent / base, (*_chain, path)) | values
+    return [*recipe_chain(path.parent / base, (*_chain, path)), (path, values)]
+
+
+def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """A recipe's option values as written, each file of its ``recipe_chain`` over the ones it extends."""
+    merged = {}
+    for _, values in recipe_chain(path):
+        merged |= values
+    return merged
 
 
 def load_recipe(cls: type, path: str | os.PathLike) -> dict[str, Any]:
-    """Read a recipe file (``read_recipe``) into checked field values; raises ValueError/FileNotFoundError naming the
-    problem."""
-    data = read_recipe(path)
+    """Read a recipe file (``recipe_chain``) into checked field values; raises ValueError/FileNotFoundError naming the
+    problem and the file of the chain that holds it."""
+    data, source = {}, {}  # the merged values, and the file whose value of each key wins
+    for file, own in recipe_chain(path):
+        data |= own
+        source |= dict.fromkeys(own, file)
     fields, hints = _fields(cls)
     names, renamed = [f.name for f in fields], _renamed(cls)
     values = {}
     for key, value in data.items():
         if key in renamed and key not in names:
-            raise ValueError(f"key {key!r} in recipe {_defining(path, key)} was renamed {renamed[key]!r}")
+            raise ValueError(f"key {key!r} in recipe {source[key]} was renamed {renamed[key]!r}")
         if key not in names:
-            raise ValueError(f"unknown key {key!r} in recipe {_defining(path, key)} (valid keys: {', '.join(names)})")
+            raise ValueError(f"unknown key {key!r} in recipe {source[key]} (valid keys: {', '.join(names)})")
         try:
             values[key] = coerce(hints[key], value)
         except ValueError as e:
-            raise ValueError(f"recipe {_defining(path, key)}: key {key!r}: {e}") from None
+            raise ValueError(f"recipe {source[key]}: key {key!r}: {e}") from None
     return values
-
-
-def _defining(path: str | os.PathLike, key: str) -> Path:
-    """The file of ``path``'s extends chain whose value of ``key`` wins (for error messages; the chain is valid)."""
-    path = Path(path)
-    data = json.loads(path.read_text())
-    data = data["config"] if isinstance(data.get("config"), dict) and isinstance(data.get("run"), dict) else data
-    return path if key in data or EXTENDS not in data else _defining(path.parent / data[EXTENDS], key)
 
 
 def parse_config(
