@@ -154,10 +154,11 @@ def point_metrics(log_p_hat: Tensor, grad_hat: Tensor, truth, x: Tensor, y: Tens
         log_p = truth.log_posterior(x.double())
     grad = truth.grad_log_posterior(x.double())
     rows = torch.arange(len(y), device=y.device)
-    estimate_leaves, truth_leaves = log_p_hat.argmax(1) != y, log_p.argmax(1) != y
+    estimate_class, truth_class = log_p_hat.argmax(1), log_p.argmax(1)
+    estimate_leaves, truth_leaves = estimate_class != y, truth_class != y
     return {
         "tv": summary(total_variation(log_p_hat, log_p)),
-        "agreement": float((log_p_hat.argmax(1) == log_p.argmax(1)).double().mean()),
+        "agreement": _fraction(estimate_class == truth_class),
         "label_estimate": summary(log_p_hat.double().exp()[rows, y]),
         "label_truth": summary(log_p.exp()[rows, y]),
         "leaves_label": {"estimate": _fraction(estimate_leaves), "truth": _fraction(truth_leaves),
